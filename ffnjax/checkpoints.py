@@ -1,0 +1,133 @@
+"""Orbax checkpoints that carry their own model configuration.
+
+Layout of a workdir (one Orbax `CheckpointManager` under `workdir/checkpoints`)::
+
+    checkpoints/<step>/state/         the state pytree: {'params': ...} for an
+                                      imported or exported model; training adds
+                                      its optimiser state, step and rng
+    checkpoints/<step>/model_config/  ModelConfig as JSON
+    checkpoints/<step>/meta/          free-form JSON (sampler state, provenance)
+
+`load_checkpoint(workdir)` is the one call a notebook or the segmenter needs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ffnjax.config import ModelConfig
+
+ITEMS = ("state", "model_config", "meta")
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> Path:
+    return Path(workdir).absolute() / "checkpoints"
+
+
+def make_manager(workdir: str | os.PathLike, *, max_to_keep: int | None = 3,
+                 create: bool = True) -> ocp.CheckpointManager:
+    """The CheckpointManager for `workdir` with ffnjax's composite items."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+
+
+def save_args(state: Any, model_config: ModelConfig, meta: dict | None = None) -> ocp.args.Composite:
+    """The composite save arguments for one checkpoint."""
+    return ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        model_config=ocp.args.JsonSave(model_config.to_dict()),
+        meta=ocp.args.JsonSave(dict(meta or {})))
+
+
+def save_model(workdir: str | os.PathLike, model_config: ModelConfig, params: Any,
+               step: int = 0, meta: dict | None = None) -> Path:
+    """Writes `params` (and the config) as a checkpoint at `step`; returns its folder."""
+    mngr = make_manager(workdir, max_to_keep=None)
+    mngr.save(step, args=save_args({"params": params}, model_config, meta), force=True)
+    mngr.wait_until_finished()
+    mngr.close()
+    return checkpoint_dir(workdir) / str(step)
+
+
+def latest_step(workdir: str | os.PathLike) -> int | None:
+    """Newest complete checkpoint step in `workdir`, or None when there is none."""
+    if not checkpoint_dir(workdir).is_dir():
+        return None
+    mngr = make_manager(workdir, create=False)
+    try:
+        return mngr.latest_step()
+    finally:
+        mngr.close()
+
+
+def _resolve_step(mngr: ocp.CheckpointManager, workdir, step: int | None) -> int:
+    steps = mngr.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint found in {checkpoint_dir(workdir)}")
+    if step is None:
+        return max(steps)
+    if step not in steps:
+        raise FileNotFoundError(f"no checkpoint at step {step} in {checkpoint_dir(workdir)}; "
+                                f"available: {sorted(steps)}")
+    return step
+
+
+def load_model_config(workdir: str | os.PathLike, step: int | None = None) -> ModelConfig:
+    """Only the ModelConfig of a checkpoint (cheap)."""
+    mngr = _open_existing(workdir)
+    try:
+        step = _resolve_step(mngr, workdir, step)
+        restored = mngr.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
+    finally:
+        mngr.close()
+    return ModelConfig.from_dict(restored["model_config"])
+
+
+def load_checkpoint(workdir: str | os.PathLike, step: int | None = None
+                    ) -> tuple[ModelConfig, Any]:
+    """Restores `(model_config, params)` from a workdir, the latest step by default.
+
+    Works for training runs (the optimiser state is left on disk) and for
+    imported TensorFlow models alike. Parameters come back as host NumPy arrays
+    wrapped in the usual {'params': ...} linen tree.
+
+    Raises:
+      FileNotFoundError: naming the workdir (or step) that holds no checkpoint.
+    """
+    mngr = _open_existing(workdir)
+    try:
+        step = _resolve_step(mngr, workdir, step)
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            model_config=ocp.args.JsonRestore(), state=ocp.args.StandardRestore()))
+    finally:
+        mngr.close()
+    config = ModelConfig.from_dict(restored["model_config"])
+    state = restored["state"]
+    if "params" not in state:
+        raise ValueError(f"checkpoint {checkpoint_dir(workdir) / str(step)} has no 'params' in its state")
+    params = jax.tree_util.tree_map(np.asarray, state["params"])
+    return config, params
+
+
+def load_meta(workdir: str | os.PathLike, step: int | None = None) -> dict:
+    """The free-form JSON saved with a checkpoint."""
+    mngr = _open_existing(workdir)
+    try:
+        step = _resolve_step(mngr, workdir, step)
+        return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    finally:
+        mngr.close()
+
+
+def _open_existing(workdir) -> ocp.CheckpointManager:
+    if not checkpoint_dir(workdir).is_dir():
+        raise FileNotFoundError(f"no checkpoints folder in workdir {Path(workdir)} "
+                                f"(expected {checkpoint_dir(workdir)})")
+    return make_manager(workdir, create=False)
