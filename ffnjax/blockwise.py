@@ -1,0 +1,821 @@
+"""Whole-volume segmentation block by block on Dask, with global ID reconciliation.
+
+Real EM volumes are far larger than memory, so FFN runs on overlapping
+subvolumes ("blocks") and the pieces are stitched. google/ffn leaves this to
+its users; ffnjax does it in three phases, each a set of independent Dask
+tasks whose memory is bounded by the block size, never by the volume:
+
+1. **Segment.** The volume is cut into blocks of size `block` on a regular
+   grid; neighbouring blocks share `overlap` voxels along each axis (the last
+   block on an axis is shifted back to end at the volume edge, so every block
+   has the full size and one compiled network serves all of them). A task
+   reads its block, segments it on its own and writes its labels atomically
+   (temporary file + `os.replace`) to ``<workdir>/blocks/ZZZ_YYY_XXX.npz`` plus
+   a small JSON with its object ids and sizes. A block whose JSON exists is
+   skipped, so rerunning after a crash resumes where it stopped.
+2. **Match.** For every pair of face-adjacent blocks, a task counts the voxels
+   each pair of objects shares in the overlap. Pairs sharing at least
+   `min_overlap` voxels are joined; the joins form a graph whose connected
+   components (a union-find, computed by `scipy.sparse.csgraph`) are the global
+   objects, numbered 1..K as uint64. Pairs that touch but share fewer voxels
+   are *reported* (`BlockwiseSummary.weak_contacts`): that is where an object
+   may have been cut because the overlap was too small.
+3. **Write.** Each block's *core* (its part of the volume after the overlap
+   with each neighbour is split at its middle) is relabelled to global IDs and
+   written into the single output volume (zarr, N5 or neuroglancer
+   precomputed; TensorStore makes concurrent writes to shared chunks safe).
+
+Diagonal neighbours need no matching: on a regular grid the overlap of two
+diagonal blocks lies inside a face-adjacent block, so their objects are joined
+through it.
+
+Engine: `dask.distributed`. `client=None` starts a `LocalCluster` sized to the
+machine; a `Client` (or a scheduler address string such as
+``tcp://host:8786``) runs on an existing cluster; the strings ``'sync'`` and
+``'threads'`` use Dask's local schedulers (handy for tests and debugging). The
+model travels to each worker once (`Client.scatter(..., broadcast=True)`).
+
+Everything is z,y,x.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import math
+import os
+import resource
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from ffnjax.config import InferenceOptions, ModelConfig
+
+SegmentFn = Callable[[np.ndarray], np.ndarray]
+LOCAL_SCHEDULERS = ("sync", "synchronous", "single-threaded", "threads", "threading",
+                    "processes", "multiprocessing")
+FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------
+# The block grid
+
+
+def _zyx(name: str, value: Any, *, minimum: int) -> tuple[int, int, int]:
+    if isinstance(value, str):
+        value = [v for v in value.replace(" ", "").split(",") if v]
+    try:
+        t = tuple(int(v) for v in value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be three integers z,y,x, got {value!r}") from e
+    if len(t) != 3 or any(v < minimum for v in t):
+        raise ValueError(f"{name} must be three integers z,y,x, each >= {minimum}, got {value!r}")
+    return t  # type: ignore[return-value]
+
+
+def axis_starts(size: int, block: int, overlap: int) -> list[int]:
+    """Block starts along one axis.
+
+    Blocks have length `min(block, size)`, consecutive starts are
+    `block - overlap` apart, and the last block is shifted back to end exactly
+    at `size` (so it overlaps its neighbour by at least `overlap`).
+
+    Raises:
+      ValueError: when overlap >= block on an axis that needs several blocks.
+    """
+    if block >= size:
+        return [0]
+    stride = block - overlap
+    if stride <= 0:
+        raise ValueError(f"overlap {overlap} must be smaller than the block size {block}")
+    n = math.ceil((size - block) / stride) + 1
+    return [min(i * stride, size - block) for i in range(n)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """One subvolume of the grid (all z,y,x, end-exclusive).
+
+    Attributes:
+      index: grid position.
+      start, stop: the voxels the block reads and segments.
+      core_start, core_stop: the voxels this block writes to the output; the
+        cores of all blocks partition the volume.
+    """
+
+    index: tuple[int, int, int]
+    start: tuple[int, int, int]
+    stop: tuple[int, int, int]
+    core_start: tuple[int, int, int]
+    core_stop: tuple[int, int, int]
+
+    @property
+    def name(self) -> str:
+        return "_".join(f"{i:03d}" for i in self.index)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(b - a for a, b in zip(self.start, self.stop))  # type: ignore[return-value]
+
+    @property
+    def core_slices(self) -> tuple[slice, slice, slice]:
+        """The core as slices into the block's own array."""
+        return tuple(slice(c0 - s, c1 - s) for s, c0, c1 in
+                     zip(self.start, self.core_start, self.core_stop))  # type: ignore[return-value]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockGrid:
+    """A regular grid of overlapping blocks over a volume of `shape`.
+
+    Args:
+      shape: volume size z,y,x.
+      block: block size z,y,x (clipped to the volume).
+      overlap: voxels shared by neighbouring blocks, z,y,x. It is also each
+        block's context: objects are matched across it, and its middle is where
+        one block's output hands over to the next. Use at least the FOV size.
+    """
+
+    shape: tuple[int, int, int]
+    block: tuple[int, int, int]
+    overlap: tuple[int, int, int]
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", _zyx("shape", self.shape, minimum=1))
+        object.__setattr__(self, "block", _zyx("block", self.block, minimum=1))
+        object.__setattr__(self, "overlap", _zyx("overlap", self.overlap, minimum=0))
+        for ax, (s, b, o) in enumerate(zip(self.shape, self.block, self.overlap)):
+            if b < s and o >= b:
+                raise ValueError(f"overlap {self.overlap} must be smaller than block {self.block} "
+                                 f"along axis {'zyx'[ax]} (volume shape {self.shape})")
+
+    @functools.cached_property
+    def starts(self) -> tuple[list[int], list[int], list[int]]:
+        return tuple(axis_starts(s, b, o) for s, b, o in
+                     zip(self.shape, self.block, self.overlap))  # type: ignore[return-value]
+
+    @property
+    def grid_shape(self) -> tuple[int, int, int]:
+        return tuple(len(s) for s in self.starts)  # type: ignore[return-value]
+
+    def _axis_blocks(self, ax: int) -> list[tuple[int, int, int, int]]:
+        """(start, stop, core_start, core_stop) per block along axis `ax`."""
+        size, length = self.shape[ax], min(self.block[ax], self.shape[ax])
+        starts = self.starts[ax]
+        stops = [s + length for s in starts]
+        # Split each overlap [starts[i], stops[i-1]) at its middle.
+        cuts = [0] + [(starts[i] + stops[i - 1]) // 2 for i in range(1, len(starts))] + [size]
+        return [(a, b, cuts[i], cuts[i + 1]) for i, (a, b) in enumerate(zip(starts, stops))]
+
+    @functools.cached_property
+    def blocks(self) -> list[Block]:
+        """All blocks in z,y,x raster order."""
+        axes = [self._axis_blocks(ax) for ax in range(3)]
+        out = []
+        for i, bz in enumerate(axes[0]):
+            for j, by in enumerate(axes[1]):
+                for k, bx in enumerate(axes[2]):
+                    out.append(Block((i, j, k), (bz[0], by[0], bx[0]), (bz[1], by[1], bx[1]),
+                                     (bz[2], by[2], bx[2]), (bz[3], by[3], bx[3])))
+        return out
+
+    def __len__(self) -> int:
+        return math.prod(self.grid_shape)
+
+    def block_at(self, index: Sequence[int]) -> Block:
+        gz, gy, gx = self.grid_shape
+        i, j, k = index
+        return self.blocks[(i * gy + j) * gx + k]
+
+    def neighbour_pairs(self) -> list[tuple[Block, Block]]:
+        """Face-adjacent block pairs (lower, upper), each once."""
+        pairs = []
+        for b in self.blocks:
+            for ax in range(3):
+                nxt = list(b.index)
+                nxt[ax] += 1
+                if nxt[ax] < self.grid_shape[ax]:
+                    pairs.append((b, self.block_at(nxt)))
+        return pairs
+
+
+def overlap_box(a: Block, b: Block) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The intersection [start, stop) of two blocks (empty if stop <= start on an axis)."""
+    start = tuple(max(x, y) for x, y in zip(a.start, b.start))
+    stop = tuple(min(x, y) for x, y in zip(a.stop, b.stop))
+    return start, stop
+
+
+# ----------------------------------------------------------------------------
+# Per-block segmenters
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FFNSegmenter:
+    """Segments one block with `ffnjax.flood.segment` (picklable, so Dask can
+    ship it to workers once).
+
+    Attributes:
+      params, model_config, options, apply_fn: as for `ffnjax.flood.segment`;
+        apply_fn=None uses the FFN network, `ffnjax.testing.oracle_apply_fn`
+        the oracle (then the image is a label volume).
+    """
+
+    params: Any
+    model_config: ModelConfig
+    options: InferenceOptions
+    apply_fn: Callable | None = None
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        from ffnjax.flood import segment
+        seg, _ = segment(image, self.params, self.model_config, self.options, apply_fn=self.apply_fn)
+        return np.asarray(seg)
+
+    def fingerprint(self) -> dict:
+        """What determines this segmenter's output, for resume checks."""
+        return {"model_config": self.model_config.to_dict(), "options": self.options.to_dict(),
+                "apply_fn": _qualname(self.apply_fn) if self.apply_fn is not None else "ffn",
+                "params_sha256": params_digest(self.params)}
+
+
+def params_digest(params: Any) -> str:
+    """sha256 over every parameter array (tree order), so a resumed run can
+    tell whether the model changed."""
+    import jax
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        arr = np.ascontiguousarray(np.asarray(leaf))
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(arr.dtype.str.encode() + str(arr.shape).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def _qualname(fn: Any) -> str:
+    fn = getattr(fn, "func", fn)  # functools.partial
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+
+
+def _fingerprint(segment_fn: Any) -> Any:
+    fp = getattr(segment_fn, "fingerprint", None)
+    return fp() if callable(fp) else {"segment_fn": _qualname(segment_fn)}
+
+
+# ----------------------------------------------------------------------------
+# Volumes (opened once per worker process)
+
+
+@functools.lru_cache(maxsize=8)
+def _open_cached(spec: str, mode: str, stamp: tuple):
+    del stamp  # part of the cache key only
+    from ffnjax.volumes import open_volume
+    return open_volume(spec, mode)
+
+
+def _local_stamp(spec: str) -> tuple:
+    """(inode, mtime) of a local volume path, so a volume replaced on disk is reopened."""
+    from ffnjax.volumes import parse_spec
+    try:
+        path = parse_spec(spec).path
+        st = os.stat(path) if path and "://" not in path else None
+    except (ValueError, OSError):
+        st = None
+    return (st.st_ino, st.st_mtime_ns) if st else ()
+
+
+def _open(vol: Any, mode: str = "r"):
+    """A Volume from a spec string (opened once per process and kept while the
+    file is unchanged) or a Volume-like object as is."""
+    if isinstance(vol, (str, os.PathLike)):
+        spec = os.fspath(vol)
+        return _open_cached(spec, mode, _local_stamp(spec))
+    return vol
+
+
+def _spec_text(vol: Any) -> str:
+    if isinstance(vol, (str, os.PathLike)):
+        return os.fspath(vol)
+    spec = getattr(vol, "spec", None)
+    return getattr(spec, "text", None) or repr(vol)
+
+
+def default_workdir(output_spec: Any) -> Path:
+    """``<output path>.blocks`` beside a local output volume.
+
+    Raises:
+      ValueError: for a remote output (gs://, s3://, ...) or an in-memory one,
+        where a shared work folder must be named explicitly.
+    """
+    text = _spec_text(output_spec)
+    for prefix in ("precomputed://", "file://"):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    if "://" in text or text.startswith("{") or not isinstance(output_spec, (str, os.PathLike)):
+        raise ValueError(f"cannot derive a local work folder from output {text!r}; pass workdir= "
+                         "(a folder every worker can read and write)")
+    return Path(text.rstrip("/") + ".blocks")
+
+
+# ----------------------------------------------------------------------------
+# Atomic files
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    _atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def block_paths(workdir: str | os.PathLike, block: Block) -> tuple[Path, Path]:
+    """(labels .npz, metadata .json) of a block's result; the JSON is written
+    last and marks the block done."""
+    d = Path(workdir) / "blocks"
+    return d / f"{block.name}.npz", d / f"{block.name}.json"
+
+
+def load_block_labels(workdir: str | os.PathLike, block: Block) -> np.ndarray:
+    """A finished block's local labels (uint, 0 = background, ids 1..n)."""
+    npz, _ = block_paths(workdir, block)
+    with np.load(npz, allow_pickle=False) as z:
+        labels = z["labels"]
+    if labels.shape != block.shape:
+        raise ValueError(f"{npz} holds labels of shape {labels.shape}, expected {block.shape}")
+    return labels
+
+
+def load_block_meta(workdir: str | os.PathLike, block: Block) -> dict | None:
+    """A finished block's metadata, or None when the block is not done."""
+    _, meta = block_paths(workdir, block)
+    try:
+        return json.loads(meta.read_text())
+    except FileNotFoundError:
+        return None
+
+
+# ----------------------------------------------------------------------------
+# Task bodies (module-level so that worker processes can import them)
+
+
+def segment_block(image: Any, workdir: str, block: Block, segment_fn: SegmentFn) -> dict:
+    """Phase 1 task: segments one block unless its result already exists.
+
+    Returns the block's metadata dict (with 'skipped': True when it was done
+    before).
+    """
+    meta = load_block_meta(workdir, block)
+    if meta is not None:
+        return {**meta, "skipped": True}
+    import fastremap
+    t0 = time.perf_counter()
+    data = _open(image).read(block.start, block.shape)
+    labels = np.asarray(segment_fn(data))
+    if labels.shape != block.shape:
+        raise ValueError(f"segmenter returned shape {labels.shape} for block {block.name} "
+                         f"of shape {block.shape}")
+    if labels.dtype.kind not in "iu" or (labels.size and labels.min() < 0):
+        raise ValueError(f"segmenter must return non-negative integer labels, got {labels.dtype}")
+    labels, _ = fastremap.renumber(labels, preserve_zero=True)
+    labels = fastremap.refit(labels)  # smallest unsigned dtype holding 0..n
+    n_objects = int(labels.max()) if labels.size else 0
+    ids, sizes = fastremap.unique(labels[block.core_slices], return_counts=True)
+    keep = ids != 0
+    seconds = time.perf_counter() - t0
+    npz_path, meta_path = block_paths(workdir, block)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, labels=labels)
+    _atomic_write_bytes(npz_path, buf.getvalue())
+    meta = {"block": block.name, "index": list(block.index), "start": list(block.start),
+            "stop": list(block.stop), "n_objects": n_objects,
+            "core_ids": ids[keep].astype(np.int64).tolist(),
+            "core_sizes": sizes[keep].astype(np.int64).tolist(),
+            "seconds": seconds, "peak_rss_mb": _peak_rss_mb(), "host": socket.gethostname(),
+            "pid": os.getpid(), "finished": time.time()}
+    _atomic_write_json(meta_path, meta)
+    return {**meta, "skipped": False}
+
+
+def match_pair(workdir: str, a: Block, b: Block) -> np.ndarray:
+    """Phase 2 task: object pairs shared by blocks a and b in their overlap.
+
+    Returns:
+      int64 array (n, 3) of rows (local id in a, local id in b, shared voxels),
+      both ids non-zero.
+    """
+    start, stop = overlap_box(a, b)
+    if any(e <= s for s, e in zip(start, stop)):
+        return np.zeros((0, 3), np.int64)
+    la = load_block_labels(workdir, a)[tuple(slice(s - o, e - o) for s, e, o in zip(start, stop, a.start))]
+    lb = load_block_labels(workdir, b)[tuple(slice(s - o, e - o) for s, e, o in zip(start, stop, b.start))]
+    both = (la != 0) & (lb != 0)
+    key = (la[both].astype(np.uint64) << np.uint64(32)) | lb[both].astype(np.uint64)
+    keys, counts = np.unique(key, return_counts=True)
+    return np.stack([(keys >> np.uint64(32)).astype(np.int64),
+                     (keys & np.uint64(0xFFFFFFFF)).astype(np.int64),
+                     counts.astype(np.int64)], axis=1)
+
+
+def write_block(output: Any, workdir: str, block: Block, lut: np.ndarray) -> int:
+    """Phase 3 task: relabels a block's core with `lut` (local id -> global id)
+    and writes it into the output volume. Returns the voxels written."""
+    labels = load_block_labels(workdir, block)[block.core_slices]
+    out = lut[labels]
+    _open(output, "r+").write(block.core_start, out)
+    return int(out.size)
+
+
+# ----------------------------------------------------------------------------
+# Running tasks on Dask
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="block" if desc != "match" else "pair",
+                disable=not enabled, dynamic_ncols=True)
+
+
+def _run_tasks(engine: Any, fn: Callable, args_list: list[tuple], *, desc: str, progress: bool,
+               shared: dict | None = None, retries: int = 0) -> list:
+    """Runs fn(*args, **shared) for every args tuple on the Dask engine, with a
+    progress bar; returns the results in order. Failures propagate (tasks
+    already finished have written their results)."""
+    shared = dict(shared or {})
+    if not args_list:
+        return []
+    with _progress(len(args_list), desc, progress) as bar:
+        if isinstance(engine, str):
+            import dask
+            from dask.callbacks import Callback
+
+            class _Bar(Callback):
+                def _posttask(self, key, result, dsk, state, worker_id):
+                    bar.update(1)
+
+            # _Call keeps the arguments opaque to dask.delayed (which would
+            # otherwise take dataclasses such as Block apart).
+            tasks = [dask.delayed(_Call(fn, args, shared), pure=False, traverse=False)()
+                     for args in args_list]
+            with _Bar():
+                return list(dask.compute(*tasks, scheduler=engine))
+        from distributed import as_completed
+        if shared:
+            shared = {k: engine.scatter(v, broadcast=True, hash=False) for k, v in shared.items()}
+        token = uuid.uuid4().hex[:8]
+        futures = [engine.submit(fn, *args, **shared, key=f"{desc}-{token}-{i}", retries=retries,
+                                 pure=False) for i, args in enumerate(args_list)]
+        try:
+            for fut in as_completed(futures):
+                if fut.status == "error":
+                    fut.result()  # raises the task's exception
+                bar.update(1)
+            return engine.gather(futures)
+        finally:
+            for f in futures:
+                f.release()
+
+
+class _Call:
+    """fn(*args, **kwargs) as an opaque zero-argument callable."""
+
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict):
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+
+    def __call__(self):
+        return self.fn(*self.args, **self.kwargs)
+
+
+@contextlib.contextmanager
+def _engine(client: Any, n_blocks: int, n_workers: int | None):
+    """Yields a Dask Client or a local scheduler name.
+
+    client: None -> a LocalCluster we start and stop; a `distributed.Client` ->
+    used as is; 'sync'/'threads'/'processes' -> Dask's local schedulers; any
+    other string -> a scheduler address to connect to.
+    """
+    if client is None:
+        from distributed import Client, LocalCluster
+        workers = n_workers or _default_workers(n_blocks)
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                          dashboard_address=None) as cluster, Client(cluster) as c:
+            yield c
+    elif isinstance(client, str) and client in LOCAL_SCHEDULERS:
+        yield client
+    elif isinstance(client, str):
+        from distributed import Client
+        with Client(client) as c:
+            yield c
+    else:
+        yield client
+
+
+def _default_workers(n_blocks: int) -> int:
+    """One single-threaded worker process per CPU core on CPU; one worker per
+    accelerator otherwise (several processes on one GPU would compete for its
+    memory)."""
+    import jax
+    per = (os.cpu_count() or 1) if jax.default_backend() == "cpu" else jax.local_device_count()
+    return max(1, min(per, n_blocks))
+
+
+# ----------------------------------------------------------------------------
+# Reconciliation
+
+
+@dataclasses.dataclass(frozen=True)
+class Reconciliation:
+    """Global IDs of every block's local objects.
+
+    Attributes:
+      luts: per block name, an array mapping local id -> global uint64 id
+        (index 0 -> 0).
+      n_objects: number of global objects with voxels in the output.
+      object_sizes: voxels per global id (index = id; index 0 unused).
+      n_joins: object pairs joined across overlaps.
+      weak_contacts: pairs that touched in an overlap but shared fewer than
+        min_overlap voxels and ended up in different global objects, as dicts
+        (blocks, local ids, global ids, voxels): the places where objects may
+        have been cut because the overlap was too small.
+    """
+
+    luts: dict[str, np.ndarray]
+    n_objects: int
+    object_sizes: np.ndarray
+    n_joins: int
+    weak_contacts: list[dict]
+
+
+def reconcile(grid: BlockGrid, metas: dict[str, dict], matches: list[np.ndarray],
+              min_overlap: int = 1) -> Reconciliation:
+    """Joins objects across overlaps and numbers them globally.
+
+    Args:
+      grid: the block grid.
+      metas: block name -> metadata from `segment_block`.
+      matches: per `grid.neighbour_pairs()` entry, the rows from `match_pair`.
+      min_overlap: shared voxels needed to join two objects.
+
+    Returns:
+      A Reconciliation. Global ids are 1..K in the order of the lowest
+      (block raster position, local id) of each object, so the numbering is
+      deterministic.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if int(min_overlap) < 1:
+        raise ValueError(f"min_overlap must be >= 1 voxel, got {min_overlap}")
+    offsets, total = {}, 0
+    for b in grid.blocks:
+        offsets[b.name] = total
+        total += int(metas[b.name]["n_objects"])
+    rows, cols, weak = [], [], []
+    pairs = grid.neighbour_pairs()
+    if len(matches) != len(pairs):
+        raise ValueError(f"got {len(matches)} match tables for {len(pairs)} block pairs")
+    n_joins = 0
+    for (a, b), m in zip(pairs, matches):
+        m = np.asarray(m, np.int64).reshape(-1, 3)
+        strong = m[:, 2] >= min_overlap
+        n_joins += int(strong.sum())
+        rows.append(offsets[a.name] + m[strong, 0] - 1)
+        cols.append(offsets[b.name] + m[strong, 1] - 1)
+        for la, lb, n in m[~strong]:
+            weak.append({"blocks": [a.name, b.name], "local_ids": [int(la), int(lb)], "voxels": int(n)})
+    r = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    c = np.concatenate(cols) if cols else np.zeros(0, np.int64)
+    graph = coo_matrix((np.ones(r.size, np.int8), (r, c)), shape=(total, total))
+    _, comp = connected_components(graph, directed=False) if total else (0, np.zeros(0, np.int64))
+
+    core = np.zeros(total, np.int64)  # core voxels of every node
+    for b in grid.blocks:
+        meta = metas[b.name]
+        ids = np.asarray(meta["core_ids"], np.int64)
+        core[offsets[b.name] + ids - 1] = np.asarray(meta["core_sizes"], np.int64)
+    comp_core = np.bincount(comp, weights=core, minlength=comp.max() + 1 if total else 0)
+    # Components in order of first appearance (node order = block raster, local id).
+    _, first = np.unique(comp, return_index=True)
+    order = np.argsort(first, kind="stable")  # component ids sorted by first node
+    present = order[comp_core[order] > 0]
+    global_of_comp = np.zeros(comp_core.size, np.uint64)
+    global_of_comp[present] = np.arange(1, present.size + 1, dtype=np.uint64)
+    node_global = global_of_comp[comp] if total else np.zeros(0, np.uint64)
+
+    luts = {}
+    for b in grid.blocks:
+        n = int(metas[b.name]["n_objects"])
+        lut = np.zeros(n + 1, np.uint64)
+        lut[1:] = node_global[offsets[b.name]:offsets[b.name] + n]
+        luts[b.name] = lut
+    sizes = np.zeros(present.size + 1, np.int64)
+    sizes[1:] = comp_core[present].astype(np.int64)
+    cuts = []
+    for w in weak:  # only contacts between objects that stayed apart
+        ga = int(luts[w["blocks"][0]][w["local_ids"][0]])
+        gb = int(luts[w["blocks"][1]][w["local_ids"][1]])
+        if ga != gb:
+            cuts.append({**w, "global_ids": [ga, gb]})
+    return Reconciliation(luts, int(present.size), sizes, n_joins, cuts)
+
+
+# ----------------------------------------------------------------------------
+# The runner
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockwiseSummary:
+    """What a block-wise run did.
+
+    Attributes:
+      output: the output volume spec; workdir: the per-block result folder.
+      shape, block, overlap, grid_shape: the geometry (z,y,x).
+      n_blocks, blocks_computed, blocks_skipped: phase 1 bookkeeping
+        (skipped = found done by an earlier run).
+      n_objects: global objects in the output; n_joins: joined object pairs.
+      weak_contacts: object pairs that touched across an overlap with fewer
+        than min_overlap shared voxels (possible cuts), see `Reconciliation`.
+      seconds: wall time per phase ('segment', 'match', 'reconcile', 'write',
+        'total').
+      voxels_per_second: volume voxels / total seconds.
+      peak_worker_rss_mb: the largest peak resident memory reported by a
+        segmenting worker process (covers only blocks computed in this run).
+    """
+
+    output: str
+    workdir: str
+    shape: tuple[int, int, int]
+    block: tuple[int, int, int]
+    overlap: tuple[int, int, int]
+    grid_shape: tuple[int, int, int]
+    n_blocks: int
+    blocks_computed: int
+    blocks_skipped: int
+    n_objects: int
+    n_joins: int
+    weak_contacts: list[dict]
+    seconds: dict[str, float]
+    voxels_per_second: float
+    peak_worker_rss_mb: float
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    def __str__(self) -> str:
+        s = self.seconds
+        return (f"{self.n_blocks} blocks {self.grid_shape} of {self.block} (overlap {self.overlap}) "
+                f"over {self.shape}: {self.blocks_computed} segmented, {self.blocks_skipped} resumed; "
+                f"{self.n_objects} objects, {self.n_joins} joins, {len(self.weak_contacts)} weak "
+                f"contacts; {s['total']:.1f} s total (segment {s['segment']:.1f}, match "
+                f"{s['match']:.1f}, write {s['write']:.1f}), {self.voxels_per_second:,.0f} voxels/s, "
+                f"peak worker RSS {self.peak_worker_rss_mb:.0f} MiB -> {self.output}")
+
+
+def _check_run_file(workdir: Path, record: dict) -> None:
+    path = workdir / "run.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != record:
+            diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
+            raise ValueError(f"work folder {workdir} holds blocks of a different run (differs in "
+                             f"{diff}); delete it or pass another workdir")
+    else:
+        _atomic_write_json(path, record)
+
+
+def _prepare_output(output: Any, shape, voxel_size, chunks) -> Any:
+    """Opens the output for writing, creating a uint64 volume when absent."""
+    if not isinstance(output, (str, os.PathLike)):
+        if tuple(output.shape) != tuple(shape):
+            raise ValueError(f"output volume has shape {tuple(output.shape)}, image has {tuple(shape)}")
+        return output
+    from ffnjax.volumes import create_volume, open_volume
+    try:
+        vol = open_volume(output, "r+")
+    except FileNotFoundError:
+        create_volume(output, shape, "uint64", chunks=chunks, voxel_size=voxel_size)
+        return output
+    if tuple(vol.shape) != tuple(shape) or vol.dtype.kind not in "iu":
+        raise ValueError(f"existing output {_spec_text(output)!r} has shape {vol.shape} and dtype "
+                         f"{vol.dtype}; the image needs shape {tuple(shape)} with an integer dtype")
+    return output
+
+
+def segment_volume(image_spec: Any, output_spec: Any, params: Any = None,
+                   model_config: ModelConfig | None = None,
+                   options: InferenceOptions = InferenceOptions(), *,
+                   block: Sequence[int] = (128, 256, 256), overlap: Sequence[int] = (16, 32, 32),
+                   client: Any = None, apply_fn: Callable | None = None,
+                   min_overlap: int = 1, workdir: str | os.PathLike | None = None,
+                   segment_fn: SegmentFn | None = None, n_workers: int | None = None,
+                   chunks: Sequence[int] | None = None, retries: int = 1,
+                   progress: bool = True) -> BlockwiseSummary:
+    """Segments a whole volume block by block and writes one global segmentation.
+
+    Args:
+      image_spec: the image volume (any `ffnjax.volumes` spec, or an opened
+        Volume-like object with shape/voxel_size/read when running in-process).
+      output_spec: where the uint64 segmentation goes ('x.zarr', 'x.n5',
+        'precomputed://x'); created when absent, reused when resuming.
+      params, model_config, options, apply_fn: the model, as for
+        `ffnjax.flood.segment` (apply_fn=`ffnjax.testing.oracle_apply_fn` with
+        `oracle_options()` runs the oracle on a label volume).
+      block: block size z,y,x (each block is segmented independently).
+      overlap: voxels shared by neighbouring blocks z,y,x (>= the FOV is wise).
+      client: None (a LocalCluster sized to the machine), a
+        `dask.distributed.Client`, a scheduler address 'tcp://host:port', or a
+        Dask local scheduler name 'sync' / 'threads' / 'processes'.
+      min_overlap: shared voxels needed to join two objects across an overlap.
+      workdir: folder for per-block results (default `<output>.blocks`); must
+        be shared by all workers. Rerunning with the same workdir resumes.
+      segment_fn: replaces the FFN segmenter: a picklable callable
+        image block (z,y,x) -> integer labels of the same shape. Give it a
+        `fingerprint()` method returning JSON to have resumes checked.
+      n_workers: worker processes of the default LocalCluster.
+      chunks: chunk shape of a newly created output (default: volumes' default).
+      retries: Dask retries per task on a distributed client.
+      progress: show tqdm bars (blocks, pairs, writes).
+
+    Returns:
+      A BlockwiseSummary.
+
+    Raises:
+      ValueError: bad geometry, a workdir holding another run, an existing
+        output of the wrong shape, or neither params/model_config nor
+        segment_fn given.
+    """
+    t_start = time.perf_counter()
+    if segment_fn is None:
+        if model_config is None:
+            raise ValueError("segment_volume needs model_config (and params) or a segment_fn")
+        segment_fn = FFNSegmenter(params, model_config, options, apply_fn)
+    image = _open(image_spec)
+    shape = tuple(int(s) for s in image.shape)
+    if len(shape) != 3:
+        raise ValueError(f"image {_spec_text(image_spec)!r} must be 3D z,y,x, got shape {shape}")
+    grid = BlockGrid(shape, block, overlap)
+    min_overlap = int(min_overlap)
+    if min_overlap < 1:
+        raise ValueError(f"min_overlap must be >= 1 voxel, got {min_overlap}")
+    workdir = Path(workdir) if workdir is not None else default_workdir(output_spec)
+    (workdir / "blocks").mkdir(parents=True, exist_ok=True)
+    _check_run_file(workdir, {
+        "format": FORMAT_VERSION, "image": _spec_text(image_spec), "shape": list(shape),
+        "block": list(grid.block), "overlap": list(grid.overlap),
+        "segmenter": json.loads(json.dumps(_fingerprint(segment_fn)))})
+    output = _prepare_output(output_spec, shape, getattr(image, "voxel_size", (1, 1, 1)), chunks)
+    wd = str(workdir)
+    seconds = {}
+    with _engine(client, len(grid), n_workers) as engine:
+        t = time.perf_counter()
+        done = {b.name: m for b in grid.blocks if (m := load_block_meta(wd, b)) is not None}
+        todo = [b for b in grid.blocks if b.name not in done]
+        new = _run_tasks(engine, segment_block, [(image_spec, wd, b) for b in todo], desc="segment",
+                         progress=progress, shared={"segment_fn": segment_fn}, retries=retries)
+        metas = {**done, **{m["block"]: m for m in new}}
+        seconds["segment"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        pairs = grid.neighbour_pairs()
+        matches = _run_tasks(engine, match_pair, [(wd, a, b) for a, b in pairs], desc="match",
+                             progress=progress, retries=retries)
+        seconds["match"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        rec = reconcile(grid, metas, matches, min_overlap)
+        _atomic_write_json(workdir / "reconcile.json", {
+            "n_objects": rec.n_objects, "n_joins": rec.n_joins, "min_overlap": min_overlap,
+            "weak_contacts": rec.weak_contacts})
+        seconds["reconcile"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        _run_tasks(engine, write_block, [(output, wd, b, rec.luts[b.name]) for b in grid.blocks],
+                   desc="write", progress=progress, retries=retries)
+        seconds["write"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t_start
+    computed = [m for m in new if not m.get("skipped")]
+    return BlockwiseSummary(
+        output=_spec_text(output_spec), workdir=wd, shape=shape, block=grid.block,
+        overlap=grid.overlap, grid_shape=grid.grid_shape, n_blocks=len(grid),
+        blocks_computed=len(computed), blocks_skipped=len(grid) - len(computed),
+        n_objects=rec.n_objects, n_joins=rec.n_joins, weak_contacts=rec.weak_contacts,
+        seconds=seconds, voxels_per_second=math.prod(shape) / max(seconds["total"], 1e-9),
+        peak_worker_rss_mb=max([m["peak_rss_mb"] for m in computed], default=0.0))
