@@ -551,9 +551,11 @@ class Reconciliation:
       object_sizes: voxels per global id (index = id; index 0 unused).
       n_joins: object pairs joined across overlaps.
       weak_contacts: pairs that touched in an overlap but shared fewer than
-        min_overlap voxels and ended up in different global objects, as dicts
-        (blocks, local ids, global ids, voxels): the places where objects may
-        have been cut because the overlap was too small.
+        min_overlap voxels and ended up in two different objects of the output,
+        as dicts (blocks, local ids, global ids, voxels): the places where
+        objects may have been cut because the overlap was too small. (A piece
+        that lies wholly outside its block's core never reaches the output and
+        is not reported.)
     """
 
     luts: dict[str, np.ndarray]
@@ -628,10 +630,10 @@ def reconcile(grid: BlockGrid, metas: dict[str, dict], matches: list[np.ndarray]
     sizes = np.zeros(present.size + 1, np.int64)
     sizes[1:] = comp_core[present].astype(np.int64)
     cuts = []
-    for w in weak:  # only contacts between objects that stayed apart
+    for w in weak:  # only contacts between two different objects of the output
         ga = int(luts[w["blocks"][0]][w["local_ids"][0]])
         gb = int(luts[w["blocks"][1]][w["local_ids"][1]])
-        if ga != gb:
+        if ga != gb and ga and gb:
             cuts.append({**w, "global_ids": [ga, gb]})
     return Reconciliation(luts, int(present.size), sizes, n_joins, cuts)
 

@@ -1,0 +1,232 @@
+"""Block-wise segmentation: grid geometry, stitching, resume, Dask engines, outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import cc3d
+import numpy as np
+import pytest
+from scipy.spatial import cKDTree
+
+from ffnjax import blockwise as bw
+from ffnjax.volumes import open_volume, read_all, save_volume
+
+SHAPE = (48, 64, 64)
+BLOCK = (24, 32, 32)
+OVERLAP = (6, 8, 8)
+
+
+def voronoi_labels(shape=SHAPE, n=40, seed=0, membranes=False) -> np.ndarray:
+    """Nearest-seed cells (optionally with 0-valued boundaries between them)."""
+    rng = np.random.default_rng(seed)
+    pts = rng.uniform(0, 1, (n, 3)) * np.asarray(shape)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).reshape(-1, 3)
+    lab = (cKDTree(pts).query(grid)[1] + 1).reshape(shape).astype(np.uint16)
+    if membranes:
+        edge = np.zeros(shape, bool)
+        for ax in range(3):
+            d = np.diff(lab, axis=ax) != 0
+            sl = [slice(None)] * 3
+            sl[ax] = slice(0, -1)
+            edge[tuple(sl)] |= d
+        lab[edge] = 0
+    return lab
+
+
+class CCSegmenter:
+    """Stand-in segmenter: 6-connected components of the label block.
+
+    Like FFN on a block it sees only the block, so objects leaving the block
+    are cut at its faces. `fail_after` makes it raise after that many blocks
+    (a crash); `calls` counts blocks segmented by this instance.
+    """
+
+    def __init__(self, fail_after: int | None = None):
+        self.fail_after = fail_after
+        self.calls = 0
+
+    def __call__(self, image):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise RuntimeError("simulated crash")
+        self.calls += 1
+        return cc3d.connected_components(image, connectivity=6)
+
+    def fingerprint(self):
+        return {"segmenter": "cc3d-6"}
+
+
+def same_up_to_relabelling(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when a and b have the same background and a one-to-one id mapping."""
+    if not np.array_equal(a == 0, b == 0):
+        return False
+    m = a != 0
+    pairs = np.unique(np.stack([a[m].astype(np.uint64), b[m].astype(np.uint64)]), axis=1)
+    return pairs.shape[1] == np.unique(a[m]).size == np.unique(b[m]).size
+
+
+@pytest.fixture
+def image_spec(tmp_path):
+    lab = voronoi_labels()
+    spec = str(tmp_path / "image.zarr")
+    save_volume(spec, lab, voxel_size=(8, 8, 8))
+    return spec, lab
+
+
+# ----------------------------------------------------------------------------
+# Geometry
+
+
+@pytest.mark.parametrize("shape,block,overlap", [
+    ((48, 64, 64), (24, 32, 32), (6, 8, 8)),
+    ((50, 61, 7), (20, 32, 32), (4, 5, 2)),
+    ((10, 10, 10), (16, 16, 16), (4, 4, 4)),
+    ((33, 40, 29), (11, 13, 10), (0, 3, 1)),
+])
+def test_grid_cores_partition_volume(shape, block, overlap):
+    grid = bw.BlockGrid(shape, block, overlap)
+    cover = np.zeros(shape, np.int32)
+    inside = np.zeros(shape, np.int32)
+    for b in grid.blocks:
+        assert b.shape == tuple(min(x, s) for x, s in zip(block, shape))  # one size for all
+        assert all(0 <= s and e <= n for s, e, n in zip(b.start, b.stop, shape))
+        assert all(s <= c0 < c1 <= e for s, c0, c1, e in zip(b.start, b.core_start, b.core_stop, b.stop))
+        cover[tuple(slice(a, e) for a, e in zip(b.core_start, b.core_stop))] += 1
+        inside[tuple(slice(a, e) for a, e in zip(b.start, b.stop))] += 1
+    assert (cover == 1).all()  # cores partition the volume
+    assert (inside >= 1).all()
+    for a, b in grid.neighbour_pairs():
+        start, stop = bw.overlap_box(a, b)
+        ax = next(i for i in range(3) if a.index[i] != b.index[i])
+        assert stop[ax] - start[ax] >= overlap[ax]  # at least the requested overlap
+    g = grid.grid_shape
+    assert len(grid.neighbour_pairs()) == sum(
+        (g[ax] - 1) * int(np.prod(g)) // g[ax] for ax in range(3))
+
+
+def test_grid_rejects_bad_geometry():
+    with pytest.raises(ValueError, match="overlap"):
+        bw.BlockGrid((64, 64, 64), (16, 16, 16), (16, 2, 2))
+    with pytest.raises(ValueError, match="block"):
+        bw.BlockGrid((64, 64, 64), (16, 0, 16), (2, 2, 2))
+
+
+# ----------------------------------------------------------------------------
+# Stitching with the stand-in segmenter
+
+
+def test_blockwise_equals_whole_volume(tmp_path, image_spec):
+    spec, lab = image_spec
+    out = str(tmp_path / "seg.zarr")
+    s = bw.segment_volume(spec, out, block=BLOCK, overlap=OVERLAP, client="sync",
+                          segment_fn=CCSegmenter(), progress=False)
+    seg = read_all(out)
+    ref = cc3d.connected_components(lab, connectivity=6)
+    assert seg.dtype == np.uint64
+    assert same_up_to_relabelling(seg, ref)
+    ids = np.unique(seg[seg != 0])
+    assert ids.tolist() == list(range(1, s.n_objects + 1))  # unique, compact global ids
+    assert s.n_objects == int(ref.max())
+    assert s.n_blocks == 27 and s.blocks_computed == 27 and s.weak_contacts == []
+    assert open_volume(out).voxel_size == (8.0, 8.0, 8.0)
+    sizes = np.bincount(seg.ravel().astype(np.int64))
+    rec = json.loads((tmp_path / "seg.zarr.blocks" / "reconcile.json").read_text())
+    assert rec["n_objects"] == s.n_objects and sizes[1:].sum() == seg.size
+
+
+def test_too_small_overlap_cuts_are_reported(tmp_path, image_spec):
+    spec, lab = image_spec
+    out = str(tmp_path / "seg.zarr")
+    s = bw.segment_volume(spec, out, block=BLOCK, overlap=OVERLAP, client="sync",
+                          segment_fn=CCSegmenter(), min_overlap=150, progress=False)
+    seg = read_all(out)
+    ref = cc3d.connected_components(lab, connectivity=6)
+    assert not same_up_to_relabelling(seg, ref)  # some objects were cut
+    assert s.weak_contacts and all(w["voxels"] < 150 for w in s.weak_contacts)
+    # Every cut is reported: joining the reported contacts restores the whole-volume result.
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    g = np.array([w["global_ids"] for w in s.weak_contacts])
+    n = s.n_objects + 1
+    _, comp = connected_components(coo_matrix((np.ones(len(g)), (g[:, 0], g[:, 1])), shape=(n, n)),
+                                   directed=False)
+    joined = np.where(seg > 0, comp[seg.astype(np.int64)] + 1, 0)
+    assert same_up_to_relabelling(joined, ref)
+
+
+def test_resume_after_crash_loses_no_block_and_repeats_none(tmp_path, image_spec):
+    spec, lab = image_spec
+    out = str(tmp_path / "seg.zarr")
+    work = tmp_path / "seg.zarr.blocks"
+    crashing = CCSegmenter(fail_after=10)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        bw.segment_volume(spec, out, block=BLOCK, overlap=OVERLAP, client="sync",
+                          segment_fn=crashing, progress=False)
+    done = sorted(p.name for p in (work / "blocks").glob("*.json"))
+    assert len(done) == 10
+    # A task killed mid-write leaves only a temporary file, which is ignored.
+    (work / "blocks" / ".001_001_001.npz.tmp-dead").write_bytes(b"partial")
+    stamps = {p: os.stat(work / "blocks" / p).st_mtime_ns for p in done}
+
+    again = CCSegmenter()
+    s = bw.segment_volume(spec, out, block=BLOCK, overlap=OVERLAP, client="sync",
+                          segment_fn=again, progress=False)
+    assert again.calls == 27 - 10  # none done twice
+    assert (s.blocks_computed, s.blocks_skipped) == (17, 10)
+    assert all(os.stat(work / "blocks" / p).st_mtime_ns == t for p, t in stamps.items())
+    assert len(list((work / "blocks").glob("*.json"))) == 27  # none lost
+    assert same_up_to_relabelling(read_all(out), cc3d.connected_components(lab, connectivity=6))
+
+    # A finished run resumes to a no-op for segmentation.
+    third = CCSegmenter()
+    s3 = bw.segment_volume(spec, out, block=BLOCK, overlap=OVERLAP, client="sync",
+                           segment_fn=third, progress=False)
+    assert third.calls == 0 and s3.blocks_skipped == 27
+
+
+def test_workdir_of_another_run_is_refused(tmp_path, image_spec):
+    spec, _ = image_spec
+    out = str(tmp_path / "seg.zarr")
+    bw.segment_volume(spec, out, block=BLOCK, overlap=OVERLAP, client="sync",
+                      segment_fn=CCSegmenter(), progress=False)
+    with pytest.raises(ValueError, match="different run"):
+        bw.segment_volume(spec, out, block=(24, 32, 32), overlap=(4, 8, 8), client="sync",
+                          segment_fn=CCSegmenter(), progress=False)
+
+
+def test_local_cluster_two_workers_equals_sync(tmp_path, image_spec):
+    from distributed import Client, LocalCluster
+
+    spec, _ = image_spec
+    ref_out, out = str(tmp_path / "sync.zarr"), str(tmp_path / "dist.zarr")
+    bw.segment_volume(spec, ref_out, block=BLOCK, overlap=OVERLAP, client="sync",
+                      segment_fn=CCSegmenter(), progress=False)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        s = bw.segment_volume(spec, out, block=BLOCK, overlap=OVERLAP, client=client,
+                              segment_fn=CCSegmenter(), progress=False)
+        workers = {json.loads(p.read_text())["pid"] for p in
+                   (tmp_path / "dist.zarr.blocks" / "blocks").glob("*.json")}
+    assert s.blocks_computed == 27
+    assert np.array_equal(read_all(out), read_all(ref_out))  # same ids, not only up to relabelling
+    assert workers == {os.getpid()}  # threads of this process (processes=False)
+
+
+def test_threads_scheduler_and_precomputed_output(tmp_path, image_spec):
+    spec, lab = image_spec
+    out = "precomputed://" + str(tmp_path / "seg_pc")
+    bw.segment_volume(spec, out, block=BLOCK, overlap=OVERLAP, client="threads",
+                      segment_fn=CCSegmenter(), progress=False)
+    vol = open_volume(out)
+    assert vol.dtype == np.uint64 and vol.voxel_size == (8.0, 8.0, 8.0)
+    info = json.loads((tmp_path / "seg_pc" / "info").read_text())
+    assert info["type"] == "segmentation"
+    assert same_up_to_relabelling(vol.read(), cc3d.connected_components(lab, connectivity=6))
+
+
+def test_default_workdir():
+    assert str(bw.default_workdir("a/b/seg.zarr")) == "a/b/seg.zarr.blocks"
+    assert str(bw.default_workdir("precomputed://a/seg/")) == "a/seg.blocks"
+    with pytest.raises(ValueError, match="workdir"):
+        bw.default_workdir("precomputed://gs://bucket/seg")
