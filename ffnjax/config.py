@@ -191,3 +191,184 @@ class InferenceOptions(_JsonMixin):
         if int(self.min_segment_size) < 0 or int(self.max_steps) < 0 or int(self.batch_size) < 1:
             raise ValueError("min_segment_size and max_steps must be >= 0 and batch_size >= 1, got "
                              f"{self.min_segment_size}, {self.max_steps}, {self.batch_size}")
+
+
+MOVE_POLICIES = ("fixed", "max_pred_moves")
+OPTIMIZERS = ("adam", "sgd")
+# google/ffn's default partition thresholds (compute_partitions.py): fraction
+# of same-object voxels in the box around a voxel, binned at these values.
+DEFAULT_PARTITION_THRESHOLDS = (0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def _as_tuple(name: str, value: Any, kind: type) -> tuple:
+    """A tuple of `kind` from a tuple/list (or a single value)."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, int, float)):
+        value = (value,)
+    try:
+        return tuple(kind(v) for v in value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be a list of {kind.__name__}, got {value!r}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(_JsonMixin):
+    """Everything one training run needs; `python -m experiments.train` builds one.
+
+    Usage::
+
+        python -m experiments.train --workdir runs/synth --steps 2000
+        python -m experiments.train --config train.json --workdir runs/fib25
+
+    where train.json is `TrainConfig(...).to_json()`. With no `images` the run
+    trains on a synthetic EM-like volume (`ffnjax.synthetic.make_volume`).
+    `TrainConfig.smoke()` is a laptop-sized variant that runs in seconds.
+
+    Attributes:
+      model: the network and its FOV geometry (a dict is accepted).
+      images, labels: volume specs (anything `ffnjax.volumes.open_volume`
+        reads), one image per label volume; several pairs train on several
+        volumes at once. A spec may end in `@z0:z1,y0:y1,x0:x1` to use a box.
+      masks: optional specs of exclusion masks (non-zero = excluded), one per
+        volume or empty.
+      image_means, image_stddevs: per-volume normalisation (x - mean) / std;
+        empty means 128 / 33 for every volume (google/ffn's values).
+      synthetic_shape, synthetic_seed: the synthetic volume used when `images`
+        is empty.
+      steps: total optimiser steps of the run (the schedule decays over them).
+      batch_size: global batch (examples per step over all devices); must be a
+        multiple of the device count.
+      learning_rate, optimizer ('adam' or 'sgd' with `momentum`),
+      warmup_steps, end_lr_fraction (cosine decay ends at lr * this),
+      clip_norm (global gradient-norm clipping; 0 disables).
+      seed: seeds parameters, the sampler and the move orders.
+      fov_moves: lattice radius of in-example FOV moves (the example crop is
+        FOV + 2 * deltas * fov_moves); 0 trains on the centre FOV only.
+      move_policy: 'fixed' (centre, then the neighbours in a per-example
+        shuffled order) or 'max_pred_moves' (inference's face-max rule).
+      move_threshold: a move needs the canvas (or face max) above this.
+      seed_prob, pad_prob: the initial mask (probability at the centre voxel
+        and everywhere else) and the soft target values (inside / outside).
+      partition_thresholds, min_object_size: balanced centre sampling.
+      full_crop_margin: centres keep the whole example crop inside the volume
+        (False: only the centre FOV; crop voxels outside get weight zero).
+      augment: random reflections (and y,x transposition when
+        `transpose_yx`); brightness / contrast: jitter amplitudes applied to
+        the normalised image (0 disables).
+      log_every, checkpoint_every, image_every: periods in steps.
+      keep_checkpoints: how many checkpoints the manager keeps.
+      prefetch: batches prepared ahead by the background input thread.
+      distributed: call `jax.distributed.initialize()` (multi-host runs).
+      init_from: a workdir whose latest parameters start a fresh run.
+      cache_dir: where balanced-sampling partitions are cached ('' = none).
+    """
+
+    model: ModelConfig = ModelConfig()
+    images: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()
+    masks: tuple[str, ...] = ()
+    image_means: tuple[float, ...] = ()
+    image_stddevs: tuple[float, ...] = ()
+    synthetic_shape: tuple[int, int, int] = (64, 128, 128)
+    synthetic_seed: int = 0
+    steps: int = 10000
+    batch_size: int = 4
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    warmup_steps: int = 100
+    end_lr_fraction: float = 0.01
+    clip_norm: float = 1.0
+    seed: int = 0
+    fov_moves: int = 1
+    move_policy: str = "fixed"
+    move_threshold: float = 0.9
+    seed_prob: float = 0.95
+    pad_prob: float = 0.05
+    partition_thresholds: tuple[float, ...] = DEFAULT_PARTITION_THRESHOLDS
+    min_object_size: int = 100
+    full_crop_margin: bool = True
+    augment: bool = True
+    transpose_yx: bool = True
+    brightness: float = 0.0
+    contrast: float = 0.0
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    image_every: int = 1000
+    keep_checkpoints: int = 3
+    prefetch: int = 4
+    distributed: bool = False
+    init_from: str = ""
+    cache_dir: str = ""
+
+    def __post_init__(self):
+        model = self.model
+        if isinstance(model, dict):
+            model = ModelConfig.from_dict(model)
+        if not isinstance(model, ModelConfig):
+            raise ValueError(f"model must be a ModelConfig or dict, got {type(model).__name__}")
+        object.__setattr__(self, "model", model)
+        for name in ("images", "labels", "masks"):
+            object.__setattr__(self, name, _as_tuple(name, getattr(self, name), str))
+        for name in ("image_means", "image_stddevs", "partition_thresholds"):
+            object.__setattr__(self, name, _as_tuple(name, getattr(self, name), float))
+        object.__setattr__(self, "synthetic_shape", _as_zyx("synthetic_shape", self.synthetic_shape))
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"images and labels must pair up: got {len(self.images)} image spec(s) "
+                             f"and {len(self.labels)} label spec(s)")
+        n = len(self.images)
+        for name in ("masks", "image_means", "image_stddevs"):
+            if getattr(self, name) and len(getattr(self, name)) != max(n, 1):
+                raise ValueError(f"{name} needs one entry per training volume ({max(n, 1)}), "
+                                 f"got {len(getattr(self, name))}")
+        if any(s <= 0 for s in self.image_stddevs):
+            raise ValueError(f"image_stddevs must be positive, got {self.image_stddevs}")
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "image_every",
+                     "keep_checkpoints", "prefetch"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            object.__setattr__(self, name, int(getattr(self, name)))
+        for name in ("warmup_steps", "fov_moves", "min_object_size", "seed", "synthetic_seed"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            object.__setattr__(self, name, int(getattr(self, name)))
+        if float(self.learning_rate) <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.move_policy not in MOVE_POLICIES:
+            raise ValueError(f"move_policy must be one of {MOVE_POLICIES}, got {self.move_policy!r}")
+        for name in ("move_threshold", "seed_prob", "pad_prob"):
+            v = float(getattr(self, name))
+            if not 0.0 < v < 1.0:
+                raise ValueError(f"{name} must be a probability in (0, 1), got {v}")
+        if list(self.partition_thresholds) != sorted(self.partition_thresholds) or any(
+                not 0.0 < t < 1.0 for t in self.partition_thresholds):
+            raise ValueError("partition_thresholds must be increasing values in (0, 1), got "
+                             f"{self.partition_thresholds}")
+        if self.brightness < 0 or self.contrast < 0 or self.clip_norm < 0:
+            raise ValueError("brightness, contrast and clip_norm must be >= 0, got "
+                             f"{self.brightness}, {self.contrast}, {self.clip_norm}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d["model"] = self.model.to_dict()
+        return d
+
+    @property
+    def crop_size(self) -> tuple[int, int, int]:
+        """Example crop z,y,x: FOV + 2 * deltas * fov_moves."""
+        return tuple(f + 2 * d * self.fov_moves
+                     for f, d in zip(self.model.fov_size, self.model.deltas))  # type: ignore[return-value]
+
+    @classmethod
+    def smoke(cls, **overrides: Any) -> "TrainConfig":
+        """A tiny run (depth-1, 4-feature net, 9^3 FOV, small synthetic volume)
+        that trains in seconds on a laptop CPU."""
+        base = dict(model=ModelConfig(depth=1, features=4, fov_size=(9, 9, 9), deltas=(2, 2, 2)),
+                    synthetic_shape=(24, 48, 48), steps=20, batch_size=2, learning_rate=3e-3,
+                    warmup_steps=2, log_every=5, checkpoint_every=10, image_every=10,
+                    min_object_size=20, prefetch=2)
+        base.update(overrides)
+        return cls(**base)
