@@ -584,7 +584,7 @@ def write_checkpoint(prefix: str | os.PathLike, tensors: Mapping[str, Any],
     for name in sorted(tensors, key=lambda n: n.encode("utf-8")):
         if not name:
             raise ValueError("tensor names must be non-empty (the empty key holds the header)")
-        arr = np.ascontiguousarray(np.asarray(tensors[name]))
+        arr = np.asarray(tensors[name], order="C")
         dtype = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
         code = _DTYPE_CODES.get(np.dtype(dtype))
         if code is None:
