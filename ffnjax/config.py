@@ -234,8 +234,9 @@ class TrainConfig(_JsonMixin):
         volume or empty.
       image_means, image_stddevs: per-volume normalisation (x - mean) / std;
         empty means 128 / 33 for every volume (google/ffn's values).
-      synthetic_shape, synthetic_seed: the synthetic volume used when `images`
-        is empty.
+      synthetic_shape, synthetic_seed, synthetic_radius: the synthetic volume
+        used when `images` is empty (its median neurite radius in voxels; keep
+        it small for small volumes so that they hold many objects).
       steps: total optimiser steps of the run (the schedule decays over them).
       batch_size: global batch (examples per step over all devices); must be a
         multiple of the device count.
@@ -272,6 +273,7 @@ class TrainConfig(_JsonMixin):
     image_stddevs: tuple[float, ...] = ()
     synthetic_shape: tuple[int, int, int] = (64, 128, 128)
     synthetic_seed: int = 0
+    synthetic_radius: float = 6.0
     steps: int = 10000
     batch_size: int = 4
     learning_rate: float = 1e-3
@@ -333,6 +335,8 @@ class TrainConfig(_JsonMixin):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
             object.__setattr__(self, name, int(getattr(self, name)))
+        if float(self.synthetic_radius) <= 0:
+            raise ValueError(f"synthetic_radius must be positive, got {self.synthetic_radius}")
         if float(self.learning_rate) <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.optimizer not in OPTIMIZERS:
@@ -367,8 +371,8 @@ class TrainConfig(_JsonMixin):
         """A tiny run (depth-1, 4-feature net, 9^3 FOV, small synthetic volume)
         that trains in seconds on a laptop CPU."""
         base = dict(model=ModelConfig(depth=1, features=4, fov_size=(9, 9, 9), deltas=(2, 2, 2)),
-                    synthetic_shape=(24, 48, 48), steps=20, batch_size=2, learning_rate=3e-3,
-                    warmup_steps=2, log_every=5, checkpoint_every=10, image_every=10,
-                    min_object_size=20, prefetch=2)
+                    synthetic_shape=(24, 48, 48), synthetic_radius=3.0, steps=20, batch_size=2,
+                    learning_rate=3e-3, warmup_steps=2, log_every=5, checkpoint_every=10,
+                    image_every=10, min_object_size=20, prefetch=2)
         base.update(overrides)
         return cls(**base)

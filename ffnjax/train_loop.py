@@ -339,9 +339,12 @@ def make_mesh(devices: list | None = None) -> Mesh:
     return Mesh(np.asarray(devices), (AXIS,))
 
 
+@functools.lru_cache(maxsize=8)
 def make_sharded_step(config: TrainConfig, mesh: Mesh) -> Callable:
     """`step(state, batch) -> (state, metrics)`: `train_step` per device under
     `jax.shard_map` over the mesh axis 'data', jitted, state buffers donated.
+    Cached per (config, mesh), so a resumed run in the same process reuses the
+    compiled step.
 
     Shardings: state -> P() replicated on every device (each holds the full
     parameters and optimiser state); batch -> P('data'), split along the
@@ -433,8 +436,9 @@ def load_training_volumes(config: TrainConfig) -> list[TrainingVolume]:
     means = config.image_means or (128.0,) * n
     stds = config.image_stddevs or (33.0,) * n
     if not config.images:
-        from ffnjax.synthetic import make_volume
-        image, labels = make_volume(config.synthetic_shape, seed=config.synthetic_seed)
+        from ffnjax.synthetic import SyntheticConfig, make_volume
+        image, labels = make_volume(config.synthetic_shape, seed=config.synthetic_seed,
+                                    config=SyntheticConfig(mean_radius=config.synthetic_radius))
         mask = read_spec(config.masks[0]).astype(bool) if config.masks else None
         return [TrainingVolume(np.asarray(image), np.asarray(labels), means[0], stds[0], mask,
                                name=f"synthetic{tuple(config.synthetic_shape)}")]
