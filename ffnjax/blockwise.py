@@ -236,7 +236,8 @@ class FFNSegmenter:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         from ffnjax.flood import segment
-        seg, _ = segment(image, self.params, self.model_config, self.options, apply_fn=self.apply_fn)
+        seg, _ = segment(image, self.params, self.model_config, self.options, apply_fn=self.apply_fn,
+                         progress=False)
         return np.asarray(seg)
 
     def fingerprint(self) -> dict:
@@ -821,3 +822,76 @@ def segment_volume(image_spec: Any, output_spec: Any, params: Any = None,
         n_objects=rec.n_objects, n_joins=rec.n_joins, weak_contacts=rec.weak_contacts,
         seconds=seconds, voxels_per_second=math.prod(shape) / max(seconds["total"], 1e-9),
         peak_worker_rss_mb=max([m["peak_rss_mb"] for m in computed], default=0.0))
+
+
+# ----------------------------------------------------------------------------
+# Looking at the result
+
+
+def read_slices(spec: Any, z_slices: Sequence[int]) -> np.ndarray:
+    """Whole z slices of a volume stacked as (len(z_slices), y, x); memory is
+    bounded by the slices, not the volume."""
+    vol = _open(spec)
+    _, ny, nx = vol.shape
+    return np.stack([vol.read((int(z), 0, 0), (1, ny, nx))[0] for z in z_slices])
+
+
+def save_montage(path: str | os.PathLike, image_spec: Any, segmentation_spec: Any,
+                 n_slices: int = 4, z_slices: Sequence[int] | None = None) -> Path:
+    """A PNG of a few z slices: each image slice beside it with the
+    segmentation's objects in colour (`ffnjax.viz`). Returns the path."""
+    from ffnjax import viz
+    shape = _open(segmentation_spec).shape
+    if tuple(_open(image_spec).shape[:3]) != tuple(shape):
+        raise ValueError(f"image {_spec_text(image_spec)!r} and segmentation "
+                         f"{_spec_text(segmentation_spec)!r} differ in shape")
+    zs = list(z_slices) if z_slices is not None else viz.default_slices(shape[0], n_slices)
+    bad = [z for z in zs if not 0 <= z < shape[0]]
+    if bad:
+        raise ValueError(f"z slices {bad} outside the volume depth {shape[0]}")
+    image = read_slices(image_spec, zs)
+    seg = read_slices(segmentation_spec, zs)
+    return viz.save_slices_png(path, image, segmentation=seg, z_slices=range(len(zs)))
+
+
+def _ng_source(vol: Any, coords: Any, segmentation: bool):
+    import neuroglancer
+    data = getattr(vol, "store", None)
+    if data is None:  # h5/npz/npy imports and in-memory volumes: read into memory
+        data = vol.read()
+    return neuroglancer.LocalVolume(data, dimensions=coords,
+                                    volume_type="segmentation" if segmentation else "image")
+
+
+def make_viewer(image_spec: Any = None, segmentation_spec: Any = None, *,
+                bind_address: str = "127.0.0.1", port: int = 0):
+    """A local Neuroglancer viewer showing the image and the segmentation.
+
+    Volumes are served lazily from their TensorStore (zarr/N5/precomputed),
+    chunk by chunk as the browser asks; import formats (h5/npz/npy) are read
+    into memory. The viewer's web server binds to `bind_address` (loopback by
+    default, so only this machine can see the data).
+
+    Returns:
+      a `neuroglancer.Viewer`; `viewer.get_viewer_url()` is the address to open.
+    """
+    import neuroglancer
+    if image_spec is None and segmentation_spec is None:
+        raise ValueError("make_viewer needs an image, a segmentation, or both")
+    neuroglancer.set_server_bind_address(bind_address, port)
+    viewer = neuroglancer.Viewer()
+    first = _open(image_spec if image_spec is not None else segmentation_spec)
+    coords = neuroglancer.CoordinateSpace(names=["z", "y", "x"], units="nm",
+                                          scales=list(getattr(first, "voxel_size", (1, 1, 1))))
+    with viewer.txn() as s:
+        s.dimensions = coords
+        if image_spec is not None:
+            s.layers["image"] = neuroglancer.ImageLayer(source=_ng_source(_open(image_spec), coords, False))
+        if segmentation_spec is not None:
+            seg = _open(segmentation_spec)
+            if image_spec is not None and tuple(seg.shape) != tuple(first.shape[:3]):
+                raise ValueError(f"segmentation {_spec_text(segmentation_spec)!r} has shape {seg.shape}, "
+                                 f"image {_spec_text(image_spec)!r} has {first.shape[:3]}")
+            s.layers["segmentation"] = neuroglancer.SegmentationLayer(source=_ng_source(seg, coords, True))
+        s.position = [n / 2 for n in first.shape[:3]]
+    return viewer

@@ -57,6 +57,61 @@ class CCSegmenter:
         return {"segmenter": "cc3d-6"}
 
 
+def bricks(shape, seed=0, lo=9, hi=16) -> np.ndarray:
+    """Axis-aligned boxes (a brick wall: slabs, rows, bricks), each lo..hi voxels
+    on every axis, ids 1..N. Boxes are where the oracle flood fill provably
+    reaches every voxel, so block-wise and whole-volume results can be
+    compared voxel for voxel."""
+    rng = np.random.default_rng(seed)
+
+    def cuts(n):
+        c = [0]
+        while n - c[-1] > hi:
+            c.append(c[-1] + int(rng.integers(lo, hi + 1)))
+        if n - c[-1] < lo:
+            c[-1] = n - lo
+        return c + [n]
+
+    lab, k = np.zeros(shape, np.uint16), 0
+    zc = cuts(shape[0])
+    for z0, z1 in zip(zc[:-1], zc[1:]):
+        yc = cuts(shape[1])
+        for y0, y1 in zip(yc[:-1], yc[1:]):
+            xc = cuts(shape[2])
+            for x0, x1 in zip(xc[:-1], xc[1:]):
+                k += 1
+                lab[z0:z1, y0:y1, x0:x1] = k
+    return lab
+
+
+def centred_oracle_apply_fn(params, image_fov, mask_logits_fov):
+    """`ffnjax.testing.oracle_apply_fn` with a tie-break: a tiny penalty growing
+    with the distance from the FOV centre. The plain oracle's faces are flat, so
+    the face-max move policy always picks a face's first voxel (a corner) and
+    fills drift towards the low corner, fragmenting objects; with the tie-break
+    every move goes to a face centre and a fill covers its whole box."""
+    import jax.numpy as jnp
+    from ffnjax.testing import oracle_apply_fn
+    out = oracle_apply_fn(params, image_fov, mask_logits_fov)
+    _, z, y, x, _ = image_fov.shape
+    grid = jnp.meshgrid(*[jnp.arange(n) - n // 2 for n in (z, y, x)], indexing="ij")
+    d2 = sum(g.astype(jnp.float32) ** 2 for g in grid)[None, ..., None]
+    return out - 1e-3 * d2
+
+
+class RefuseToSegment:
+    """A segmenter that must not be called (every block is already done)."""
+
+    def __init__(self, fingerprint):
+        self._fingerprint = fingerprint
+
+    def __call__(self, image):
+        raise AssertionError("a finished block was segmented again")
+
+    def fingerprint(self):
+        return self._fingerprint
+
+
 def same_up_to_relabelling(a: np.ndarray, b: np.ndarray) -> bool:
     """True when a and b have the same background and a one-to-one id mapping."""
     if not np.array_equal(a == 0, b == 0):
@@ -230,3 +285,122 @@ def test_default_workdir():
     assert str(bw.default_workdir("precomputed://a/seg/")) == "a/seg.blocks"
     with pytest.raises(ValueError, match="workdir"):
         bw.default_workdir("precomputed://gs://bucket/seg")
+
+
+# ----------------------------------------------------------------------------
+# The real flood fill with the oracle network
+
+ORACLE_SHAPE = (42, 54, 54)
+# Block starts (0, 12 / 0, 18) are multiples of the deltas, so every block sees
+# the same FOV lattice as the whole volume, and the overlap (18) keeps every core
+# voxel at least one FOV radius + 4 inside its block.
+ORACLE_BLOCK = (30, 36, 36)
+ORACLE_OVERLAP = (18, 18, 18)
+
+
+@pytest.fixture(scope="module")
+def oracle_run(tmp_path_factory):
+    from ffnjax.config import ModelConfig
+    from ffnjax.flood import segment
+    from ffnjax.testing import oracle_options
+
+    tmp = tmp_path_factory.mktemp("oracle")
+    lab = bricks(ORACLE_SHAPE)
+    spec = str(tmp / "labels.zarr")
+    save_volume(spec, lab, voxel_size=(16, 8, 8))
+    mc = ModelConfig(depth=1, features=4, fov_size=(9, 9, 9), deltas=(3, 3, 3))
+    opts = oracle_options(min_segment_size=0, seed_policy="grid", seed_grid_step=(3, 3, 3))
+    whole, _ = segment(lab, None, mc, opts, apply_fn=centred_oracle_apply_fn, progress=False)
+    out = str(tmp / "seg.zarr")
+    summary = bw.segment_volume(spec, out, None, mc, opts, block=ORACLE_BLOCK, overlap=ORACLE_OVERLAP,
+                                client="sync", apply_fn=centred_oracle_apply_fn, progress=False)
+    return dict(tmp=tmp, labels=lab, spec=spec, config=mc, options=opts, whole=whole, out=out,
+                summary=summary)
+
+
+def test_oracle_blockwise_equals_whole_volume(oracle_run):
+    r = oracle_run
+    seg, whole = read_all(r["out"]), r["whole"]
+    assert same_up_to_relabelling(whole, r["labels"])  # the oracle recovers every box
+    assert same_up_to_relabelling(seg, whole)  # block-wise == whole volume, up to relabelling
+    s = r["summary"]
+    assert s.n_blocks == 8 and s.grid_shape == (2, 2, 2) and s.weak_contacts == []
+    assert np.unique(seg[seg != 0]).tolist() == list(range(1, s.n_objects + 1))
+    assert s.n_objects == int(r["labels"].max())
+
+
+def test_oracle_cuts_from_a_strict_min_overlap_are_reported(oracle_run, tmp_path):
+    """Reconciling the same blocks with a min_overlap larger than some contacts
+    cuts those objects, and exactly those contacts are reported."""
+    r = oracle_run
+    out = str(tmp_path / "strict.zarr")
+    done = bw.FFNSegmenter(None, r["config"], r["options"], centred_oracle_apply_fn)
+    s = bw.segment_volume(r["spec"], out, block=ORACLE_BLOCK, overlap=ORACLE_OVERLAP, client="sync",
+                          segment_fn=RefuseToSegment(done.fingerprint()),
+                          workdir=r["tmp"] / "seg.zarr.blocks", min_overlap=3000, progress=False)
+    assert s.blocks_skipped == 8 and s.blocks_computed == 0
+    seg = read_all(out)
+    assert s.n_objects > r["summary"].n_objects and s.weak_contacts
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    g = np.array([w["global_ids"] for w in s.weak_contacts])
+    n = s.n_objects + 1
+    _, comp = connected_components(coo_matrix((np.ones(len(g)), (g[:, 0], g[:, 1])), shape=(n, n)),
+                                   directed=False)
+    assert same_up_to_relabelling(np.where(seg > 0, comp[seg.astype(np.int64)] + 1, 0), r["whole"])
+
+
+def test_oracle_local_cluster_two_workers_equals_sync(oracle_run, tmp_path):
+    from distributed import Client, LocalCluster
+
+    r = oracle_run
+    out = str(tmp_path / "dist.zarr")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        s = bw.segment_volume(r["spec"], out, None, r["config"], r["options"], block=ORACLE_BLOCK,
+                              overlap=ORACLE_OVERLAP, client=client,
+                              apply_fn=centred_oracle_apply_fn, progress=False)
+    assert s.blocks_computed == 8
+    assert np.array_equal(read_all(out), read_all(r["out"]))
+
+
+def test_montage_and_viewer(oracle_run, tmp_path):
+    import urllib.request
+
+    from PIL import Image
+
+    r = oracle_run
+    png = bw.save_montage(tmp_path / "m.png", r["spec"], r["out"], z_slices=[5, 30])
+    pic = np.asarray(Image.open(png))
+    assert pic.shape[2] == 3 and pic.shape[0] > 2 * 54 and pic.shape[1] > 2 * 54
+    viewer = bw.make_viewer(r["spec"], r["out"])
+    url = viewer.get_viewer_url()
+    assert url.startswith("http://127.0.0.1:")
+    state = viewer.state.to_json()
+    assert [(l["name"], l["type"]) for l in state["layers"]] == [("image", "image"),
+                                                                ("segmentation", "segmentation")]
+    assert state["dimensions"]["z"][0] == pytest.approx(16e-9)
+    with urllib.request.urlopen(url, timeout=20) as resp:
+        assert resp.status == 200
+
+
+def test_cli_segment_volume_and_view(tmp_path):
+    from experiments import segment_volume as cli
+    from experiments import view
+
+    lab = bricks((24, 36, 36), seed=3)
+    spec = str(tmp_path / "labels.zarr")
+    save_volume(spec, lab)
+    out = "precomputed://" + str(tmp_path / "seg")
+    d = cli.main(["--oracle", "--image", spec, "--output", out, "--block", "24,24,24",
+                  "--overlap", "12,12,12", "--scheduler", "sync", "--no-progress",
+                  "--png", str(tmp_path / "m.png"), "--summary", str(tmp_path / "s.json")])
+    assert d["n_blocks"] == 4 and d["blocks_computed"] == 4
+    assert json.loads((tmp_path / "s.json").read_text())["n_objects"] == d["n_objects"]
+    seg = open_volume(out).read()
+    assert seg.dtype == np.uint64 and np.unique(seg[seg > 0]).size == d["n_objects"]
+    assert (tmp_path / "m.png").stat().st_size > 0
+    viewer = view.main(["--image", spec, "--segmentation", out, "--no-block"])
+    assert "segmentation" in [l.name for l in viewer.state.layers]
+    with pytest.raises(SystemExit):
+        cli.main(["--image", spec, "--output", str(tmp_path / "x.zarr")])  # no model

@@ -1,0 +1,109 @@
+"""Segment a whole volume block by block on Dask and write one global segmentation.
+
+    python -m experiments.segment_volume --checkpoint WORKDIR --image SPEC --output SPEC \
+        --block 128,256,256 --overlap 16,32,32 [--scheduler ADDRESS]
+
+Volumes are any `ffnjax.volumes` spec: 'x.zarr', 'x.n5', 'precomputed://x'
+(also 'f.h5:dataset', 'f.npz:key' for the input). Rerunning the same command
+resumes: finished blocks are kept in '<output>.blocks/'. See
+`ffnjax.blockwise.segment_volume`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ffnjax.blockwise import save_montage, segment_volume
+from ffnjax.config import InferenceOptions, ModelConfig
+
+
+def _options(text: str | None, base: InferenceOptions) -> InferenceOptions:
+    if not text:
+        return base
+    p = Path(text)
+    raw = p.read_text() if not text.lstrip().startswith("{") and p.exists() else text
+    if not raw.lstrip().startswith("{"):
+        raise ValueError(f"--options must be a JSON object or a JSON file, got {text!r}")
+    return InferenceOptions.from_dict({**base.to_dict(), **json.loads(raw)})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m experiments.segment_volume", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", help="training/import workdir holding the model "
+                    "(ffnjax.checkpoints layout); not needed with --oracle")
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    ap.add_argument("--image", required=True, help="input image volume spec (z,y,x)")
+    ap.add_argument("--output", required=True,
+                    help="output segmentation spec: x.zarr, x.n5 or precomputed://x (uint64; created "
+                         "when absent, reused when resuming)")
+    ap.add_argument("--block", default="128,256,256", help="block size z,y,x (default 128,256,256)")
+    ap.add_argument("--overlap", default="16,32,32",
+                    help="voxels shared by neighbouring blocks z,y,x (default 16,32,32; at least "
+                         "the FOV is wise)")
+    ap.add_argument("--scheduler", default=None,
+                    help="Dask scheduler address (tcp://host:8786) to run on an existing cluster, "
+                         "or 'sync'/'threads'/'processes' for Dask's local schedulers; default: "
+                         "a LocalCluster on this machine")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="worker processes of the default LocalCluster (default: one per core on "
+                         "CPU, one per accelerator)")
+    ap.add_argument("--min-overlap", type=int, default=1,
+                    help="shared voxels needed to join two objects across an overlap (default 1)")
+    ap.add_argument("--workdir", default=None,
+                    help="folder for per-block results, shared by all workers (default "
+                         "<output>.blocks)")
+    ap.add_argument("--options", default=None,
+                    help="InferenceOptions overrides as a JSON object or a JSON file, e.g. "
+                         "'{\"segment_threshold\": 0.6, \"min_segment_size\": 1000}'")
+    ap.add_argument("--chunks", default=None, help="chunk shape z,y,x of a new output volume")
+    ap.add_argument("--retries", type=int, default=1, help="Dask retries per task (default 1)")
+    ap.add_argument("--png", default=None, help="also write a PNG montage of z slices here")
+    ap.add_argument("--summary", default=None, help="also write the run summary as JSON here")
+    ap.add_argument("--oracle", action="store_true",
+                    help="check the pipeline without a model: the image is a label volume and "
+                         "the oracle network (ffnjax.testing) fills its objects")
+    ap.add_argument("--fov", default="9,9,9", help="with --oracle: FOV size z,y,x (default 9,9,9)")
+    ap.add_argument("--deltas", default="3,3,3", help="with --oracle: FOV moves z,y,x (default 3,3,3)")
+    ap.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.oracle:
+        from ffnjax.testing import oracle_apply_fn, oracle_options
+        model_config = ModelConfig(depth=1, features=1, fov_size=args.fov, deltas=args.deltas)
+        params, apply_fn = None, oracle_apply_fn
+        options = _options(args.options, oracle_options(seed_policy="grid",
+                                                         seed_grid_step=model_config.deltas))
+    else:
+        if not args.checkpoint:
+            raise SystemExit("--checkpoint is required (or --oracle to check the pipeline)")
+        from ffnjax.checkpoints import load_checkpoint
+        model_config, params = load_checkpoint(args.checkpoint, args.step)
+        apply_fn = None
+        options = _options(args.options, InferenceOptions())
+    summary = segment_volume(
+        args.image, args.output, params, model_config, options, block=args.block,
+        overlap=args.overlap, client=args.scheduler, apply_fn=apply_fn,
+        min_overlap=args.min_overlap, workdir=args.workdir, n_workers=args.workers,
+        chunks=tuple(int(c) for c in args.chunks.split(",")) if args.chunks else None,
+        retries=args.retries, progress=not args.no_progress)
+    print(summary)
+    if summary.weak_contacts:
+        print(f"{len(summary.weak_contacts)} possible cuts (objects touching across an overlap with "
+              f"fewer than {args.min_overlap} shared voxels): see {summary.workdir}/reconcile.json")
+    d = summary.to_dict()
+    if args.summary:
+        Path(args.summary).write_text(json.dumps(d, indent=2))
+    if args.png:
+        print("montage:", save_montage(args.png, args.image, args.output))
+    return d
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
