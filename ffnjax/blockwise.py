@@ -515,8 +515,10 @@ def _engine(client: Any, n_blocks: int, n_workers: int | None):
     if client is None:
         from distributed import Client, LocalCluster
         workers = n_workers or _default_workers(n_blocks)
+        import logging
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                          dashboard_address=None) as cluster, Client(cluster) as c:
+                          dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
+                Client(cluster) as c:
             yield c
     elif isinstance(client, str) and client in LOCAL_SCHEDULERS:
         yield client
