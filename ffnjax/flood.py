@@ -658,10 +658,12 @@ def load_state(path: str | os.PathLike) -> SegmentState:
         elapsed_s=float(meta["elapsed_s"]))
 
 
-def run_fingerprint(shape: Sequence[int], model_config: ModelConfig, options: InferenceOptions) -> str:
-    """What a run's result depends on, apart from the weights and image values."""
+def run_fingerprint(shape: Sequence[int], model_config: ModelConfig, options: InferenceOptions,
+                    run_id: str = "") -> str:
+    """What a run's result depends on, apart from the weights and image values
+    (`run_id`: anything else the caller wants checked, e.g. image spec and bbox)."""
     return json.dumps({"shape": [int(s) for s in shape], "model": model_config.to_dict(),
-                       "options": options.to_dict()}, sort_keys=True)
+                       "options": options.to_dict(), "run": run_id}, sort_keys=True)
 
 
 @dataclasses.dataclass
@@ -737,7 +739,7 @@ def segment_state(image: Any, params: Any, model_config: ModelConfig,
                   *, state: SegmentState | None = None, seeds: np.ndarray | None = None,
                   keep_probabilities: bool = False,
                   checkpoint_fn: Callable[[SegmentState], Any] | None = None,
-                  checkpoint_every_s: float = 300.0, progress: bool = True
+                  checkpoint_every_s: float = 300.0, progress: bool = True, run_id: str = ""
                   ) -> tuple[SegmentState, SegmentInfo]:
     """`segment` that returns its full `SegmentState` (for resuming and for the CLI).
 
@@ -749,6 +751,8 @@ def segment_state(image: Any, params: Any, model_config: ModelConfig,
       checkpoint_fn: called with the state every `checkpoint_every_s` seconds
         (between seeds, so the state is consistent) and once at the end.
       progress: show a tqdm bar over seeds.
+      run_id: extra identity of the run stored in the state's fingerprint
+        (the CLI passes the image spec and bbox); a resumed state must match.
     """
     t_start = time.perf_counter()
     arr = _as_array(image)
@@ -756,7 +760,7 @@ def segment_state(image: Any, params: Any, model_config: ModelConfig,
     apply_fn = apply_fn or default_apply_fn(model_config)
     check_apply_fn(apply_fn, params, model_config, spec.batch_size)
     timings = dict.fromkeys(("seeds", "compile", "fill", "commit", "total"), 0.0)
-    fingerprint = run_fingerprint(arr.shape, model_config, options)
+    fingerprint = run_fingerprint(arr.shape, model_config, options, run_id)
 
     if state is None:
         t0 = time.perf_counter()

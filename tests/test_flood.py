@@ -4,6 +4,7 @@ commit semantics, resuming, bad input."""
 from __future__ import annotations
 
 import collections
+import functools
 
 import edt
 import jax
@@ -14,7 +15,6 @@ from scipy import ndimage
 
 from ffnjax import flood
 from ffnjax.config import InferenceOptions, ModelConfig, logit
-from ffnjax.nets import init_params
 from ffnjax.testing import oracle_apply_fn, oracle_options
 
 TINY = ModelConfig(depth=1, features=4, fov_size=(9, 9, 9), deltas=(2, 2, 2))
@@ -71,6 +71,7 @@ def cell_image(shape=(20, 28, 28), n=10, seed=0, noise=20.0) -> np.ndarray:
     return ndimage.gaussian_filter(img, 0.7).clip(0, 255).astype(np.uint8)
 
 
+@functools.lru_cache(maxsize=None)  # one apply_fn object, so compiled fills are reused
 def random_net(key: int = 0):
     """A small random network with FFN's signature whose fills actually move.
 
@@ -453,7 +454,8 @@ def test_bad_input_raises_clear_errors():
         flood.segment(np.zeros((20, 20, 20), np.uint8), None, TINY, InferenceOptions(), crop,
                       progress=False)
     # Convstack parameters that do not fit the config.
-    other = init_params(ModelConfig(depth=2, features=8, fov_size=(9, 9, 9), deltas=(2, 2, 2)))
+    other = {"params": {"conv0_a": {"kernel": np.zeros((3, 3, 3, 2, 8), np.float32),
+                                    "bias": np.zeros(8, np.float32)}}}
     with pytest.raises(ValueError, match="cannot run on FOVs"):
         flood.segment(np.zeros((20, 20, 20), np.uint8), other, TINY, InferenceOptions(),
                       progress=False)

@@ -1,0 +1,95 @@
+"""Seed policies: peaks (edge-distance maxima) and grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from ffnjax import seeds
+from ffnjax.config import InferenceOptions
+
+from conftest import shared_path
+
+
+def balls_image(centres, radius=5, shape=(32, 48, 48)) -> np.ndarray:
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
+    img = np.full(shape, 60.0)
+    for c in centres:
+        img[np.linalg.norm(grid - np.array(c), axis=-1) <= radius] = 200.0
+    return img.astype(np.uint8)
+
+
+CENTRES = [(10, 12, 12), (10, 30, 20), (20, 20, 36), (22, 36, 10)]
+
+
+def assert_local_maxima_of_edge_distance(image, found, min_distance=seeds.PEAKS_MIN_DISTANCE):
+    """Independent check with scipy's EDT: each seed is off the edges and no voxel
+    within min_distance (Chebyshev) is farther from an edge (up to the jitter)."""
+    non_edge = ~seeds.edge_mask(image)
+    dist = ndimage.distance_transform_edt(non_edge)
+    local_max = ndimage.maximum_filter(dist, size=2 * min_distance + 1, mode="nearest")
+    at = tuple(found.T)
+    assert np.all(non_edge[at])
+    assert np.all(dist[at] >= local_max[at] - 2 * seeds.PEAKS_JITTER - 1e-5)
+
+
+def test_peaks_finds_each_ball_centre_and_are_edge_distance_maxima():
+    img = balls_image(CENTRES)
+    found = seeds.peaks_seeds(img, InferenceOptions())
+    assert found.dtype == np.int64 and found.shape[1] == 3
+    for c in CENTRES:
+        nearest = np.min(np.linalg.norm(found - np.array(c), axis=1))
+        assert nearest <= 1.0, (c, nearest)
+    assert_local_maxima_of_edge_distance(img, found)
+
+
+def test_peaks_are_deterministic_sorted_and_respect_the_margin():
+    img = balls_image(CENTRES)
+    a = seeds.peaks_seeds(img, margin=(4, 6, 6))
+    b = seeds.peaks_seeds(img.copy(), margin=(4, 6, 6))
+    np.testing.assert_array_equal(a, b)
+    assert [tuple(s) for s in a.tolist()] == sorted(tuple(s) for s in a.tolist())
+    assert np.all(a >= [4, 6, 6]) and np.all(a <= np.array(img.shape) - 1 - [4, 6, 6])
+    # the margin only removes seeds
+    full = {tuple(s) for s in seeds.peaks_seeds(img).tolist()}
+    assert {tuple(s) for s in a.tolist()} == {s for s in full if all(
+        m <= v <= n - 1 - m for v, m, n in zip(s, (4, 6, 6), img.shape))}
+
+
+def test_grid_equals_explicit_loops():
+    opt = InferenceOptions(seed_grid_step=(3, 5, 4))
+    got = seeds.grid_seeds((12, 20, 17), opt, margin=(1, 2, 0))
+    want = [(z, y, x) for z in range(1, 11, 3) for y in range(2, 18, 5) for x in range(0, 17, 4)]
+    assert [tuple(s) for s in got.tolist()] == want
+    assert seeds.grid_seeds((4, 4, 4), opt, margin=(2, 2, 2)).shape == (0, 3)
+
+
+def test_make_seeds_dispatches_and_skip_segmented():
+    img = balls_image(CENTRES)
+    np.testing.assert_array_equal(seeds.make_seeds(img, InferenceOptions(seed_policy="peaks")),
+                                  seeds.peaks_seeds(img))
+    opt = InferenceOptions(seed_policy="grid", seed_grid_step=(8, 8, 8))
+    grid = seeds.make_seeds(img, opt, margin=(2, 2, 2))
+    np.testing.assert_array_equal(grid, seeds.grid_seeds(img.shape, opt, (2, 2, 2)))
+    seg = np.zeros(img.shape, np.int64)
+    seg[:16] = 5
+    kept = seeds.skip_segmented(grid, seg)
+    assert np.all(kept[:, 0] >= 16) and len(kept) == int(np.sum(grid[:, 0] >= 16))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="3D"):
+        seeds.peaks_seeds(np.zeros((10, 10)))
+    with pytest.raises(ValueError, match="margin"):
+        seeds.grid_seeds((10, 10, 10), margin=(1, 1))
+    with pytest.raises(ValueError, match="shape"):
+        seeds.grid_seeds((10, 0, 10))
+
+
+def test_peaks_on_real_fib25_crop():
+    raw = np.load(shared_path("fib25_training_sample2", "raw_z000-049.npz"))["raw"][:, :96, :96]
+    found = seeds.peaks_seeds(raw, margin=(4, 4, 4))
+    # FIB-25 neurites are a few tens of voxels across: hundreds of seeds in this crop.
+    assert 50 < len(found) < 5000
+    assert_local_maxima_of_edge_distance(raw, found)
