@@ -744,3 +744,45 @@ def import_ffn_checkpoint(prefix: str | os.PathLike, config: ModelConfig
         "ignored": sorted(n for n in reader.names() if n not in wanted),
     }
     return params, provenance
+
+
+def tensorflow_forward(tensors: Mapping[str, np.ndarray], depth: int, image: np.ndarray,
+                       mask_logits: np.ndarray, *, jit: bool = False):
+    """google/ffn's ``convstack_3d`` forward pass written with TensorFlow ops.
+
+    A reference for tests and benchmarks only: it needs ``tensorflow``, which
+    ffnjax never depends on (the import happens here, inside the call).
+
+    Args:
+      tensors: google/ffn variable name -> array (`CheckpointReader.read_all()`
+        or `ffn_tensors_from_params`).
+      depth: the convstack depth.
+      image, mask_logits: float32 [batch, z, y, x, 1] arrays, FFN's layout.
+      jit: return a compiled ``tf.function`` of (image, mask_logits) instead of
+        evaluating once (for timing).
+
+    Returns:
+      The logits as a NumPy array, or the ``tf.function`` when `jit` is True.
+    """
+    import tensorflow as tf  # noqa: PLC0415  (optional, reference only)
+
+    weights = {n: tf.constant(np.asarray(t, np.float32)) for n, t in tensors.items()
+               if n.startswith(f"{FFN_SCOPE}/")}
+
+    def conv(x, layer):
+        w, b = weights[f"{FFN_SCOPE}/{layer}/weights"], weights[f"{FFN_SCOPE}/{layer}/biases"]
+        return tf.nn.conv3d(x, w, strides=[1, 1, 1, 1, 1], padding="SAME") + b
+
+    def forward(image, mask):
+        net = tf.concat([image, mask], axis=4)
+        net = tf.nn.relu(conv(net, "conv0_a"))
+        net = conv(net, "conv0_b")
+        for i in range(1, depth):
+            skip = net
+            net = tf.nn.relu(conv(tf.nn.relu(net), f"conv{i}_a"))
+            net = conv(net, f"conv{i}_b") + skip
+        return mask + conv(tf.nn.relu(net), "conv_lom")
+
+    if jit:
+        return tf.function(forward, jit_compile=False)
+    return forward(tf.constant(image, tf.float32), tf.constant(mask_logits, tf.float32)).numpy()

@@ -201,24 +201,6 @@ def test_fib25_forward_deterministic_and_follows_neuron(shared_data):
 # Against TensorFlow itself (runs only where tensorflow is importable).
 # ---------------------------------------------------------------------------
 
-def tf_forward(tf, tensors: dict[str, np.ndarray], depth: int, image, mask):
-    """google/ffn's convstack_3d written with TensorFlow ops ([b, z, y, x, c] tensors)."""
-    def conv(x, layer):
-        w = tf.constant(tensors[f"seed_update/{layer}/weights"])
-        b = tf.constant(tensors[f"seed_update/{layer}/biases"])
-        return tf.nn.conv3d(x, w, strides=[1, 1, 1, 1, 1], padding="SAME") + b
-
-    net = tf.concat([tf.constant(image), tf.constant(mask)], axis=4)
-    net = tf.nn.relu(conv(net, "conv0_a"))
-    net = conv(net, "conv0_b")
-    for i in range(1, depth):
-        skip = net
-        net = tf.nn.relu(conv(tf.nn.relu(net), f"conv{i}_a"))
-        net = conv(net, f"conv{i}_b") + skip
-    update = conv(tf.nn.relu(net), "conv_lom")
-    return (tf.constant(mask) + update).numpy()
-
-
 @pytest.mark.skipif(not HAS_TF, reason="tensorflow not installed (it is never a dependency)")
 def test_reader_matches_tensorflow_on_written_checkpoint(tmp_path):
     import tensorflow as tf
@@ -248,7 +230,7 @@ def test_reader_and_forward_match_tensorflow(shared_data):
     raw, _ = fib25_fov(shared_data)
     image = np.asarray(normalize_image(raw, 128.0, 33.0))[None, ..., None]
     mask = seeded_mask()
-    ref = tf_forward(tf, ours, 12, image, mask)
+    ref = ti.tensorflow_forward(ours, 12, image, mask)
     got = np.asarray(jax.jit(make_apply_fn(FIB25_CONFIG))(params, image, mask))
     print(f"max |JAX - TF| logits on a FIB-25 FOV: {np.abs(got - ref).max():.3g} "
           f"(logit range {ref.min():.2f}..{ref.max():.2f})")

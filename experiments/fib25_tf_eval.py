@@ -1,0 +1,170 @@
+"""Segment a FIB-25 crop with google/ffn's published model and score it against the ground truth.
+
+    python -m experiments.fib25_tf_eval --offset 43,93,93 --size 64,64,64 --out out/fib25_tf_eval
+
+Imports the TensorFlow checkpoint (no TensorFlow needed; or pass --workdir for
+a checkpoint already imported with `experiments.import_tf`), flood-fills a crop
+of `fib25_training_sample2` with the published inference settings (image mean
+128, std 33, init 0.95, pad 0.05, move 0.9, segment 0.6, min size 1000, min
+boundary distance 1,1,1, peaks seeds), segments the same crop with the
+watershed baseline, and prints VOI split/merge and adapted Rand error of both
+against the ground truth (GT label 0 = unlabelled). Writes the two
+segmentations (npz), the figures (JSON) and a PNG of a few z slices to --out.
+
+The published model was trained on FIB-25 `validation1`; `training_sample2` is
+a different volume, so this is a fair check of the import and of ffnjax's flood
+fill, not of ffnjax's training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ffnjax.config import InferenceOptions, ModelConfig
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+DEFAULT_CHECKPOINT = "ffn_fib25_checkpoint/model.ckpt-27465036"
+PUBLISHED_MODEL = dict(depth=12, fov_size=(33, 33, 33), deltas=(8, 8, 8))
+# ffn_fib25_checkpoint/inference_training_sample2.pbtxt (seed policy PolicyPeaks).
+PUBLISHED_OPTIONS = dict(image_mean=128.0, image_stddev=33.0, init_activation=0.95,
+                         pad_value=0.05, move_threshold=0.9, segment_threshold=0.6,
+                         min_segment_size=1000, min_boundary_dist=(1, 1, 1), seed_policy="peaks")
+RAW_FILES = ((0, "raw_z000-049.npz"), (50, "raw_z050-099.npz"), (100, "raw_z100-149.npz"))
+GT_FILE = "groundtruth_z000-149.npz"
+
+
+def _zyx(text: str, name: str) -> tuple[int, int, int]:
+    try:
+        v = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        v = ()
+    if len(v) != 3:
+        raise argparse.ArgumentTypeError(f"{name} must be three integers z,y,x, got {text!r}")
+    return v  # type: ignore[return-value]
+
+
+def load_fib25_crop(data_dir: str | Path, offset, size) -> tuple[np.ndarray, np.ndarray]:
+    """(raw uint8, gt uint16) z,y,x crop of fib25_training_sample2 (raw spans three files)."""
+    d = Path(data_dir) / "fib25_training_sample2"
+    gt_path = d / GT_FILE
+    if not gt_path.is_file():
+        raise FileNotFoundError(f"FIB-25 ground truth not found: {gt_path}")
+    gt = np.load(gt_path)["labels"]
+    lo, hi = np.asarray(offset), np.asarray(offset) + np.asarray(size)
+    if (lo < 0).any() or (hi > gt.shape).any() or (np.asarray(size) <= 0).any():
+        raise ValueError(f"crop offset {tuple(lo)} size {tuple(size)} does not fit the "
+                         f"{gt.shape} volume")
+    parts = []
+    for z0, name in RAW_FILES:
+        z1 = z0 + 50
+        a, b = max(lo[0], z0), min(hi[0], z1)
+        if a < b:
+            path = d / name
+            if not path.is_file():
+                raise FileNotFoundError(f"FIB-25 raw file not found: {path}")
+            parts.append(np.load(path)["raw"][a - z0:b - z0, lo[1]:hi[1], lo[2]:hi[2]])
+    raw = np.concatenate(parts, axis=0)
+    return raw, gt[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+
+
+def score(seg: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+    """VOI split/merge and adapted Rand error of `seg` against `gt` (ffnjax.erl)."""
+    from ffnjax import erl
+    split, merge = erl.voi(seg, gt)
+    return {"voi_split": float(split), "voi_merge": float(merge),
+            "voi_sum": float(split) + float(merge),
+            "adapted_rand": float(erl.adapted_rand(seg, gt)),
+            "objects": int(len(np.unique(seg[seg != 0]))),
+            "unsegmented_fraction": float((seg == 0).mean())}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m experiments.fib25_tf_eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(DEFAULT_DATA),
+                   help="shared data folder holding fib25_training_sample2/ and "
+                        "ffn_fib25_checkpoint/ (default ../shared/data)")
+    p.add_argument("--checkpoint", default=None,
+                   help=f"TensorFlow checkpoint prefix (default DATA/{DEFAULT_CHECKPOINT})")
+    p.add_argument("--workdir", default=None,
+                   help="use an ffnjax workdir (from experiments.import_tf) instead of --checkpoint")
+    p.add_argument("--offset", type=lambda s: _zyx(s, "--offset"), default=(43, 93, 93),
+                   help="crop start z,y,x in the 150x250x250 volume (default 43,93,93)")
+    p.add_argument("--size", type=lambda s: _zyx(s, "--size"), default=(64, 64, 64),
+                   help="crop size z,y,x (default 64,64,64; at least the 33^3 FOV)")
+    p.add_argument("--min-size", type=int, default=1000,
+                   help="min_segment_size for FFN (published: 1000)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="FOVs per network call during a fill (default 1)")
+    p.add_argument("--skip-baseline", action="store_true", help="do not run the baseline")
+    p.add_argument("--out", default="out/fib25_tf_eval",
+                   help="folder for segmentations.npz, metrics.json and slices.png")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from ffnjax import flood
+
+    if args.workdir:
+        from ffnjax.checkpoints import load_checkpoint
+        config, params = load_checkpoint(args.workdir)
+        source = str(Path(args.workdir).resolve())
+    else:
+        from ffnjax.tf_import import import_ffn_checkpoint
+        config = ModelConfig(**PUBLISHED_MODEL)
+        prefix = args.checkpoint or str(Path(args.data) / DEFAULT_CHECKPOINT)
+        params, provenance = import_ffn_checkpoint(prefix, config)
+        source = provenance["checkpoint"]
+    options = InferenceOptions(**{**PUBLISHED_OPTIONS, "min_segment_size": args.min_size,
+                                  "batch_size": args.batch_size})
+    raw, gt = load_fib25_crop(args.data, args.offset, args.size)
+    print(f"model {source}: {config}")
+    print(f"crop offset {args.offset} size {raw.shape} of fib25_training_sample2; "
+          f"{len(np.unique(gt[gt != 0]))} GT objects")
+
+    t0 = time.perf_counter()
+    seg, info = flood.segment(raw, params, config, options)
+    t_ffn = time.perf_counter() - t0
+    print(f"FFN: {info.summary()}")
+    results = {"crop_offset": list(args.offset), "crop_size": list(raw.shape),
+               "model": source, "options": options.to_dict(),
+               "ffn": {**score(seg, gt), "seconds": t_ffn,
+                       "fov_steps": int(info.counters.get("fov_steps", -1))}}
+    segs = {"raw": raw, "gt": gt, "ffn": seg}
+    if not args.skip_baseline:
+        from ffnjax.baseline import baseline_segmentation
+        t0 = time.perf_counter()
+        base = baseline_segmentation(raw)
+        results["baseline"] = {**score(base, gt), "seconds": time.perf_counter() - t0}
+        segs["baseline"] = base
+
+    print(f"\n{'method':<10} {'VOI split':>9} {'VOI merge':>9} {'VOI sum':>8} "
+          f"{'ARAND':>7} {'objects':>7} {'unseg':>6} {'time s':>8}")
+    for name in ("ffn", "baseline"):
+        if name in results:
+            r = results[name]
+            print(f"{name:<10} {r['voi_split']:9.3f} {r['voi_merge']:9.3f} {r['voi_sum']:8.3f} "
+                  f"{r['adapted_rand']:7.3f} {r['objects']:7d} {r['unsegmented_fraction']:6.3f} "
+                  f"{r['seconds']:8.1f}")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out / "segmentations.npz", **segs)
+    (out / "metrics.json").write_text(json.dumps(results, indent=2))
+    from ffnjax.viz import save_slices_png
+    png = save_slices_png(out / "slices_ffn.png", raw, gt, seg)
+    if "baseline" in segs:
+        save_slices_png(out / "slices_baseline.png", raw, gt, segs["baseline"])
+    print(f"wrote {out / 'metrics.json'}, {out / 'segmentations.npz'}, {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
