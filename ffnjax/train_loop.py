@@ -221,7 +221,7 @@ def run_fovs(apply_fn: Callable, params: Any, batch: dict[str, jax.Array], order
                 for sign in (-1, 1):
                     idx = int(rad[axis] + sign * mc.deltas[axis])
                     faces.append(jnp.max(jnp.take(logits, idx, axis=axis + 1), axis=(1, 2, 3)))
-            passes = (jnp.concatenate(faces, -1) > thr) & taken[:, None]          # (B, 6)
+            passes = (jnp.stack(faces, -1) > thr) & taken[:, None]          # (B, 6)
             nb = neigh[pos]                                                      # (B, 6)
             ok = passes & (nb >= 0)
             when = (s + 1) * 6 + jnp.arange(6, dtype=jnp.int32)                  # FIFO, then face order
@@ -328,7 +328,7 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], config: Train
                    f1=2 * tp / jnp.maximum(2 * tp + fp + fn, 1e-6),
                    moves=sums["fovs"] / sums["examples"] - 1.0,
                    learning_rate=jnp.asarray(schedule(state["step"]), jnp.float32),
-                   grad_norm=optax.global_norm(grads))
+                   grad_norm=optax.tree.norm(grads))
     new_state = dict(params=params, opt_state=opt_state, step=state["step"] + 1, rng=state["rng"])
     return new_state, metrics
 
