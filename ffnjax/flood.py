@@ -803,6 +803,8 @@ def segment_state(image: Any, params: Any, model_config: ModelConfig,
             state.segmentation = np.zeros(arr.shape, np.int64)
             state.seeds = state.seeds[::-1].copy()
             state.seed_index = 0
+            if state.probabilities is not None:
+                state.probabilities = np.zeros_like(state.probabilities)
         state.phase += 1
         checkpoint(True)
 

@@ -1,0 +1,124 @@
+"""`python -m experiments.segment`: outputs, resuming after a kill, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import segment as cli
+from ffnjax import flood
+from ffnjax.checkpoints import save_model
+from ffnjax.config import InferenceOptions, ModelConfig
+from ffnjax.nets import init_params
+from ffnjax.volumes import open_volume
+
+from test_flood import cell_image
+
+CFG = ModelConfig(depth=1, features=4, fov_size=(9, 9, 9), deltas=(2, 2, 2))
+OPTS = ["--min-segment-size", "20", "--seed-policy", "grid", "--seed-grid-step", "4,5,5", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny convstack checkpoint whose fills move (scaled output layer) and a toy image."""
+    root = tmp_path_factory.mktemp("segcli")
+    params = jax.jit(lambda key: init_params(CFG, key))(jax.random.PRNGKey(0))  # jit: fast init
+    params = jax.tree_util.tree_map(np.asarray, params)
+    lom = params["params"]["conv_lom"]
+    lom["kernel"] = lom["kernel"] * 8.0
+    lom["bias"] = lom["bias"] + 4.0
+    params = jax.tree_util.tree_map(np.asarray, params)
+    save_model(root / "ckpt", CFG, params)
+    img = np.zeros((24, 32, 32), np.uint8)
+    img[2:22, 2:30, 2:30] = cell_image()
+    np.savez(root / "img.npz", raw=img)
+    return root, params, img
+
+
+def run(root, *extra):
+    return cli.main(["--checkpoint", str(root / "ckpt"), "--image", f"{root}/img.npz:raw", *OPTS,
+                     *extra])
+
+
+def test_cli_matches_the_python_api_and_writes_volumes(setup, tmp_path):
+    root, params, img = setup
+    out, prob = tmp_path / "seg.zarr", tmp_path / "prob.zarr"
+    summary = run(root, "--output", str(out), "--prob-output", str(prob), "--bbox", "2,2,2,20,28,28",
+                  "--info-json", str(tmp_path / "info.json"))
+    seg = open_volume(str(out)).read()
+    assert seg.dtype == np.uint64 and seg.shape == (20, 28, 28)
+    opts = InferenceOptions(min_segment_size=20, seed_policy="grid", seed_grid_step=(4, 5, 5))
+    want, info = flood.segment(img[2:22, 2:30, 2:30], params, CFG, opts, progress=False)
+    np.testing.assert_array_equal(seg, want)
+    assert summary["objects"] == info.counters["committed"] >= 2
+    p = open_volume(str(prob)).read()
+    assert p.dtype == np.uint8 and np.all((p > 0) <= (seg > 0))
+    assert np.all(p[seg > 0] >= np.floor(255 * 0.6))  # committed voxels passed the threshold
+    assert tuple(open_volume(str(out)).offset) == (2, 2, 2)
+    rec = json.loads((tmp_path / "info.json").read_text())
+    assert len(rec["objects_list"]) == summary["objects"]
+    assert not (tmp_path / "seg.zarr.segment-state.npz").exists()
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_run_resumes_to_the_same_result(setup, tmp_path, monkeypatch):
+    root, _, _ = setup
+    full = tmp_path / "full.zarr"
+    run(root, "--output", str(full))
+    out = tmp_path / "seg.zarr"
+    state_path = tmp_path / "seg.zarr.segment-state.npz"
+    real_save = flood.save_state
+    saves = []
+
+    def save_then_kill(path, state):
+        real_save(path, state)
+        saves.append(state.seed_index)
+        if len(saves) == 3:
+            raise Killed
+
+    monkeypatch.setattr(flood, "save_state", save_then_kill)
+    with pytest.raises(Killed):
+        run(root, "--output", str(out), "--checkpoint-every", "0")
+    monkeypatch.setattr(flood, "save_state", real_save)
+    assert state_path.exists() and not out.exists()
+    assert flood.load_state(state_path).seed_index == saves[-1]
+    run(root, "--output", str(out), "--checkpoint-every", "0")
+    np.testing.assert_array_equal(open_volume(str(out)).read(), open_volume(str(full)).read())
+    assert not state_path.exists()
+    # A finished output is not overwritten by accident.
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run(root, "--output", str(out))
+
+
+def test_bad_input(setup, tmp_path):
+    root, _, _ = setup
+    with pytest.raises(ValueError, match="outside the image"):
+        run(root, "--output", str(tmp_path / "a.zarr"), "--bbox", "0,0,0,30,10,10")
+    with pytest.raises(ValueError, match="six integers"):
+        run(root, "--output", str(tmp_path / "a.zarr"), "--bbox", "0,0,0,10,10")
+    with pytest.raises(ValueError, match="smaller than the network's FOV"):
+        run(root, "--output", str(tmp_path / "a.zarr"), "--bbox", "0,0,0,5,20,20")
+    with pytest.raises(ValueError, match="has FOV"):
+        run(root, "--output", str(tmp_path / "a.zarr"), "--fov-size", "33,33,33")
+    with pytest.raises(FileNotFoundError):
+        cli.main(["--checkpoint", str(tmp_path / "nothing"), "--image", f"{root}/img.npz:raw",
+                  "--output", str(tmp_path / "a.zarr")])
+    with pytest.raises(SystemExit):
+        cli.main(["--checkpoint", str(root / "ckpt")])  # missing --image/--output
+
+
+def test_help_documents_every_option_flag():
+    text = subprocess.run([sys.executable, "-m", "experiments.segment", "--help"], check=True,
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1]).stdout
+    for name in InferenceOptions.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in text
+    assert "--bbox" in text and "--prob-output" in text and "--state" in text
