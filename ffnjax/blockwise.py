@@ -53,7 +53,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -531,11 +531,18 @@ def _engine(client: Any, n_blocks: int, n_workers: int | None):
 
 
 def _default_workers(n_blocks: int) -> int:
-    """One single-threaded worker process per CPU core on CPU; one worker per
-    accelerator otherwise (several processes on one GPU would compete for its
-    memory)."""
-    import jax
-    per = (os.cpu_count() or 1) if jax.default_backend() == "cpu" else jax.local_device_count()
+    """One single-threaded worker process per CPU core on a CPU machine; one per
+    GPU/TPU device otherwise (processes sharing an accelerator would compete for
+    its memory). Devices are counted from /dev so that the driver process does
+    not initialise JAX (and claim accelerator memory) itself."""
+    import glob
+    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+        devices = 0
+    elif os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        devices = len([d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()])
+    else:
+        devices = len(glob.glob("/dev/nvidia[0-9]*")) or len(glob.glob("/dev/accel[0-9]*"))
+    per = devices or (os.cpu_count() or 1)
     return max(1, min(per, n_blocks))
 
 
