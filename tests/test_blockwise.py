@@ -263,8 +263,13 @@ def test_local_cluster_two_workers_equals_sync(tmp_path, image_spec):
                               segment_fn=CCSegmenter(), progress=False)
         workers = {json.loads(p.read_text())["pid"] for p in
                    (tmp_path / "dist.zarr.blocks" / "blocks").glob("*.json")}
+        # The same cluster reached through its scheduler address (as --scheduler does).
+        by_address = str(tmp_path / "addr.zarr")
+        bw.segment_volume(spec, by_address, block=BLOCK, overlap=OVERLAP,
+                          client=cluster.scheduler_address, segment_fn=CCSegmenter(), progress=False)
     assert s.blocks_computed == 27
     assert np.array_equal(read_all(out), read_all(ref_out))  # same ids, not only up to relabelling
+    assert np.array_equal(read_all(by_address), read_all(ref_out))
     assert workers == {os.getpid()}  # threads of this process (processes=False)
 
 
