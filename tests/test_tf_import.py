@@ -235,3 +235,15 @@ def test_reader_and_forward_match_tensorflow(shared_data):
     print(f"max |JAX - TF| logits on a FIB-25 FOV: {np.abs(got - ref).max():.3g} "
           f"(logit range {ref.min():.2f}..{ref.max():.2f})")
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-3)
+
+
+def test_fib25_crop_spans_raw_files(shared_data):
+    from experiments.fib25_tf_eval import load_fib25_crop
+    d = shared_data("fib25_training_sample2")
+    raw, gt = load_fib25_crop(d.parent, (45, 10, 20), (10, 30, 40))
+    a = np.load(d / "raw_z000-049.npz")["raw"][45:, 10:40, 20:60]
+    b = np.load(d / "raw_z050-099.npz")["raw"][:5, 10:40, 20:60]
+    np.testing.assert_array_equal(raw, np.concatenate([a, b]))
+    assert gt.shape == raw.shape == (10, 30, 40)
+    with pytest.raises(ValueError, match=r"does not fit"):
+        load_fib25_crop(d.parent, (140, 0, 0), (20, 10, 10))
