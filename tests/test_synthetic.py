@@ -95,6 +95,21 @@ def test_intensity_statistics_like_normalised_em(vol):
 
 
 @pytest.mark.parametrize("anisotropy", [1.0, 2.0])
+def test_no_gaps_in_membranes(anisotropy):
+    """A net must be able to stop at every boundary: across (nearly) every
+    face between two objects, the darker voxel is darker than three quarters
+    of the cytoplasm."""
+    image, labels = synthetic.make_volume((32, 48, 48), seed=6, anisotropy=anisotropy)
+    cytoplasm_q25 = np.percentile(image[~synthetic.membrane_mask(labels)], 25)
+    bright = []
+    for ax in range(3):
+        lab, img = np.moveaxis(labels, ax, 0), np.moveaxis(image, ax, 0)
+        face = lab[1:] != lab[:-1]
+        bright.append(np.minimum(img[1:], img[:-1])[face] > cytoplasm_q25)
+    assert np.mean(np.concatenate(bright)) < 0.002
+
+
+@pytest.mark.parametrize("anisotropy", [1.0, 2.0])
 def test_anisotropy_scales_boundary_rate_in_z(anisotropy):
     """Objects are isotropic in physical space, so label changes per voxel
     step along z happen `anisotropy` times as often as along y/x."""
