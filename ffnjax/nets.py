@@ -37,14 +37,13 @@ def normalize_image(image: Any, mean: float, stddev: float) -> Array:
 def conv3d(x: Array, kernel: Array, impl: str = "auto") -> Array:
     """SAME 3D convolution of x (N,z,y,x,Cin) with kernel (kz,ky,kx,Cin,Cout).
 
-    `impl` selects the formulation; every formulation equals `lax.conv` within
-    float tolerance (tests check this). 'auto' picks the best one for the
-    default backend.
+    `impl` selects the formulation (`ffnjax.conv.IMPLS`); every formulation
+    equals `lax.conv` within float tolerance (tests/test_conv.py checks values
+    and gradients). 'auto' picks the fastest one for the default backend: a
+    depth-folded 2D formulation on CPU, the native convolution on GPU/TPU.
     """
-    del impl  # Only the native formulation exists so far; 'auto' resolves to it.
-    return jax.lax.conv_general_dilated(
-        x, kernel, window_strides=(1, 1, 1), padding="SAME",
-        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    from ffnjax import conv as _conv  # local import: ffnjax.conv is a leaf module
+    return _conv.conv3d(x, kernel, impl)
 
 
 class Conv3D(nn.Module):

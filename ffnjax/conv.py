@@ -1,0 +1,248 @@
+"""Formulations of the SAME 3D convolution that the FFN convstack runs on.
+
+Every function here computes exactly what `lax.conv_general_dilated` computes
+for an N,z,y,x,C input and a z,y,x,in,out kernel with SAME padding and unit
+strides, only arranged differently so that XLA's CPU backend runs it faster.
+They are built from ordinary `lax` ops, so they jit, vmap, shard and
+differentiate like the native convolution (tests check values and gradients
+against `lax.conv` in float32 and bfloat16).
+
+Why: XLA:CPU lowers a 3D convolution to a generic, poorly blocked loop nest
+(about 36 GFLOP/s on google/ffn's depth-12 net here), while its 2D convolution
+goes to Eigen's tuned spatial convolution. A 3x3x3 convolution is a sum of
+2D convolutions over depth-shifted slices, so folding depth into the batch
+turns the 3D problem into 2D ones.
+
+Formulations (`IMPLS`):
+
+  native      `lax.conv_general_dilated` in 3D.
+  depth_split one 2D convolution per kernel z-slice on the z-shifted input
+              (depth folded into the batch), summed.
+  stacked_z   one 2D convolution of the unshifted input with the kernel's
+              z-slices stacked on the output axis (Cout * kz outputs: a single
+              larger GEMM), followed by kz - 1 shifted adds over z.
+  stacked_zy  one 1D convolution along x with kz * ky * Cout outputs,
+              followed by shifted adds over y and z.
+  im2col      explicit patches (kz*ky*kx*Cin columns) and one GEMM.
+
+`conv3d(x, kernel, impl)` dispatches; `impl='auto'` resolves through
+`resolve_impl` to the fastest formulation measured for the default backend
+(`benchmarks/forward_bench.py`): a reformulation on CPU, the native convolution
+on GPU/TPU, whose libraries (cuDNN, the TPU compiler) already handle 3D
+convolutions well.
+
+Mixed precision: with bfloat16 inputs every formulation multiplies in bfloat16
+and accumulates in float32 (`preferred_element_type`), including the shifted
+adds, and rounds to bfloat16 once at the end, like the native convolution.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+IMPLS = ("native", "depth_split", "stacked_z", "stacked_zy", "im2col")
+
+# What `impl='auto'` becomes, per backend (see benchmarks/README.md for the
+# measurements behind the CPU choice).
+AUTO_IMPL = {"cpu": "depth_split"}
+AUTO_IMPL_DEFAULT = "native"
+
+
+def resolve_impl(impl: str = "auto", backend: str | None = None) -> str:
+    """The concrete formulation `impl` names.
+
+    Args:
+      impl: 'auto' or one of `IMPLS`.
+      backend: 'cpu', 'gpu', 'tpu', ...; defaults to `jax.default_backend()`.
+
+    Returns:
+      One of `IMPLS`: for 'auto', `AUTO_IMPL[backend]` (CPU) or 'native'.
+
+    Raises:
+      ValueError: naming `impl` when it is unknown.
+    """
+    if impl == "auto":
+        backend = backend or jax.default_backend()
+        return AUTO_IMPL.get(backend, AUTO_IMPL_DEFAULT)
+    if impl not in IMPLS:
+        raise ValueError(f"conv impl must be 'auto' or one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+def _check(x: Array, kernel: Array) -> None:
+    if x.ndim != 5 or kernel.ndim != 5:
+        raise ValueError(f"conv3d expects x N,z,y,x,C and kernel z,y,x,in,out; got shapes "
+                         f"{x.shape} and {kernel.shape}")
+    if x.shape[-1] != kernel.shape[3]:
+        raise ValueError(f"conv3d: input has {x.shape[-1]} channels but the kernel expects "
+                         f"{kernel.shape[3]} (kernel shape {kernel.shape})")
+
+
+def _acc_dtype(dtype) -> jnp.dtype:
+    """Accumulation dtype: float32 for bfloat16/float16 inputs, else the input's own."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
+
+
+def _pads(k: int) -> tuple[int, int]:
+    """SAME padding (low, high) for kernel size k at stride 1, as XLA pads it."""
+    return (k - 1) // 2, k // 2
+
+
+def _shift_sum(parts: Array, axis: int, k: int) -> Array:
+    """sum_d shift(parts[..., d, :], d - pad_lo) along `axis`, zeros shifted in.
+
+    Args:
+      parts: array whose axis -2 has size k (one partial result per kernel tap
+        along `axis`), e.g. N,z,y,x,k,F for axis=1.
+      axis: the spatial axis the taps run along.
+      k: kernel size along that axis.
+
+    Returns:
+      parts summed over the taps, out[i] = sum_d parts[i + d - pad_lo, d].
+    """
+    lo, hi = _pads(k)
+    if k == 1:
+        return parts[..., 0, :]
+    size = parts.shape[axis]
+    widths = [(0, 0)] * parts.ndim
+    widths[axis] = (lo, hi)
+    padded = jnp.pad(parts, widths)
+    out = None
+    for d in range(k):
+        term = lax.slice_in_dim(padded, d, d + size, axis=axis)[..., d, :]
+        out = term if out is None else out + term
+    return out
+
+
+def conv3d_native(x: Array, kernel: Array) -> Array:
+    """`lax.conv_general_dilated`, NDHWC/DHWIO, SAME, float32 accumulation for bfloat16."""
+    acc = _acc_dtype(x.dtype)
+    y = lax.conv_general_dilated(
+        x, kernel, window_strides=(1, 1, 1), padding="SAME",
+        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), preferred_element_type=acc)
+    return y.astype(x.dtype)
+
+
+def _conv2d(x: Array, kernel: Array, acc) -> Array:
+    """SAME 2D convolution, NHWC input, HWIO kernel, accumulating in `acc`."""
+    return lax.conv_general_dilated(
+        x, kernel, window_strides=(1, 1), padding="SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=acc)
+
+
+def conv3d_depth_split(x: Array, kernel: Array) -> Array:
+    """sum over kernel z-slices dz of conv2d(x shifted by dz in z, kernel[dz]).
+
+    Depth is folded into the batch: each 2D convolution sees N*z images of
+    y,x. The z-shift is a slice of the z-padded input.
+    """
+    n, z, h, w, c = x.shape
+    kz = kernel.shape[0]
+    acc = _acc_dtype(x.dtype)
+    lo, hi = _pads(kz)
+    xp = jnp.pad(x, ((0, 0), (lo, hi), (0, 0), (0, 0), (0, 0)))
+    out = None
+    for d in range(kz):
+        xs = lax.slice_in_dim(xp, d, d + z, axis=1).reshape(n * z, h, w, c)
+        term = _conv2d(xs, kernel[d], acc)
+        out = term if out is None else out + term
+    return out.reshape(n, z, h, w, -1).astype(x.dtype)
+
+
+def conv3d_stacked_z(x: Array, kernel: Array) -> Array:
+    """One 2D convolution with kz*Cout outputs, then shifted adds over z.
+
+    kernel (kz,ky,kx,Cin,Cout) becomes (ky,kx,Cin,kz*Cout): output channel
+    block d holds the contribution of kernel slice d, which belongs to output
+    plane z - (d - pad_lo).
+    """
+    n, z, h, w, c = x.shape
+    kz, ky, kx, _, f = kernel.shape
+    acc = _acc_dtype(x.dtype)
+    k2 = jnp.transpose(kernel, (1, 2, 3, 0, 4)).reshape(ky, kx, c, kz * f)
+    parts = _conv2d(x.reshape(n * z, h, w, c), k2, acc).reshape(n, z, h, w, kz, f)
+    return _shift_sum(parts, 1, kz).astype(x.dtype)
+
+
+def conv3d_stacked_zy(x: Array, kernel: Array) -> Array:
+    """One 1D convolution along x with kz*ky*Cout outputs, then shifted adds over y and z."""
+    n, z, h, w, c = x.shape
+    kz, ky, kx, _, f = kernel.shape
+    acc = _acc_dtype(x.dtype)
+    k1 = jnp.transpose(kernel, (2, 3, 0, 1, 4)).reshape(kx, c, kz * ky * f)
+    parts = lax.conv_general_dilated(
+        x.reshape(n * z * h, w, c), k1, window_strides=(1,), padding="SAME",
+        dimension_numbers=("NWC", "WIO", "NWC"), preferred_element_type=acc)
+    parts = parts.reshape(n, z, h, w, kz, ky * f)
+    parts = _shift_sum(parts, 1, kz).reshape(n, z, h, w, ky, f)
+    return _shift_sum(parts, 2, ky).astype(x.dtype)
+
+
+def conv3d_im2col(x: Array, kernel: Array) -> Array:
+    """Explicit patch matrix (N*z*y*x, kz*ky*kx*Cin) times the flattened kernel: one GEMM."""
+    n, z, h, w, c = x.shape
+    kz, ky, kx, _, f = kernel.shape
+    acc = _acc_dtype(x.dtype)
+    xp = jnp.pad(x, ((0, 0), _pads(kz), _pads(ky), _pads(kx), (0, 0)))
+    cols = [xp[:, a:a + z, b:b + h, e:e + w, :]
+            for a in range(kz) for b in range(ky) for e in range(kx)]
+    patches = jnp.concatenate(cols, axis=-1)
+    y = lax.dot_general(patches, kernel.reshape(kz * ky * kx * c, f),
+                        (((4,), (0,)), ((), ())), preferred_element_type=acc)
+    return y.astype(x.dtype)
+
+
+def conv3d_pointwise(x: Array, kernel: Array) -> Array:
+    """A 1x1x1 convolution as one matmul over channels (every formulation uses it)."""
+    acc = _acc_dtype(x.dtype)
+    y = lax.dot_general(x, kernel[0, 0, 0], (((4,), (0,)), ((), ())), preferred_element_type=acc)
+    return y.astype(x.dtype)
+
+
+_FORMULATIONS = {
+    "native": conv3d_native,
+    "depth_split": conv3d_depth_split,
+    "stacked_z": conv3d_stacked_z,
+    "stacked_zy": conv3d_stacked_zy,
+    "im2col": conv3d_im2col,
+}
+
+
+def conv3d(x: Array, kernel: Array, impl: str = "auto") -> Array:
+    """SAME 3D convolution of x (N,z,y,x,Cin) with kernel (kz,ky,kx,Cin,Cout).
+
+    Args:
+      x: input, N,z,y,x,Cin (float32 or bfloat16).
+      kernel: z,y,x,Cin,Cout, same dtype as x.
+      impl: 'auto' (best for the default backend) or one of `IMPLS`.
+
+    Returns:
+      N,z,y,x,Cout in x's dtype; equal to `lax.conv_general_dilated` with SAME
+      padding within float rounding.
+
+    Raises:
+      ValueError: on an unknown impl or mismatched shapes.
+    """
+    _check(x, kernel)
+    impl = resolve_impl(impl)
+    if impl != "native" and kernel.shape[:3] == (1, 1, 1):
+        return conv3d_pointwise(x, kernel)
+    return _FORMULATIONS[impl](x, kernel)
+
+
+def conv3d_fn(impl: str) -> "functools.partial[Array]":
+    """`conv3d` with `impl` bound (resolved now, so the choice is fixed at trace time)."""
+    return functools.partial(conv3d, impl=resolve_impl(impl))
+
+
+def available_impls() -> Sequence[str]:
+    """All concrete formulations, for benchmarks and tests."""
+    return IMPLS

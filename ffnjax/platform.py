@@ -1,0 +1,171 @@
+"""Use every CPU core: one XLA host device per core, FOV batches split over them.
+
+XLA:CPU runs each 2D convolution of `ffnjax.conv`'s formulations on a single
+thread, so one device leaves the other cores idle. With one host device per
+core and the batch split across devices by `jax.shard_map`, each core runs its
+own share of the batch (measured in benchmarks/forward_bench.py).
+
+Usage (before anything touches a JAX array)::
+
+    from ffnjax import platform
+    platform.configure_host_devices()           # n = number of usable cores
+    ...
+    logits = platform.sharded_forward(apply_fn, params, image_fovs, mask_fovs)
+
+`configure_host_devices` must run before JAX initialises its backends (the
+first `jax.devices()`, array creation or jit call); afterwards the device count
+is fixed for the life of the process.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+_FLAG = "--xla_force_host_platform_device_count"
+BATCH_AXIS = "batch"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (`os.sched_getaffinity`, else `os.cpu_count`)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _backends_initialised() -> bool:
+    try:
+        from jax._src import xla_bridge
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # private API moved: assume not yet
+        return False
+
+
+def configure_host_devices(n: int | None = None) -> int:
+    """Give XLA:CPU one host device per core, unless the user chose already.
+
+    Leaves everything alone (and returns the count in force) when
+    `XLA_FLAGS` already contains `--xla_force_host_platform_device_count`,
+    when `JAX_NUM_CPU_DEVICES` is set, or when JAX's backends are already
+    initialised. Otherwise sets `jax_num_cpu_devices` (the XLA flag on JAX
+    versions without that option). Harmless on GPU/TPU machines: only the
+    CPU platform gets more devices; accelerators stay the default backend.
+
+    Args:
+      n: devices to create; defaults to `usable_cores()`.
+
+    Returns:
+      The host device count that will be (or already is) in force; -1 when
+      it cannot be known without initialising the backends.
+
+    Raises:
+      ValueError: when n < 1.
+    """
+    n = usable_cores() if n is None else int(n)
+    if n < 1:
+        raise ValueError(f"configure_host_devices: n must be >= 1, got {n}")
+    flags = os.environ.get("XLA_FLAGS", "")
+    m = re.search(re.escape(_FLAG) + r"=(\d+)", flags)
+    if m:
+        return int(m.group(1))
+    if os.environ.get("JAX_NUM_CPU_DEVICES"):
+        return int(os.environ["JAX_NUM_CPU_DEVICES"])
+    if _backends_initialised():
+        return -1
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except AttributeError:  # older JAX: only the XLA flag exists
+        os.environ["XLA_FLAGS"] = f"{flags} {_FLAG}={n}".strip()
+    return n
+
+
+def batch_mesh(devices: Any = None) -> Mesh:
+    """A 1D mesh named `BATCH_AXIS` over `devices` (default: all local devices)."""
+    devices = jax.local_devices() if devices is None else list(devices)
+    if not devices:
+        raise ValueError("batch_mesh: no devices given")
+    return Mesh(np.asarray(devices), (BATCH_AXIS,))
+
+
+def pad_batch(x: Any, multiple: int) -> tuple[Any, int]:
+    """x padded along axis 0 (by repeating its last row) to a multiple of `multiple`.
+
+    Returns:
+      (padded array, original batch size). Repeating a real row rather than
+      zeros keeps padded rows numerically ordinary (no NaN-prone inputs).
+    """
+    n = x.shape[0]
+    if n < 1:
+        raise ValueError("pad_batch: empty batch")
+    extra = (-n) % multiple
+    if extra == 0:
+        return x, n
+    tail = jnp.repeat(x[-1:], extra, axis=0)
+    return jnp.concatenate([x, tail], axis=0), n
+
+
+@functools.lru_cache(maxsize=32)
+def _sharded_apply_cached(apply_fn: Callable, mesh: Mesh) -> Callable:
+    return make_sharded_apply(apply_fn, mesh, _cache=False)
+
+
+def make_sharded_apply(apply_fn: Callable, mesh: Mesh | None = None, *, _cache: bool = True) -> Callable:
+    """A jitted `f(params, image_fovs, mask_fovs)` that runs `apply_fn` with the
+    batch split over `mesh`'s devices (params replicated).
+
+    The batch must be a multiple of the device count (`sharded_forward` pads).
+
+    Args:
+      apply_fn: `apply_fn(params, image_fov, mask_logits_fov) -> logits`, as
+        `ffnjax.nets.make_apply_fn` returns.
+      mesh: a 1D mesh with axis `BATCH_AXIS`; default `batch_mesh()`.
+    """
+    mesh = batch_mesh() if mesh is None else mesh
+    if _cache:
+        try:
+            return _sharded_apply_cached(apply_fn, mesh)
+        except TypeError:  # unhashable apply_fn: build a fresh one
+            pass
+    body = jax.shard_map(
+        lambda p, img, msk: apply_fn(p, img, msk), mesh=mesh,
+        in_specs=(P(), P(BATCH_AXIS), P(BATCH_AXIS)), out_specs=P(BATCH_AXIS))
+    return jax.jit(body)
+
+
+def sharded_forward(apply_fn: Callable, params: Any, image_fovs: Any, mask_fovs: Any,
+                    mesh: Mesh | None = None) -> jax.Array:
+    """`apply_fn(params, image_fovs, mask_fovs)` with the FOV batch split over all devices.
+
+    Pads the batch to a multiple of the device count, runs each device's share
+    on that device (one core each after `configure_host_devices`), and drops
+    the padding. With one device it is just the jitted `apply_fn`.
+
+    Args:
+      apply_fn: `apply_fn(params, image_fov, mask_logits_fov) -> logits`.
+      params: the network parameters (replicated to every device).
+      image_fovs, mask_fovs: N,z,y,x,C batches.
+      mesh: default `batch_mesh()` over all local devices.
+
+    Returns:
+      The logits, N,z,y,x,1, equal to `apply_fn(params, image_fovs, mask_fovs)`.
+
+    Raises:
+      ValueError: when the two batches differ in size.
+    """
+    if image_fovs.shape[0] != mask_fovs.shape[0]:
+        raise ValueError(f"sharded_forward: image batch {image_fovs.shape} and mask batch "
+                         f"{mask_fovs.shape} differ in size")
+    mesh = batch_mesh() if mesh is None else mesh
+    k = mesh.devices.size
+    image_fovs, n = pad_batch(jnp.asarray(image_fovs), k)
+    mask_fovs, _ = pad_batch(jnp.asarray(mask_fovs), k)
+    out = make_sharded_apply(apply_fn, mesh)(params, image_fovs, mask_fovs)
+    return out[:n]

@@ -1,0 +1,182 @@
+"""Every convolution formulation equals lax.conv (values and gradients), and
+the network built on each equals the network built on the native one."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ffnjax import conv, nets
+from ffnjax.config import CONV_IMPLS, ModelConfig
+
+REFORMULATIONS = [i for i in conv.IMPLS if i != "native"]
+
+
+def _reference(x, k):
+    """lax.conv in float32 at highest precision: the ground truth."""
+    return jax.lax.conv_general_dilated(
+        x.astype(jnp.float32), k.astype(jnp.float32), (1, 1, 1), "SAME",
+        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision=jax.lax.Precision.HIGHEST)
+
+
+def _inputs(shape, kshape, seed=0):
+    kx, kk = jax.random.split(jax.random.PRNGKey(seed))
+    x = jax.random.normal(kx, shape, jnp.float32)
+    k = jax.random.normal(kk, kshape, jnp.float32) / np.sqrt(np.prod(kshape[:4]))
+    return x, k
+
+
+@pytest.mark.parametrize("impl", conv.IMPLS)
+@pytest.mark.parametrize("shape,kshape", [
+    ((2, 5, 6, 7, 3), (3, 3, 3, 3, 4)),     # odd/even sizes, 3x3x3
+    ((1, 4, 5, 3, 2), (1, 1, 1, 2, 5)),     # pointwise (conv_lom)
+    ((1, 2, 5, 7, 2), (3, 1, 5, 2, 3)),     # anisotropic kernel, kernel deeper than z
+    ((1, 4, 4, 4, 2), (2, 2, 2, 2, 3)),     # even kernel: XLA's SAME pads (0, 1)
+])
+def test_float32_matches_lax_conv(impl, shape, kshape):
+    x, k = _inputs(shape, kshape)
+    got = jax.jit(lambda a, b: conv.conv3d(a, b, impl))(x, k)
+    want = _reference(x, k)
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", conv.IMPLS)
+def test_bfloat16_matches_lax_conv(impl):
+    """bfloat16 in, float32 accumulation, one rounding to bfloat16 at the end:
+    the error is that of rounding the inputs and the result (about 2**-8 relative)."""
+    x, k = _inputs((2, 5, 6, 7, 8), (3, 3, 3, 8, 8), seed=1)
+    xb, kb = x.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+    got = jax.jit(lambda a, b: conv.conv3d(a, b, impl))(xb, kb)
+    assert got.dtype == jnp.bfloat16
+    want = _reference(xb, kb)  # exact products of the rounded inputs
+    err = np.abs(np.asarray(got, np.float32) - np.asarray(want))
+    # One bfloat16 rounding of the result: |err| <= 2**-8 |want| (+ tiny slack).
+    assert np.all(err <= 2.0 ** -8 * np.abs(np.asarray(want)) + 1e-6), err.max()
+
+
+@pytest.mark.parametrize("impl", REFORMULATIONS)
+def test_gradients_match_native(impl):
+    x, k = _inputs((1, 4, 5, 6, 3), (3, 3, 3, 3, 4), seed=2)
+    w = jax.random.normal(jax.random.PRNGKey(9), (1, 4, 5, 6, 4))
+
+    def loss(impl_, a, b):
+        return jnp.sum(w * jnp.tanh(conv.conv3d(a, b, impl_)))
+
+    got = jax.grad(loss, argnums=(1, 2))(impl, x, k)
+    want = jax.grad(loss, argnums=(1, 2))("native", x, k)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["auto", "stacked_z"])
+def test_network_matches_native(impl):
+    """The whole convstack (and its parameter gradient) on the default formulation
+    and the runner-up (the others are covered layer by layer above)."""
+    base = ModelConfig(depth=2, features=4, fov_size=(5, 7, 9), deltas=(1, 2, 2), conv_impl="native")
+    cfg = ModelConfig(**{**base.to_dict(), "conv_impl": impl})
+    params = nets.init_params(base, 0)
+    image = jax.random.normal(jax.random.PRNGKey(3), nets.fov_shape(base, 2))
+    mask = jax.random.normal(jax.random.PRNGKey(4), nets.fov_shape(base, 2))
+
+    def loss(apply_fn, p):
+        return jnp.mean(apply_fn(p, image, mask) ** 2)
+
+    want, gwant = jax.value_and_grad(lambda p: loss(nets.make_apply_fn(base), p))(params)
+    got, ggot = jax.value_and_grad(lambda p: loss(nets.make_apply_fn(cfg), p))(params)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    for g, r in zip(jax.tree_util.tree_leaves(ggot), jax.tree_util.tree_leaves(gwant)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-3, atol=1e-5)
+
+
+def test_resolve_impl():
+    assert conv.resolve_impl("auto", "cpu") == conv.AUTO_IMPL["cpu"]
+    assert conv.resolve_impl("auto", "gpu") == "native"
+    assert conv.resolve_impl("auto", "tpu") == "native"
+    for impl in conv.IMPLS:
+        assert conv.resolve_impl(impl, "gpu") == impl
+    with pytest.raises(ValueError, match="winograd"):
+        conv.resolve_impl("winograd")
+
+
+def test_config_lists_every_formulation():
+    assert set(CONV_IMPLS) == {"auto", *conv.IMPLS}
+
+
+def test_bad_shapes_raise():
+    x, k = _inputs((1, 3, 3, 3, 2), (3, 3, 3, 4, 2))
+    with pytest.raises(ValueError, match="channels"):
+        conv.conv3d(x, k, "depth_split")
+    with pytest.raises(ValueError, match="N,z,y,x,C"):
+        conv.conv3d(x[0], k, "depth_split")
+
+
+_PLATFORM_SCRIPT = r"""
+import json, os, sys
+import numpy as np
+from ffnjax import platform
+n = platform.configure_host_devices(int(sys.argv[1]) if len(sys.argv) > 1 else None)
+import jax, jax.numpy as jnp
+from ffnjax import nets
+from ffnjax.config import ModelConfig
+cfg = ModelConfig(depth=1, features=4, fov_size=(5, 5, 5), deltas=(1, 1, 1))
+params = nets.init_params(cfg, 0)
+apply_fn = nets.make_apply_fn(cfg)
+img = jax.random.normal(jax.random.PRNGKey(0), nets.fov_shape(cfg, 3))
+msk = jax.random.normal(jax.random.PRNGKey(1), nets.fov_shape(cfg, 3))
+got = platform.sharded_forward(apply_fn, params, img, msk)
+want = jax.jit(apply_fn)(params, img, msk)
+print(json.dumps(dict(returned=n, devices=jax.device_count(), shape=list(got.shape),
+                      err=float(jnp.max(jnp.abs(got - want))),
+                      again=platform.configure_host_devices(5))))
+"""
+
+
+def _run_platform(args=(), xla_flags=None):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    env["JAX_PLATFORMS"] = "cpu"
+    if xla_flags:
+        env["XLA_FLAGS"] = xla_flags
+    r = subprocess.run([sys.executable, "-c", _PLATFORM_SCRIPT, *args], capture_output=True, text=True,
+                       env=env, cwd=str(Path(__file__).resolve().parents[1]), timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_host_devices_and_sharded_forward():
+    """configure_host_devices() gives one CPU device per usable core; a batch
+    of 3 (padded to a multiple of the device count) split over them equals the
+    plain forward pass; after initialisation the count is fixed and the
+    function says so (-1)."""
+    import os
+    cores = len(os.sched_getaffinity(0))
+    out = _run_platform()
+    assert out["returned"] == cores and out["devices"] == cores
+    assert out["shape"] == [3, 5, 5, 5, 1]
+    assert out["err"] < 1e-5
+    assert out["again"] == -1
+
+
+def test_host_devices_respect_user_xla_flags():
+    out = _run_platform(["2"], xla_flags="--xla_force_host_platform_device_count=3")
+    assert out["returned"] == 3 and out["devices"] == 3
+    assert out["err"] < 1e-5
+
+
+def test_pad_batch():
+    import jax.numpy as jnp
+    from ffnjax import platform
+    x = jnp.arange(3 * 2).reshape(3, 2)
+    y, n = platform.pad_batch(x, 4)
+    assert n == 3 and y.shape == (4, 2)
+    np.testing.assert_array_equal(np.asarray(y), [[0, 1], [2, 3], [4, 5], [4, 5]])
+    assert platform.pad_batch(x, 3)[0] is x
+    with pytest.raises(ValueError, match="n must be"):
+        platform.configure_host_devices(0)
