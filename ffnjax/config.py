@@ -82,7 +82,7 @@ def _jsonable(v: Any) -> Any:
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-CONV_IMPLS = ("auto", "native")
+CONV_IMPLS = ("auto", "native", "depth_split", "stacked_z", "stacked_zy", "im2col")
 
 
 @dataclasses.dataclass(frozen=True)
