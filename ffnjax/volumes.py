@@ -724,6 +724,52 @@ def save_volume(spec: str | os.PathLike | dict, array: np.ndarray, *,
     return vol
 
 
+def iter_blocks(shape: Sequence[int], block: Sequence[int]):
+    """(start, size) boxes z,y,x tiling `shape` with blocks of `block` (the
+    last ones along each axis clipped), in C order."""
+    shape, block = _triple("shape", shape, positive=True), _triple("block", block, positive=True)
+    for z in range(0, shape[0], block[0]):
+        for y in range(0, shape[1], block[1]):
+            for x in range(0, shape[2], block[2]):
+                start = (z, y, x)
+                yield start, tuple(min(b, n - a) for a, b, n in zip(start, block, shape))
+
+
+def copy_volume(src: str | os.PathLike | dict | VolumeSpec, dst: str | os.PathLike | dict, *,
+                chunks: Sequence[int] | None = None, block_bytes: int = 64 << 20,
+                overwrite: bool = False, progress: bool = True) -> Volume:
+    """Copies a volume into a new one (format conversion, e.g. an h5/npz
+    import to zarr or to precomputed for neuroglancer), block by block with a
+    progress bar, keeping shape, dtype, channels, voxel size and offset.
+
+    Args:
+      src, dst: volume specs; dst must not exist unless overwrite.
+      chunks: chunk shape z,y,x of dst (default: `default_chunks`).
+      block_bytes: about how much is read and written at once; blocks are
+        whole multiples of dst's chunks so no chunk is written twice.
+      progress: show a tqdm bar.
+
+    Returns:
+      The new Volume, open 'r+'.
+    """
+    from tqdm import tqdm
+
+    with open_volume(src) as s:
+        out = create_volume(dst, s.shape, s.dtype, chunks=chunks, voxel_size=s.voxel_size,
+                            offset=s.offset, channels=s.num_channels, overwrite=overwrite)
+        item = s.dtype.itemsize * (s.num_channels or 1)
+        block = list(out.chunks)
+        # Grow the block x, then y, then z, by whole chunks while it fits the budget.
+        for ax in (2, 1, 0):
+            while block[ax] < s.shape[ax] and math.prod(block) * item * 2 <= block_bytes:
+                block[ax] = min(block[ax] * 2, s.shape[ax])
+        boxes = list(iter_blocks(s.shape, block))
+        for start, size in tqdm(boxes, desc=f"copy to {out.spec.text}", unit="block",
+                                disable=not progress or len(boxes) < 2):
+            out.write(start, s.read(start, size))
+    return out
+
+
 def volume_info(spec: str | os.PathLike | dict | VolumeSpec) -> dict:
     """Shape, dtype, voxel size, offset, channels and chunks of a volume, as a dict."""
     with open_volume(spec) as vol:

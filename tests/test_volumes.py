@@ -247,6 +247,25 @@ def test_create_existing_and_overwrite(tmp_path):
         save_volume(tmp_path / "b.zarr", np.zeros((3, 3)))
 
 
+@pytest.mark.parametrize("dst", ["{d}/out.zarr", "precomputed://{d}/out", "{d}/out.n5"])
+def test_copy_volume_converts_formats(tmp_path, dst):
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f["seg"] = LABELS
+        f["seg"].attrs["voxel_size"] = (40, 8, 8)
+    out = volumes.copy_volume(f"{tmp_path}/f.h5:seg", dst.format(d=tmp_path), chunks=(2, 4, 4),
+                              block_bytes=2 * 4 * 8 * 8 * 2)  # forces many blocks
+    back = open_volume(dst.format(d=tmp_path))
+    assert back.voxel_size == (40, 8, 8) and back.dtype == np.uint64 and out.chunks == (2, 4, 4)
+    np.testing.assert_array_equal(back.read(), LABELS)
+
+
+def test_iter_blocks_tile_exactly():
+    seen = np.zeros((7, 9, 10), int)
+    for (z, y, x), (a, b, c) in volumes.iter_blocks(seen.shape, (3, 4, 5)):
+        seen[z:z + a, y:y + b, x:x + c] += 1
+    assert (seen == 1).all()
+
+
 def test_default_chunks_follow_anisotropy():
     assert volumes.default_chunks((500, 500, 500)) == (64, 64, 64)
     assert volumes.default_chunks((500, 500, 500), (40, 8, 8)) == (13, 64, 64)
