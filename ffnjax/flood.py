@@ -168,6 +168,7 @@ class FillState(NamedTuple):
     tail: jax.Array      # int32, next free slot
     visited: jax.Array   # lattice_shape bool
     steps: jax.Array     # int32 FOV evaluations so far
+    calls: jax.Array     # int32 network calls so far (one per batch of <= batch_size FOVs)
     lo: jax.Array        # (3,) int32 smallest evaluated centre
     hi: jax.Array        # (3,) int32 largest evaluated centre
     overflow: jax.Array  # bool, a push found the queue full (never expected)
@@ -241,7 +242,7 @@ def init_fill_state(spec: FillSpec, seed: jax.Array) -> FillState:
     big = jnp.iinfo(jnp.int32).max
     return FillState(
         canvas=canvas, queue=queue, head=jnp.int32(0), tail=jnp.int32(1),
-        visited=jnp.zeros(spec.lattice_shape, bool), steps=jnp.int32(0),
+        visited=jnp.zeros(spec.lattice_shape, bool), steps=jnp.int32(0), calls=jnp.int32(0),
         lo=jnp.full((3,), big, jnp.int32), hi=jnp.full((3,), -1, jnp.int32),
         overflow=jnp.bool_(False),
         trace=jnp.full((spec.trace_capacity if spec.trace else 1, 3), -1, jnp.int32))
@@ -328,6 +329,7 @@ def make_fill_fns(spec: FillSpec, apply_fn: ApplyFn):
                 trace = trace.at[jnp.where(valid, st.steps + i, spec.trace_capacity)].set(
                     slots[i], mode="drop")
         return st._replace(canvas=canvas, queue=queue, tail=tail, steps=st.steps + n,
+                           calls=st.calls + 1,
                            lo=lo, hi=hi, overflow=overflow, trace=trace)
 
     def body_fn(params, image, seed, st: FillState) -> FillState:
@@ -575,7 +577,7 @@ def split_by_intersection(a: np.ndarray, b: np.ndarray, min_size: int = 0) -> np
 
 
 COUNTER_NAMES = ("seeds", "fills", "committed", "skipped_segmented", "skipped_boundary",
-                 "no_steps", "seed_too_weak", "too_small", "fov_steps", "voxels")
+                 "no_steps", "seed_too_weak", "too_small", "fov_steps", "net_calls", "voxels")
 
 
 @dataclasses.dataclass
@@ -715,6 +717,7 @@ def _segment_pass(state: SegmentState, spec: FillSpec, apply_fn: ApplyFn, params
                 timings["compile" if c["fills"] == 0 else "fill"] += t1 - t0
                 c["fills"] += 1
                 c["fov_steps"] += steps
+                c["net_calls"] += int(st.calls)
                 r = np.asarray(spec.radius)
                 bbox = (lo - r, hi + r) if steps > 0 else None
                 outcome, record = commit_object(seg, canvas, seed, state.next_id, steps, options,
