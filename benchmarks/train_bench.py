@@ -31,10 +31,10 @@ FIB25 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "fib25_
 
 
 def fib25_specs() -> dict:
-    """Image/label specs of FIB-25 z 0-99 (two 50-slice image files, boxes of one label file)."""
-    labels = FIB25 / "groundtruth_z000-149.npz"
-    return dict(images=(f"{FIB25 / 'raw_z000-049.npz'}:raw", f"{FIB25 / 'raw_z050-099.npz'}:raw"),
-                labels=(f"{labels}:labels@0:50,:,:", f"{labels}:labels@50:100,:,:"))
+    """Image/label specs of FIB-25 z 0-99 (two 50-slice image files stacked along z,
+    and a box of the 150-slice label file)."""
+    return dict(images=(f"{FIB25 / 'raw_z000-049.npz'}:raw+{FIB25 / 'raw_z050-099.npz'}:raw",),
+                labels=(f"{FIB25 / 'groundtruth_z000-149.npz'}:labels@0:100,:,:",))
 
 
 def bench(config: TrainConfig, steps: int, warmup: int) -> dict:

@@ -1,15 +1,17 @@
 """Train an FFN on labelled EM volumes (or on a synthetic volume when none is given).
 
     python -m experiments.train --workdir runs/synth --steps 2000
+    D=../shared/data/fib25_training_sample2
     python -m experiments.train --workdir runs/fib25 \\
-        --image ../shared/data/fib25_training_sample2/raw_z000-049.npz:raw \\
-        --labels '../shared/data/fib25_training_sample2/groundtruth_z000-149.npz:labels@0:50,:,:' \\
-        --image ../shared/data/fib25_training_sample2/raw_z050-099.npz:raw \\
-        --labels '../shared/data/fib25_training_sample2/groundtruth_z000-149.npz:labels@50:100,:,:' \\
+        --image "$D/raw_z000-049.npz:raw+$D/raw_z050-099.npz:raw" \\
+        --labels "$D/groundtruth_z000-149.npz:labels@0:100,:,:" \\
+        --val-image "$D/raw_z100-149.npz:raw" \\
+        --val-labels "$D/groundtruth_z000-149.npz:labels@100:150,:,:" \\
         --fov 33,33,33 --deltas 8,8,8 --depth 12 --steps 100000
 
 --image/--labels pair up in order and repeat for several volumes; a spec may
-end in @z0:z1,y0:y1,x0:x1 to use a box of the volume. Re-running the same
+end in @z0:z1,y0:y1,x0:x1 to use a box of the volume, and SPEC1+SPEC2 stacks
+volumes along z. Re-running the same
 command resumes from the latest checkpoint in --workdir and continues the same
 sample stream. Flags override --config (a TrainConfig JSON file); every flag
 left out keeps the config's (or TrainConfig's) value.
@@ -49,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--image", action="append", metavar="SPEC",
                    help="training image volume (any spec ffnjax.volumes reads, optionally "
-                        "SPEC@z0:z1,y0:y1,x0:x1); repeat for several volumes")
+                        "SPEC@z0:z1,y0:y1,x0:x1, or SPEC1+SPEC2 stacked along z); repeat for "
+                        "several volumes")
     g.add_argument("--labels", action="append", metavar="SPEC",
                    help="label volume of the preceding --image (same shape, integer ids, 0 = "
                         "unlabelled); repeat once per --image")
@@ -68,10 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-object-size", type=int,
                    help=f"objects smaller than this are background for sampling (default {d.min_object_size})")
     g.add_argument("--cache-dir", help="cache balanced-sampling partitions here (default: none)")
+    g.add_argument("--partial-crops", action="store_true", default=None,
+                   help="let centres come within FOV//2 of a border (crop voxels outside the "
+                        "volume carry no loss) instead of keeping the whole example crop inside")
     g.add_argument("--no-augment", action="store_true", default=None,
                    help="disable reflections and y,x transposition")
     g.add_argument("--brightness", type=float, help=f"brightness jitter amplitude (default {d.brightness})")
     g.add_argument("--contrast", type=float, help=f"contrast jitter amplitude (default {d.contrast})")
+
+    g.add_argument("--val-image", action="append", metavar="SPEC",
+                   help="held-out image volume for validation; repeatable")
+    g.add_argument("--val-labels", action="append", metavar="SPEC",
+                   help="labels of the preceding --val-image; repeatable")
+    g.add_argument("--val-every", type=int, help=f"steps between validations (default {d.val_every})")
+    g.add_argument("--val-examples", type=int,
+                   help=f"fixed held-out examples per validation (default {d.val_examples})")
 
     g = p.add_argument_group("model")
     g.add_argument("--depth", type=int, help=f"convstack depth (default {d.model.depth})")
@@ -114,7 +128,8 @@ _DIRECT = {
     "warmup_steps": "warmup_steps", "fov_moves": "fov_moves", "move_policy": "move_policy",
     "move_threshold": "move_threshold", "log_every": "log_every",
     "checkpoint_every": "checkpoint_every", "image_every": "image_every",
-    "keep_checkpoints": "keep_checkpoints",
+    "keep_checkpoints": "keep_checkpoints", "val_image": "val_images", "val_labels": "val_labels",
+    "val_every": "val_every", "val_examples": "val_examples",
 }
 
 
@@ -130,6 +145,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                if getattr(args, flag) is not None}
     if args.no_augment:
         changes["augment"] = False
+    if args.partial_crops:
+        changes["full_crop_margin"] = False
     model = {k: v for k, v in (("depth", args.depth), ("features", args.features),
                                ("fov_size", args.fov), ("deltas", args.deltas)) if v is not None}
     if args.bfloat16:

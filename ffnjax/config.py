@@ -263,6 +263,10 @@ class TrainConfig(_JsonMixin):
       distributed: call `jax.distributed.initialize()` (multi-host runs).
       init_from: a workdir whose latest parameters start a fresh run.
       cache_dir: where balanced-sampling partitions are cached ('' = none).
+      val_images, val_labels: optional held-out volume pairs; every
+        `val_every` steps the loss and mask precision / recall / F1 over the
+        same `val_examples` balanced examples (drawn once, no augmentation,
+        normalised with the first training volume's mean / std) are logged.
     """
 
     model: ModelConfig = ModelConfig()
@@ -303,6 +307,10 @@ class TrainConfig(_JsonMixin):
     distributed: bool = False
     init_from: str = ""
     cache_dir: str = ""
+    val_images: tuple[str, ...] = ()
+    val_labels: tuple[str, ...] = ()
+    val_every: int = 1000
+    val_examples: int = 64
 
     def __post_init__(self):
         model = self.model
@@ -311,7 +319,7 @@ class TrainConfig(_JsonMixin):
         if not isinstance(model, ModelConfig):
             raise ValueError(f"model must be a ModelConfig or dict, got {type(model).__name__}")
         object.__setattr__(self, "model", model)
-        for name in ("images", "labels", "masks"):
+        for name in ("images", "labels", "masks", "val_images", "val_labels"):
             object.__setattr__(self, name, _as_tuple(name, getattr(self, name), str))
         for name in ("image_means", "image_stddevs", "partition_thresholds"):
             object.__setattr__(self, name, _as_tuple(name, getattr(self, name), float))
@@ -319,6 +327,9 @@ class TrainConfig(_JsonMixin):
         if len(self.images) != len(self.labels):
             raise ValueError(f"images and labels must pair up: got {len(self.images)} image spec(s) "
                              f"and {len(self.labels)} label spec(s)")
+        if len(self.val_images) != len(self.val_labels):
+            raise ValueError(f"val_images and val_labels must pair up: got {len(self.val_images)} "
+                             f"and {len(self.val_labels)}")
         n = len(self.images)
         for name in ("masks", "image_means", "image_stddevs"):
             if getattr(self, name) and len(getattr(self, name)) != max(n, 1):
@@ -327,7 +338,7 @@ class TrainConfig(_JsonMixin):
         if any(s <= 0 for s in self.image_stddevs):
             raise ValueError(f"image_stddevs must be positive, got {self.image_stddevs}")
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "image_every",
-                     "keep_checkpoints", "prefetch"):
+                     "keep_checkpoints", "prefetch", "val_every", "val_examples"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
             object.__setattr__(self, name, int(getattr(self, name)))

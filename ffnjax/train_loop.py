@@ -54,7 +54,8 @@ F1_THRESHOLD = 0.9         # mask precision / recall / F1 are measured at this p
 
 __all__ = ["AXIS", "load_checkpoint", "lattice_offsets", "fov_starts", "move_orders", "run_fovs",
            "make_optimizer", "init_state", "train_step", "make_mesh", "make_sharded_step",
-           "load_training_volumes", "make_sampler", "predict_example", "train"]
+           "load_training_volumes", "load_volume_pair", "load_validation_batch", "evaluate",
+           "make_sampler", "predict_example", "train"]
 
 
 # ----------------------------------------------------------------------------
@@ -400,13 +401,20 @@ _BOX = re.compile(r"^(.*)@(\d*:\d*),(\d*:\d*),(\d*:\d*)$")
 
 def read_spec(spec: str) -> np.ndarray:
     """Reads a volume spec (anything `ffnjax.volumes.open_volume` opens) into memory;
-    a `@z0:z1,y0:y1,x0:x1` suffix reads only that box (Python slice syntax).
+    a `@z0:z1,y0:y1,x0:x1` suffix reads only that box (Python slice syntax), and
+    `SPEC1+SPEC2+...` concatenates volumes along z (e.g. a stack split in files).
 
     Raises:
       FileNotFoundError / ValueError: naming the spec that cannot be read.
     """
     from ffnjax.volumes import open_volume
 
+    if "+" in spec:
+        parts = [read_spec(part) for part in spec.split("+")]
+        if len({p.shape[1:] for p in parts}) != 1:
+            raise ValueError(f"cannot stack {spec!r} along z: y,x(,c) shapes differ "
+                             f"{[p.shape for p in parts]}")
+        return np.concatenate(parts, axis=0)
     box = None
     m = _BOX.match(spec)
     if m:
@@ -442,24 +450,68 @@ def load_training_volumes(config: TrainConfig) -> list[TrainingVolume]:
         mask = read_spec(config.masks[0]).astype(bool) if config.masks else None
         return [TrainingVolume(np.asarray(image), np.asarray(labels), means[0], stds[0], mask,
                                name=f"synthetic{tuple(config.synthetic_shape)}")]
-    vols = []
-    for i, (ispec, lspec) in enumerate(zip(config.images, config.labels)):
-        image, labels = read_spec(ispec), read_spec(lspec)
-        if image.ndim == 4 and image.shape[-1] == 1:
-            image = image[..., 0]
-        if labels.ndim == 4 and labels.shape[-1] == 1:
-            labels = labels[..., 0]
-        if not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"labels {lspec!r} must hold integer object ids, got dtype {labels.dtype}")
-        if image.shape != labels.shape:
-            raise ValueError(f"image {ispec!r} has shape {image.shape} but labels {lspec!r} have "
-                             f"shape {labels.shape}; they must match (use SPEC@z0:z1,y0:y1,x0:x1 "
-                             "to cut a box)")
-        if not labels.any():
-            raise ValueError(f"labels {lspec!r} are empty (every voxel is 0)")
-        mask = read_spec(config.masks[i]).astype(bool) if config.masks else None
-        vols.append(TrainingVolume(image, labels, means[i], stds[i], mask, name=f"{ispec} / {lspec}"))
-    return vols
+    masks = config.masks or (None,) * n
+    return [load_volume_pair(i, l, means[k], stds[k], masks[k])
+            for k, (i, l) in enumerate(zip(config.images, config.labels))]
+
+
+def load_volume_pair(ispec: str, lspec: str, mean: float = 128.0, stddev: float = 33.0,
+                     mask_spec: str | None = None) -> TrainingVolume:
+    """One image / labels (/ mask) spec pair as a TrainingVolume, with checks
+    that name the spec at fault."""
+    image, labels = read_spec(ispec), read_spec(lspec)
+    if image.ndim == 4 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if labels.ndim == 4 and labels.shape[-1] == 1:
+        labels = labels[..., 0]
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels {lspec!r} must hold integer object ids, got dtype {labels.dtype}")
+    if image.shape != labels.shape:
+        raise ValueError(f"image {ispec!r} has shape {image.shape} but labels {lspec!r} have "
+                         f"shape {labels.shape}; they must match (use SPEC@z0:z1,y0:y1,x0:x1 "
+                         "to cut a box)")
+    if not labels.any():
+        raise ValueError(f"labels {lspec!r} are empty (every voxel is 0)")
+    mask = read_spec(mask_spec).astype(bool) if mask_spec else None
+    return TrainingVolume(image, labels, mean, stddev, mask, name=f"{ispec} / {lspec}")
+
+
+def load_validation_batch(config: TrainConfig) -> dict[str, np.ndarray] | None:
+    """`config.val_examples` balanced, unaugmented examples of the validation
+    volumes (a fixed seed: the same examples at every evaluation), or None."""
+    if not config.val_images:
+        return None
+    mean = config.image_means[0] if config.image_means else 128.0
+    std = config.image_stddevs[0] if config.image_stddevs else 33.0
+    vols = [load_volume_pair(i, l, mean, std) for i, l in zip(config.val_images, config.val_labels)]
+    # Centres need only their centre FOV inside (a thin held-out slab keeps
+    # enough centres); crop voxels outside the volume carry no loss.
+    val_config = dataclasses.replace(config, augment=False, brightness=0.0, contrast=0.0,
+                                     seed=config.seed + 7919, cache_dir="", full_crop_margin=False)
+    return make_sampler(val_config, vols).batch(config.val_examples)
+
+
+def evaluate(params: Any, batch: dict[str, np.ndarray], config: TrainConfig,
+             chunk: int = 8, seed: int = 0) -> dict[str, float]:
+    """Loss and mask precision / recall / F1 (at 0.9) of `params` on a batch of
+    examples, with the same FOV moves as training (no gradients)."""
+    sums = np.zeros(5)
+    n = batch["image"].shape[0]
+    keys = jax.random.split(jax.random.PRNGKey(seed), n)   # per example: chunking changes nothing
+    for i in range(0, n, chunk):
+        part = {k: jnp.asarray(v[i:i + chunk]) for k, v in batch.items()
+                if k in ("image", "target", "weight")}
+        sums += np.asarray(_eval_jit(params, part, keys[i:i + chunk], config))
+    loss_sum, weight_sum, tp, fp, fn = sums
+    return dict(loss=loss_sum / max(weight_sum, 1.0), precision=tp / max(tp + fp, 1e-6),
+                recall=tp / max(tp + fn, 1e-6), f1=2 * tp / max(2 * tp + fp + fn, 1e-6))
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _eval_jit(params, batch, keys, config):
+    order = move_orders(keys, config.fov_moves)
+    out = run_fovs(make_apply_fn(config.model), params, batch, order, config, with_grad=False)
+    return jnp.stack([out["loss_sum"], out["weight_sum"], out["tp"], out["fp"], out["fn"]])
 
 
 def make_sampler(config: TrainConfig, volumes: list[TrainingVolume],
@@ -618,6 +670,7 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_at_step: int | None 
     # --- Input (fails here, before any compilation, on bad data) ---------------
     volumes = load_training_volumes(config)
     sampler = make_sampler(config, volumes, process_index)
+    val_batch = load_validation_batch(config) if primary else None
 
     # --- Model and optimiser ------------------------------------------------------
     state = init_state(config)
@@ -695,6 +748,7 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_at_step: int | None 
     sampler_state = sampler.get_state()
     prefetcher = Prefetcher(sampler, local_batch, config.prefetch)
     final: dict[str, float] = {}
+    last_val: dict[str, float] = {}
     interval: list[dict] = []
     t_interval, waited, last_logged = time.perf_counter(), 0.0, step
     bar = tqdm(total=end, initial=step, disable=not (primary and progress), unit="step",
@@ -724,6 +778,15 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_at_step: int | None 
                     bar.write(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in host.items()))
                 final = dict(host, step=step)
                 interval, t_interval, waited, last_logged = [], time.perf_counter(), 0.0, step
+            if val_batch is not None and _due(step, config.val_every, end):
+                val = evaluate(jax.device_get(state["params"]), val_batch, config)
+                for k, v in val.items():
+                    writer.add_scalar(f"val/{k}", v, step)
+                writer.flush()
+                if progress:
+                    bar.write(f"step {step} validation: " +
+                              " ".join(f"{k}={v:.4g}" for k, v in val.items()))
+                last_val = {f"val_{k}": v for k, v in val.items()}
             if primary and _due(step, config.image_every, end):
                 _example_png(workdir / "images" / f"step_{step:06d}.png",
                              jax.device_get(state["params"]), batch_np, config, seed=step)
@@ -742,5 +805,5 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_at_step: int | None 
             writer.close()
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
-    final = dict(final or {}, step=step, wall_s=time.perf_counter() - t_start)
+    final = dict(final, **last_val, step=step, wall_s=time.perf_counter() - t_start)
     return final

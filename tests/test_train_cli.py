@@ -94,6 +94,13 @@ def test_box_suffix_cuts_labels_to_the_image(tmp_path):
     np.testing.assert_array_equal(read_spec(f"{tmp_path / 'l.npy'}@2:5,:,1:"), labels[2:5, :, 1:])
     with pytest.raises(ValueError, match="l.npy"):
         read_spec(f"{tmp_path / 'l.npy'}@7:9,:,:")
+    # Stacking along z, e.g. an image stored in two files.
+    np.save(tmp_path / "m.npy", labels[:2])
+    stacked = read_spec(f"{tmp_path / 'l.npy'}@0:3,:,:+{tmp_path / 'm.npy'}")
+    np.testing.assert_array_equal(stacked, np.concatenate([labels[:3], labels[:2]]))
+    np.save(tmp_path / "n.npy", labels[:, :3])
+    with pytest.raises(ValueError, match="cannot stack"):
+        read_spec(f"{tmp_path / 'l.npy'}+{tmp_path / 'n.npy'}")
 
 
 def test_sigterm_saves_a_checkpoint_and_rerun_resumes(tmp_path):

@@ -159,6 +159,24 @@ def test_gradient_is_the_sum_of_per_fov_gradients_with_stopped_moves():
     np.testing.assert_allclose(np.asarray(out["canvas"]), canvas, rtol=1e-5, atol=1e-5)
 
 
+def test_evaluate_matches_run_fovs_and_ignores_chunking():
+    from ffnjax.train_loop import evaluate
+
+    config = TrainConfig(model=TINY, fov_moves=1)
+    params = init_state(config)["params"]
+    batch = _random_logit_batch(config, 5, seed=4, p_high=0.3)
+    a = evaluate(params, batch, config, chunk=5)
+    b = evaluate(params, batch, config, chunk=2)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, err_msg=k)
+    out = run_fovs(make_apply_fn(TINY), params, {k: jnp.asarray(v) for k, v in batch.items()},
+                   move_orders(jax.random.split(jax.random.PRNGKey(0), 5), 1), config,
+                   with_grad=False)
+    assert np.asarray(out["taken"]).sum() > 5          # moves happened, so orders matter
+    np.testing.assert_allclose(a["loss"], float(out["loss_sum"]) / float(out["weight_sum"]),
+                               rtol=1e-5)
+
+
 def _f1(params, batch, config) -> float:
     out = run_fovs(make_apply_fn(config.model), params, batch,
                    move_orders(jax.random.split(jax.random.PRNGKey(0), batch["image"].shape[0]),
