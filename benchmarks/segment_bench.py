@@ -13,7 +13,11 @@ For each model ('default' = `ModelConfig()`, depth 9, 32 features, FOV
 * steps/s: FOV evaluations / segmentation wall time,
 * outside: 1 - (network calls x time of one forward call) / wall time, where
   the forward time is measured separately by a jitted loop of forward calls
-  of the same batch shape (so it is the pure network cost on this device).
+  of the same batch shape (so it is the pure network cost on this device),
+* loop ms/step: the same segmentation driven by the bare oracle (no
+  convstack), wall time per FOV step: the machinery around the network
+  measured directly (oracle runs only; the bare oracle breaks face-maximum
+  ties differently, so its step count differs a little).
 
 Segmentation wall time is the seed loop after compilation (the fill is
 compiled and warmed up on one seed first) and excludes the seed policy, which
@@ -104,8 +108,22 @@ def load_data(name: str, shape, bbox) -> tuple[np.ndarray, np.ndarray] | None:
     raise ValueError(f"unknown data set {name!r}; expected 'synthetic' or 'fib25'")
 
 
+def loop_overhead_ms(config: ModelConfig, image: np.ndarray, seeds: np.ndarray,
+                     options: InferenceOptions) -> float:
+    """Milliseconds per FOV step of the whole segment loop with the bare oracle
+    (no convstack): the cost of the machinery around the network (queue, cuts,
+    writes, face maxima, host commits), measured directly."""
+    spec = flood.FillSpec.from_configs(image.shape, config, options)
+    image_dev = normalize_image(image, options.image_mean, options.image_stddev)
+    flood.run_fill(spec, oracle_apply_fn, None, image_dev, seeds[0]).canvas.block_until_ready()
+    t0 = time.perf_counter()
+    _, info = flood.segment(image, None, config, options, oracle_apply_fn, seeds=seeds, progress=False)
+    wall = time.perf_counter() - t0 - info.timings["seeds"]
+    return 1e3 * wall / max(info.counters["fov_steps"], 1)
+
+
 def bench_one(config: ModelConfig, params, apply_fn, image: np.ndarray, seeds: np.ndarray,
-              options: InferenceOptions) -> dict[str, Any]:
+              options: InferenceOptions, oracle: bool = True) -> dict[str, Any]:
     """Segments `image` from `seeds` after a warm-up fill; returns the figures."""
     if len(seeds) == 0:
         raise ValueError("no seeds to benchmark (volume too small for the FOV?)")
@@ -119,6 +137,7 @@ def bench_one(config: ModelConfig, params, apply_fn, image: np.ndarray, seeds: n
     wall = time.perf_counter() - t0 - info.timings["seeds"]
     fwd = forward_seconds(apply_fn, params, config, options.batch_size)
     c = info.counters
+    loop_ms = loop_overhead_ms(config, image, seeds, options) if oracle else float("nan")
     return {
         "batch_size": options.batch_size, "seeds": len(seeds), "objects": c["committed"],
         "segmented_voxels": int(np.count_nonzero(seg)), "fov_steps": c["fov_steps"],
@@ -128,6 +147,7 @@ def bench_one(config: ModelConfig, params, apply_fn, image: np.ndarray, seeds: n
         "steps_per_s": round(c["fov_steps"] / wall, 2),
         "outside_fraction": round(1.0 - c["net_calls"] * fwd / wall, 4),
         "fill_s": round(info.timings["fill"], 3), "commit_s": round(info.timings["commit"], 3),
+        "loop_ms_per_step": round(loop_ms, 4),
     }
 
 
@@ -186,12 +206,14 @@ def main(argv=None) -> list[dict]:
                 opts = InferenceOptions(**extra, batch_size=b, min_segment_size=args.min_segment_size)
                 row = {"data": data_name, "shape": list(raw.shape), "model": model_name,
                        "seed_policy_s": round(seed_s, 3),
-                       **bench_one(cfg, params, apply_fn, image, seeds, opts)}
+                       **bench_one(cfg, params, apply_fn, image, seeds, opts,
+                                   oracle=not args.checkpoint)}
                 rows.append(row)
                 print(f"{data_name:9s} {model_name:8s} batch {b:2d}: {row['voxels_per_s']:>10.1f} voxels/s "
                       f"{row['steps_per_s']:>8.2f} steps/s  outside forward {100 * row['outside_fraction']:5.1f}%  "
                       f"({row['objects']} objects, {row['fov_steps']} steps, {row['net_calls']} calls, "
-                      f"{row['forward_ms']} ms/call, wall {row['wall_s']} s)", flush=True)
+                      f"{row['forward_ms']} ms/call, loop without net {row['loop_ms_per_step']} ms/step, "
+                      f"wall {row['wall_s']} s)", flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -9,9 +9,10 @@ The algorithm is google/ffn's `Canvas.segment_at` / `segment_all` with the
   a lattice of visited positions (centres quantised by the deltas, relative to
   the seed, so no lattice cell is evaluated twice), step counter, bounding box of
   the evaluated centres, and an overflow flag.
-* **One iteration** (`body_fn`) pops queued positions until it holds
-  `batch_size` valid ones (valid = a whole FOV fits inside the subvolume, its
-  lattice cell is unvisited, the canvas there is at least the move threshold),
+* **One iteration** (`body_fn`) takes, from the next `8 * batch_size` queue
+  entries, the first `batch_size` valid ones (valid = a whole FOV fits inside
+  the subvolume, its lattice cell is unvisited, the canvas there is at least
+  the move threshold; checked for the whole window at once, no nested loop),
   cuts their FOVs with `lax.dynamic_slice`, runs the network once on the batch,
   writes each prediction back with `lax.dynamic_update_slice` (in queue order),
   and pushes, for each of the 6 faces of the cube of half-size `deltas` around
@@ -145,6 +146,11 @@ class FillSpec:
         return 1 + self.num_faces * math.prod(self.lattice_shape)
 
     @property
+    def pop_window(self) -> int:
+        """Queue entries examined per iteration to find up to batch_size valid ones."""
+        return 8 * self.batch_size
+
+    @property
     def trace_capacity(self) -> int:
         return math.prod(self.lattice_shape)
 
@@ -163,7 +169,7 @@ class FillState(NamedTuple):
     """Device state of one flood fill (see the module docstring)."""
 
     canvas: jax.Array    # (Z, Y, X) float32 logits, NaN where never written
-    queue: jax.Array     # (capacity, 3) int32 FOV centres
+    queue: jax.Array     # (capacity + pop window, 3) int32 FOV centres
     head: jax.Array      # int32, next position to pop
     tail: jax.Array      # int32, next free slot
     visited: jax.Array   # lattice_shape bool
@@ -238,7 +244,8 @@ def init_fill_state(spec: FillSpec, seed: jax.Array) -> FillState:
     seed = jnp.asarray(seed, jnp.int32)
     canvas = jnp.full(spec.shape, jnp.nan, jnp.float32)
     canvas = canvas.at[tuple(seed)].set(jnp.float32(spec.init_logit))
-    queue = jnp.zeros((spec.queue_capacity, 3), jnp.int32).at[0].set(seed)
+    # Padded by one pop window so that dynamic_slice at any head never clamps.
+    queue = jnp.zeros((spec.queue_capacity + spec.pop_window, 3), jnp.int32).at[0].set(seed)
     big = jnp.iinfo(jnp.int32).max
     return FillState(
         canvas=canvas, queue=queue, head=jnp.int32(0), tail=jnp.int32(1),
@@ -267,26 +274,40 @@ def make_fill_fns(spec: FillSpec, apply_fn: ApplyFn):
         return alive
 
     def pop(seed, st: FillState):
-        """Pops until B valid positions are held or the queue is empty."""
+        """Takes up to B valid positions from the next `pop_window` queue entries.
+
+        Vectorised (no nested loop, so no per-entry host sync on accelerators):
+        an entry is a candidate when it is queued, its FOV fits, its lattice
+        cell is unvisited and the canvas there passes the move threshold; the
+        first candidate of each cell is valid; the first B valid entries are
+        accepted. Entries before the last accepted one are consumed, the rest
+        stay queued. This accepts exactly what popping one entry at a time
+        would (google/ffn's order); only a batch may come out short when the
+        window holds fewer than B valid entries.
+        """
+        K = spec.pop_window
         limit = B if not spec.max_steps else jnp.minimum(B, spec.max_steps - st.steps)
-
-        def pop_cond(c):
-            head, _, _, n = c
-            return (n < limit) & (head < st.tail)
-
-        def pop_body(c):
-            head, visited, slots, n = c
-            pos = st.queue[head]
-            cell = tuple(_cell(spec, pos, seed))
-            inside = _in_bounds(spec, pos)
-            value = st.canvas[tuple(jnp.clip(pos, 0, jnp.asarray(spec.shape) - 1))]
-            ok = inside & ~visited[cell] & (value >= move)
-            slots = slots.at[n].set(jnp.where(ok, pos, slots[n]))
-            visited = visited.at[cell].set(visited[cell] | ok)
-            return head + 1, visited, slots, n + ok.astype(jnp.int32)
-
+        window = jax.lax.dynamic_slice(st.queue, (st.head, 0), (K, 3))
+        order = jnp.arange(K, dtype=jnp.int32)
+        present = st.head + order < st.tail
+        cells = jax.vmap(lambda p: _cell(spec, p, seed))(window)
+        value = st.canvas[tuple(jnp.clip(window, 0, jnp.asarray(spec.shape) - 1).T)]
+        cand = (present & _in_bounds(spec, window) & ~st.visited[tuple(cells.T)]
+                & (value >= move))
+        same_cell = jnp.all(cells[:, None, :] == cells[None, :, :], axis=-1)
+        earlier = order[None, :] < order[:, None]
+        valid = cand & ~jnp.any(same_cell & earlier & cand[None, :], axis=1)
+        rank = jnp.cumsum(valid.astype(jnp.int32))
+        accept = valid & (rank <= limit)
+        n = jnp.minimum(rank[-1], limit)
+        last = jnp.max(jnp.where(accept, order, -1))
+        head = jnp.where(n >= limit, st.head + last + 1, jnp.minimum(st.head + K, st.tail))
         slots = jnp.broadcast_to(seed, (B, 3)).astype(jnp.int32)  # a valid dummy centre
-        return jax.lax.while_loop(pop_cond, pop_body, (st.head, st.visited, slots, jnp.int32(0)))
+        slots = slots.at[jnp.where(accept, rank - 1, B)].set(window, mode="drop")
+        drop = jnp.asarray(spec.lattice_shape, jnp.int32)  # out of range: not written
+        marks = jnp.where(accept[:, None], cells, drop[None, :])
+        visited = st.visited.at[tuple(marks.T)].set(True, mode="drop")
+        return head, visited, slots, n
 
     def evaluate(params, image, seed, st: FillState, slots, n) -> FillState:
         starts = slots - r
@@ -300,6 +321,7 @@ def make_fill_fns(spec: FillSpec, apply_fn: ApplyFn):
         canvas, queue, tail, lo, hi, trace = st.canvas, st.queue, st.tail, st.lo, st.hi, st.trace
         overflow = st.overflow
         cap = spec.queue_capacity
+        drop = queue.shape[0]  # beyond the padded queue: a push that is not made
         for i in range(B):  # static: B is small; writes are applied in queue order
             valid = i < n
             old = cut(canvas, starts[i])
@@ -318,7 +340,7 @@ def make_fill_fns(spec: FillSpec, apply_fn: ApplyFn):
             order = jnp.lexsort((-rels[:, 2], -rels[:, 1], -rels[:, 0], -scores))
             targets, ok = targets[order], ok[order]
             idx = tail + jnp.cumsum(ok.astype(jnp.int32)) - 1
-            queue = queue.at[jnp.where(ok, idx, cap)].set(targets, mode="drop")
+            queue = queue.at[jnp.where(ok & (idx < cap), idx, drop)].set(targets, mode="drop")
             pushed = ok.sum(dtype=jnp.int32)
             overflow |= tail + pushed > cap
             tail = jnp.minimum(tail + pushed, cap)

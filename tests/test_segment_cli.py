@@ -122,3 +122,13 @@ def test_help_documents_every_option_flag():
     for name in InferenceOptions.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in text
     assert "--bbox" in text and "--prob-output" in text and "--state" in text
+
+
+def test_segment_accepts_a_volume_object(setup):
+    root, params, img = setup
+    opts = InferenceOptions(min_segment_size=20, seed_policy="grid", seed_grid_step=(4, 5, 5))
+    vol = open_volume(f"{root}/img.npz:raw")
+    a, _ = flood.segment(vol, params, CFG, opts, progress=False)
+    b, _ = flood.segment(img, params, CFG, opts, progress=False)
+    np.testing.assert_array_equal(a, b)
+    assert a.max() > 0
