@@ -4,6 +4,7 @@ commit semantics, resuming, bad input."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 
 import edt
@@ -477,3 +478,23 @@ def test_oracle_on_real_fib25_never_merges_and_covers_most_voxels():
         assert len(np.unique(gt[seg == obj])) == 1
     assert (seg > 0).mean() > 0.7  # 0.82 on this crop with FOV 9^3, deltas 2
     assert info.counters["committed"] == len(np.unique(seg)) - 1
+
+
+def test_a_queue_that_would_overflow_is_reported_not_dropped():
+    """With the capacity forced below the lattice bound, the flag trips and run_fill raises."""
+
+    @dataclasses.dataclass(frozen=True)
+    class TinyQueue(flood.FillSpec):
+        @property
+        def queue_capacity(self) -> int:
+            return 3
+
+    img = cell_image()
+    params, net = random_net(0)
+    base = flood.FillSpec.from_configs(img.shape, TINY, InferenceOptions())
+    spec = TinyQueue(**dataclasses.asdict(base))
+    image_dev = jnp.asarray((img.astype(np.float32) - 128) / 33)
+    with pytest.raises(RuntimeError, match="overflowed"):
+        flood.run_fill(spec, net, params, image_dev, (10, 14, 14))
+    st = flood.run_fill(base, net, params, image_dev, (10, 14, 14))
+    assert not bool(st.overflow) and int(st.steps) > 10
