@@ -7,8 +7,9 @@ TensorFlow on the same CPU, measured in one run with interleaved repeats.
 
 Each measured configuration lives in a worker subprocess that compiles once
 and then answers "time one call of case i" requests: one JAX worker per host
-device count (XLA_FLAGS=--xla_force_host_platform_device_count=D, batch split
-over the devices with `ffnjax.platform.sharded_forward`) and, when a Python
+device count (XLA_FLAGS=--xla_force_host_platform_device_count=D, work spread
+over the devices by `ffnjax.platform.sharded_forward`: the batch when it has a
+FOV per device, else each layer's output channels) and, when a Python
 with TensorFlow is available, one TensorFlow worker running the same network
 with the same weights (checked: outputs are compared). The parent walks all
 cases round-robin for every repeat, so slow and fast phases of a noisy machine
@@ -210,8 +211,7 @@ def run(args) -> str:
     jax_workers, tf_worker_ = [], None
     for d in args.devices:
         cases = [dict(net=n, impl=i, dtype=t, batch=b)
-                 for n in args.nets for i in args.impls for t in args.dtypes for b in args.batches
-                 if not (d > 1 and b < d and not args.pad_small_batches)]
+                 for n in args.nets for i in args.impls for t in args.dtypes for b in args.batches]
         env = dict(base_env, XLA_FLAGS=f"--xla_force_host_platform_device_count={d}")
         print(f"compiling {len(cases)} JAX cases on {d} host device(s)...", file=sys.stderr, flush=True)
         w = Worker(sys.executable, "jax", cases, tmpdir, env)
@@ -246,7 +246,7 @@ def run(args) -> str:
         f"median of {args.repeats} interleaved repeats; load average during the run "
         f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}.",
         "",
-        "| net | impl | dtype | host devices | batch | ms / FOV | GFLOP/s | JAX / TF |",
+        "| net | impl | dtype | host devices (split) | batch | ms / FOV | GFLOP/s | JAX / TF |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for n in args.nets:
@@ -262,7 +262,8 @@ def run(args) -> str:
                         continue
                     s = float(np.median(times[(id(w), i)]))
                     ratio = f"{s / tf_med[(n, b)]:.2f}" if (n, b) in tf_med else "-"
-                    lines.append(f"| {n} | {c['impl']} | {c['dtype']} | {w.devices} | {b} | "
+                    split = "" if w.devices == 1 else (" (batch)" if b >= w.devices else " (channels)")
+                    lines.append(f"| {n} | {c['impl']} | {c['dtype']} | {w.devices}{split} | {b} | "
                                  f"{1e3 * s / b:.1f} | {forward_flops(cfg, b) / s / 1e9:.1f} | {ratio} |")
     if tf_worker_:
         lines.append("")
@@ -290,8 +291,6 @@ def parse_args(argv=None):
     p.add_argument("--tf-python", default="/work/tfvenv/bin/python",
                    help="a Python with tensorflow for the side-by-side run; skipped when it lacks TF "
                         "(default: %(default)s)")
-    p.add_argument("--pad-small-batches", action="store_true",
-                   help="also time batches smaller than the device count (padded, so devices idle-compute)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: tiny net, batch 1 and 2, 3 repeats")
     p.add_argument("--out", default="", help="also write the Markdown table to this file")

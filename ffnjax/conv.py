@@ -31,6 +31,10 @@ Formulations (`IMPLS`):
 on GPU/TPU, whose libraries (cuDNN, the TPU compiler) already handle 3D
 convolutions well.
 
+Inside `channel_parallel(axis_name, size)` (used by
+`ffnjax.platform.sharded_forward` for batches smaller than the device count)
+each device computes a slice of every convolution's output channels.
+
 Mixed precision: with bfloat16 inputs every formulation multiplies in bfloat16
 and accumulates in float32 (`preferred_element_type`), including the shifted
 adds, and rounds to bfloat16 once at the end, like the native convolution.
@@ -38,8 +42,10 @@ adds, and rounds to bfloat16 once at the end, like the native convolution.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Sequence
+import threading
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -216,6 +222,44 @@ _FORMULATIONS = {
 }
 
 
+_CHANNEL_PARALLEL = threading.local()
+
+
+@contextlib.contextmanager
+def channel_parallel(axis_name: str, size: int) -> Iterator[None]:
+    """While tracing inside this context (within `jax.shard_map` over the
+    mesh axis `axis_name` of `size` devices, inputs replicated), `conv3d`
+    splits every convolution's output channels over the devices: device i
+    computes channels [i*F/size, (i+1)*F/size) and `lax.all_gather` rebuilds
+    the full output on every device. One FOV then keeps all devices busy.
+    Convolutions whose output channels do not divide by `size` (the 1-channel
+    output layer) run whole on every device.
+
+    The context is read at trace time only; it has no effect on functions
+    already compiled.
+    """
+    if size < 1:
+        raise ValueError(f"channel_parallel: size must be >= 1, got {size}")
+    prev = getattr(_CHANNEL_PARALLEL, "value", None)
+    _CHANNEL_PARALLEL.value = (axis_name, int(size))
+    try:
+        yield
+    finally:
+        _CHANNEL_PARALLEL.value = prev
+
+
+def _channel_split(fn, x: Array, kernel: Array) -> Array:
+    """fn(x, kernel) computed on this device's share of output channels, then all-gathered."""
+    ctx = getattr(_CHANNEL_PARALLEL, "value", None)
+    cout = kernel.shape[-1]
+    if ctx is None or ctx[1] == 1 or cout % ctx[1] != 0:
+        return fn(x, kernel)
+    axis_name, size = ctx
+    f = cout // size
+    local = lax.dynamic_slice_in_dim(kernel, lax.axis_index(axis_name) * f, f, axis=4)
+    return lax.all_gather(fn(x, local), axis_name, axis=4, tiled=True)
+
+
 def conv3d(x: Array, kernel: Array, impl: str = "auto") -> Array:
     """SAME 3D convolution of x (N,z,y,x,Cin) with kernel (kz,ky,kx,Cin,Cout).
 
@@ -234,8 +278,8 @@ def conv3d(x: Array, kernel: Array, impl: str = "auto") -> Array:
     _check(x, kernel)
     impl = resolve_impl(impl)
     if impl != "native" and kernel.shape[:3] == (1, 1, 1):
-        return conv3d_pointwise(x, kernel)
-    return _FORMULATIONS[impl](x, kernel)
+        return _channel_split(conv3d_pointwise, x, kernel)
+    return _channel_split(_FORMULATIONS[impl], x, kernel)
 
 
 def conv3d_fn(impl: str) -> "functools.partial[Array]":
