@@ -57,8 +57,9 @@ class Conv3D(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         in_features = x.shape[-1]
-        kernel = self.param("kernel", nn.initializers.truncated_normal(
-            stddev=math.sqrt(2.0 / (in_features * math.prod(self.kernel_size)))),
+        # He initialisation from a truncated normal (init_params draws the same in NumPy).
+        kernel = self.param("kernel", nn.initializers.variance_scaling(
+            2.0, "fan_in", "truncated_normal"),
             (*self.kernel_size, in_features, self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         y = conv3d(x.astype(self.dtype), kernel.astype(self.dtype), self.impl)
@@ -128,12 +129,41 @@ def forward_flops(config: ModelConfig, batch: int = 1) -> int:
 
 
 def init_params(config: ModelConfig, rng: Array | int = 0) -> Any:
-    """Initial parameters for `config` (float32), from an int seed or a PRNG key."""
-    if isinstance(rng, int):
-        rng = jax.random.PRNGKey(rng)
-    shape = (1, *config.fov_size, 1)
-    zeros = jnp.zeros(shape, jnp.float32)
-    return ConvStack3D(config).init(rng, zeros, zeros)
+    """Initial parameters for `config` (float32), from an int seed or a PRNG key.
+
+    Kernels are drawn from a truncated normal (+-2 std) with He scaling
+    sqrt(2 / fan_in), biases are zero: the distribution `Conv3D`'s own
+    initialisers use. The draw happens in NumPy on the host because XLA:CPU
+    spends seconds compiling each jax.random call (about 3 s per kernel shape),
+    which would dominate every short run and test. Deterministic in `rng`.
+    """
+    zeros = jax.ShapeDtypeStruct((1, *config.fov_size, 1), jnp.float32)
+    if isinstance(rng, jax.core.Tracer):  # under jit: linen's own (same-distribution) init
+        z = jnp.zeros(zeros.shape, zeros.dtype)
+        return ConvStack3D(config).init(rng, z, z)
+    if isinstance(rng, (int, np.integer)):
+        entropy = [int(rng)]
+    else:
+        data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+        entropy = [int(v) for v in np.asarray(data, np.uint32).ravel()]
+    gen = np.random.default_rng(entropy)
+    shapes = jax.eval_shape(lambda a, b: ConvStack3D(config).init(jax.random.PRNGKey(0), a, b),
+                            zeros, zeros)
+
+    def draw(path, leaf):
+        name = getattr(path[-1], "key", None)
+        if name == "bias":
+            return jnp.zeros(leaf.shape, jnp.float32)
+        fan_in = math.prod(leaf.shape[:-1])
+        std = math.sqrt(2.0 / fan_in) / 0.87962566  # std of a N(0,1) truncated at +-2
+        values = gen.standard_normal(leaf.shape)
+        bad = np.abs(values) > 2.0
+        while bad.any():  # resample outside +-2, as a truncated normal does
+            values[bad] = gen.standard_normal(int(bad.sum()))
+            bad = np.abs(values) > 2.0
+        return jnp.asarray(values * std, jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def make_apply_fn(config: ModelConfig):
