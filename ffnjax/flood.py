@@ -694,6 +694,9 @@ def run_fingerprint(shape: Sequence[int], model_config: ModelConfig, options: In
 class SegmentInfo:
     """What `segment` did: per-object records, counters and timings (seconds).
 
+    With `consensus`, `objects` holds the records of the forward pass and then
+    of the reverse pass (ids of the final, intersected labels differ from both).
+
     timings: 'seeds' (seed policy), 'compile' (first fill, including
     compilation), 'fill' (device fills incl. transfer of the canvas), 'commit'
     (host NumPy), 'total'.
