@@ -28,7 +28,7 @@ from ffnjax.tf_import import (CheckpointReader, ffn_params_from_tensors, ffn_ten
                               tensorflow_forward)
 
 DEFAULT_CKPT = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-                / "ffn_fib25_checkpoint" / "model.ckpt-27465036")
+                / "ffn_fib25_checkpoint").resolve() / "model.ckpt-27465036"
 
 
 def parse_args(argv=None):

@@ -28,7 +28,7 @@ import numpy as np
 
 from ffnjax.config import InferenceOptions, ModelConfig
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+DEFAULT_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
 DEFAULT_CHECKPOINT = "ffn_fib25_checkpoint/model.ckpt-27465036"
 PUBLISHED_MODEL = dict(depth=12, fov_size=(33, 33, 33), deltas=(8, 8, 8))
 # ffn_fib25_checkpoint/inference_training_sample2.pbtxt (seed policy PolicyPeaks).
