@@ -5,7 +5,6 @@ with TensorFlow's own reader and a TensorFlow forward pass."""
 from __future__ import annotations
 
 import importlib.util
-import struct
 
 import jax
 import jax.numpy as jnp
