@@ -1,6 +1,27 @@
-"""ffnjax: Flood-Filling Networks in JAX/Flax."""
+"""ffnjax: Flood-Filling Networks in JAX/Flax.
 
-from ffnjax.config import InferenceOptions, ModelConfig, logit
+The names users reach for first live at the top level::
 
-__all__ = ["InferenceOptions", "ModelConfig", "logit"]
+    import ffnjax
+    config, params = ffnjax.load_checkpoint("runs/fib25")
+    seg, info = ffnjax.segment(image, params, config, ffnjax.InferenceOptions())
+
+`segment`, `fill` and `load_checkpoint` are imported lazily so that
+`import ffnjax` stays cheap (no JAX import until they are used).
+"""
+
+from ffnjax.config import InferenceOptions, ModelConfig, TrainConfig, logit
+
+__all__ = ["InferenceOptions", "ModelConfig", "TrainConfig", "logit",
+           "segment", "fill", "load_checkpoint"]
 __version__ = "0.1.0"
+
+_LAZY = {"segment": "ffnjax.flood", "fill": "ffnjax.flood",
+         "load_checkpoint": "ffnjax.checkpoints"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ffnjax' has no attribute {name!r}")

@@ -84,19 +84,9 @@ def bricks(shape, seed=0, lo=9, hi=16) -> np.ndarray:
     return lab
 
 
-def centred_oracle_apply_fn(params, image_fov, mask_logits_fov):
-    """`ffnjax.testing.oracle_apply_fn` with a tie-break: a tiny penalty growing
-    with the distance from the FOV centre. The plain oracle's faces are flat, so
-    the face-max move policy always picks a face's first voxel (a corner) and
-    fills drift towards the low corner, fragmenting objects; with the tie-break
-    every move goes to a face centre and a fill covers its whole box."""
-    import jax.numpy as jnp
-    from ffnjax.testing import oracle_apply_fn
-    out = oracle_apply_fn(params, image_fov, mask_logits_fov)
-    _, z, y, x, _ = image_fov.shape
-    grid = jnp.meshgrid(*[jnp.arange(n) - n // 2 for n in (z, y, x)], indexing="ij")
-    d2 = sum(g.astype(jnp.float32) ** 2 for g in grid)[None, ..., None]
-    return out - 1e-3 * d2
+# The shared oracle breaks face-maximum ties towards the FOV centre, so a fill
+# covers its whole box (see ffnjax.testing.centre_bias).
+from ffnjax.testing import oracle_apply_fn as centred_oracle_apply_fn  # noqa: E402
 
 
 class RefuseToSegment:
