@@ -53,7 +53,7 @@ AXIS = "data"              # the one mesh axis: data parallelism
 F1_THRESHOLD = 0.9         # mask precision / recall / F1 are measured at this probability
 
 __all__ = ["AXIS", "load_checkpoint", "lattice_offsets", "fov_starts", "move_orders", "run_fovs",
-           "make_optimizer", "init_state", "train_step", "make_mesh", "make_sharded_step",
+           "make_optimizer", "init_state", "train_step", "step_config", "make_mesh", "make_sharded_step",
            "load_training_volumes", "load_volume_pair", "load_validation_batch", "evaluate",
            "make_sampler", "predict_example", "train"]
 
@@ -340,8 +340,26 @@ def make_mesh(devices: list | None = None) -> Mesh:
     return Mesh(np.asarray(devices), (AXIS,))
 
 
-@functools.lru_cache(maxsize=8)
+# TrainConfig fields the device step depends on; the rest (data, logging,
+# checkpoints, augmentation) only matter on the host.
+STEP_FIELDS = ("model", "fov_moves", "move_policy", "move_threshold", "seed_prob", "pad_prob",
+               "steps", "learning_rate", "optimizer", "momentum", "warmup_steps",
+               "end_lr_fraction", "clip_norm")
+
+
+def step_config(config: TrainConfig) -> TrainConfig:
+    """`config` with every host-only field at its default: the static argument of
+    the compiled step, so runs that differ only in data or logging share it."""
+    return TrainConfig(**{f: getattr(config, f) for f in STEP_FIELDS})
+
+
 def make_sharded_step(config: TrainConfig, mesh: Mesh) -> Callable:
+    """See `_make_sharded_step`; compiled once per (step-relevant config, mesh)."""
+    return _make_sharded_step(step_config(config), mesh)
+
+
+@functools.lru_cache(maxsize=8)
+def _make_sharded_step(config: TrainConfig, mesh: Mesh) -> Callable:
     """`step(state, batch) -> (state, metrics)`: `train_step` per device under
     `jax.shard_map` over the mesh axis 'data', jitted, state buffers donated.
     Cached per (config, mesh), so a resumed run in the same process reuses the
@@ -381,7 +399,7 @@ def predict_example(params: Any, example: dict[str, np.ndarray], config: TrainCo
     """
     batch = {k: jnp.asarray(v if v.ndim == 5 else v[None]) for k, v in example.items()
              if k in ("image", "target", "weight")}
-    out = _predict_jit(params, batch, jax.random.PRNGKey(seed), config)
+    out = _predict_jit(params, batch, jax.random.PRNGKey(seed), step_config(config))
     return np.asarray(jax.nn.sigmoid(out[0]))[..., 0], np.asarray(out[1])
 
 
@@ -501,7 +519,7 @@ def evaluate(params: Any, batch: dict[str, np.ndarray], config: TrainConfig,
     for i in range(0, n, chunk):
         part = {k: jnp.asarray(v[i:i + chunk]) for k, v in batch.items()
                 if k in ("image", "target", "weight")}
-        sums += np.asarray(_eval_jit(params, part, keys[i:i + chunk], config))
+        sums += np.asarray(_eval_jit(params, part, keys[i:i + chunk], step_config(config)))
     loss_sum, weight_sum, tp, fp, fn = sums
     return dict(loss=loss_sum / max(weight_sum, 1.0), precision=tp / max(tp + fp, 1e-6),
                 recall=tp / max(tp + fn, 1e-6), f1=2 * tp / max(2 * tp + fp + fn, 1e-6))
