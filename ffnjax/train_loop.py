@@ -619,6 +619,8 @@ def _example_png(path: Path, params: Any, batch: dict[str, np.ndarray], config: 
     cz, cy = img.shape[0] // 2, img.shape[1] // 2
     panels = [viz.overlay(img[cz]), gray(tgt[cz]), gray(prd[cz]),
               viz.overlay(img[:, cy]), gray(tgt[:, cy]), gray(prd[:, cy])]
+    scale = max(1, 160 // max(img.shape))   # nearest-neighbour zoom so small crops are visible
+    panels = [np.repeat(np.repeat(p, scale, 0), scale, 1) for p in panels]
     return viz.save_png(path, viz.montage(panels, ncols=3))
 
 
