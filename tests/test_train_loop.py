@@ -274,7 +274,10 @@ _DP_SCRIPT = textwrap.dedent("""
                                                  deltas=(2, 2, 2)), batch_size=8,
                                # SGD without clipping or warmup: the update is lr * gradient,
                                # so a wrongly averaged gradient shows in the parameters.
-                               optimizer="sgd", learning_rate=0.5, clip_norm=0.0, warmup_steps=0)
+                               optimizer="sgd", learning_rate=0.5, clip_norm=0.0, warmup_steps=0,
+                               # Pad 0.5 / threshold 0.5: the untrained net already moves, so
+                               # the per-example move orders must match across device counts.
+                               pad_prob=0.5, move_threshold=0.5)
     batch = make_sampler(config, load_training_volumes(config)).batch(8)
     state = init_state(config)
     initial_params = jax.device_get(state["params"])
@@ -309,5 +312,6 @@ def test_four_device_step_equals_single_device_step():
     assert res["shards"] == 4
     assert res["min_change"] > 0                    # the step moved every parameter tensor
     assert res["max_diff"] < 1e-5 and res["min_change"] > 1e-3, res
+    assert res["m1"]["moves"] > 1
     for k in res["m1"]:
         np.testing.assert_allclose(res["m4"][k], res["m1"][k], rtol=1e-4, atol=1e-6, err_msg=k)
