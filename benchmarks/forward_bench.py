@@ -9,7 +9,7 @@ Each measured configuration lives in a worker subprocess that compiles once
 and then answers "time one call of case i" requests: one JAX worker per host
 device count (XLA_FLAGS=--xla_force_host_platform_device_count=D, work spread
 over the devices by `ffnjax.platform.sharded_forward`: the batch when it has a
-FOV per device, else each layer's output channels) and, when a Python
+FOV per device, else each layer's output channels, split='channels') and, when a Python
 with TensorFlow is available, one TensorFlow worker running the same network
 with the same weights (checked: outputs are compared). The parent walks all
 cases round-robin for every repeat, so slow and fast phases of a noisy machine
@@ -80,7 +80,9 @@ def jax_worker(args) -> None:
         img, msk = _inputs(net, case["batch"])
         img, msk = jax.device_put(img), jax.device_put(msk)
         if jax.device_count() > 1:
-            fn = lambda p=params, a=apply_fn, i=img, m=msk: platform.sharded_forward(a, p, i, m)  # noqa: E731
+            split = "batch" if case["batch"] >= jax.device_count() else "channels"
+            fn = lambda p=params, a=apply_fn, i=img, m=msk, s=split: platform.sharded_forward(  # noqa: E731
+                a, p, i, m, split=s)
         else:
             jitted = jax.jit(apply_fn)
             fn = lambda p=params, j=jitted, i=img, m=msk: j(p, i, m)  # noqa: E731

@@ -163,6 +163,18 @@ def make_sharded_apply(apply_fn: Callable, mesh: Mesh | None = None, split: str 
     return jax.jit(body)
 
 
+def _jitted(apply_fn: Callable) -> Callable:
+    try:
+        return _jit_cached(apply_fn)
+    except TypeError:  # unhashable apply_fn
+        return jax.jit(apply_fn)
+
+
+@functools.lru_cache(maxsize=32)
+def _jit_cached(apply_fn: Callable) -> Callable:
+    return jax.jit(apply_fn)
+
+
 def sharded_forward(apply_fn: Callable, params: Any, image_fovs: Any, mask_fovs: Any,
                     mesh: Mesh | None = None, split: str = "auto") -> jax.Array:
     """`apply_fn(params, image_fovs, mask_fovs)` spread over all devices.
@@ -171,16 +183,19 @@ def sharded_forward(apply_fn: Callable, params: Any, image_fovs: Any, mask_fovs:
     runs each device's share on that device (one core each after
     `configure_host_devices`), and drops the padding. With 'channels' every
     device computes a share of each layer's output channels (see
-    `make_sharded_apply`). 'auto' splits the batch when it has at least one
-    FOV per device and the channels otherwise (one FOV still uses every core).
-    With one device it is just the jitted `apply_fn`.
+    `make_sharded_apply`), so one FOV uses every core; it synchronises the
+    devices once per layer, and on a loaded machine it measured slower than
+    one device (benchmarks/README.md), so it is opt-in. 'none' runs the
+    jitted `apply_fn` on the default device. 'auto' splits the batch when it
+    has at least one FOV per device and is 'none' otherwise. With one device
+    every split is just the jitted `apply_fn`.
 
     Args:
       apply_fn: `apply_fn(params, image_fov, mask_logits_fov) -> logits`.
       params: the network parameters (replicated to every device).
       image_fovs, mask_fovs: N,z,y,x,C batches.
       mesh: default `batch_mesh()` over all local devices.
-      split: 'auto', 'batch' or 'channels'.
+      split: 'auto', 'batch', 'channels' or 'none'.
 
     Returns:
       The logits, N,z,y,x,1, equal to `apply_fn(params, image_fovs, mask_fovs)`.
@@ -194,7 +209,9 @@ def sharded_forward(apply_fn: Callable, params: Any, image_fovs: Any, mask_fovs:
     mesh = batch_mesh() if mesh is None else mesh
     k = mesh.devices.size
     if split == "auto":
-        split = "batch" if image_fovs.shape[0] >= k else "channels"
+        split = "batch" if image_fovs.shape[0] >= k else "none"
+    if split == "none" or k == 1:
+        return _jitted(apply_fn)(params, jnp.asarray(image_fovs), jnp.asarray(mask_fovs))
     if split == "channels":
         return make_sharded_apply(apply_fn, mesh, "channels")(
             params, jnp.asarray(image_fovs), jnp.asarray(mask_fovs))

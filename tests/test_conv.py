@@ -135,7 +135,8 @@ msk = jax.random.normal(jax.random.PRNGKey(1), nets.fov_shape(cfg, 3))
 got = platform.sharded_forward(apply_fn, params, img, msk)
 want = jax.jit(apply_fn)(params, img, msk)
 # One FOV: split each layer's output channels over the devices, values and gradients.
-one = platform.sharded_forward(apply_fn, params, img[:1], msk[:1])
+one = platform.sharded_forward(apply_fn, params, img[:1], msk[:1], split="channels")
+none = platform.sharded_forward(apply_fn, params, img[:1], msk[:1])
 chan = platform.make_sharded_apply(apply_fn, split="channels")
 hlo = chan.lower(params, img[:1], msk[:1]).compile().as_text()
 loss = lambda f: (lambda p: jnp.sum(f(p, img[:1], msk[:1]) ** 2))
@@ -144,6 +145,7 @@ g2 = jax.tree_util.tree_leaves(jax.grad(loss(apply_fn))(params))
 print(json.dumps(dict(returned=n, devices=jax.device_count(), shape=list(got.shape),
                       err=float(jnp.max(jnp.abs(got - want))),
                       err_one=float(jnp.max(jnp.abs(one - want[:1]))),
+                      err_none=float(jnp.max(jnp.abs(none - want[:1]))),
                       gathers=hlo.count("all-gather"),
                       grad_rel=max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(g1, g2)),
                       again=platform.configure_host_devices(5))))
@@ -177,7 +179,7 @@ def test_host_devices_and_sharded_forward():
     assert out["returned"] == cores and out["devices"] == cores
     assert out["shape"] == [3, 5, 5, 5, 1]
     assert out["err"] < 1e-5
-    assert out["err_one"] < 1e-5
+    assert out["err_one"] < 1e-5 and out["err_none"] < 1e-5
     assert out["grad_rel"] < 1e-4
     if cores > 1:  # conv0_a and conv0_b are split (depth 1): their outputs are gathered
         assert out["gathers"] >= 2
