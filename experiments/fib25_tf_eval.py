@@ -162,7 +162,10 @@ def main(argv=None) -> int:
         if previous["ffn"].shape != raw.shape or not np.array_equal(previous["raw"], raw):
             raise SystemExit(f"error: {args.reuse} holds a different crop than offset "
                              f"{args.offset} size {args.size}")
-        seg, t_ffn, steps = previous["ffn"], float("nan"), -1
+        seg = previous["ffn"]
+        t_ffn = float(previous["ffn_seconds"]) if "ffn_seconds" in previous else None
+        t_ffn = t_ffn if t_ffn is not None and np.isfinite(t_ffn) else None
+        steps = int(previous["ffn_fov_steps"]) if "ffn_fov_steps" in previous else -1
         print(f"FFN: reusing the segmentation in {args.reuse}")
     else:
         t0 = time.perf_counter()
@@ -196,11 +199,12 @@ def main(argv=None) -> int:
             r = results[name]
             print(f"{name:<19} {r['voi_split']:9.3f} {r['voi_merge']:9.3f} {r['voi_sum']:8.3f} "
                   f"{r['adapted_rand']:7.3f} {r['objects']:7d} {r['unsegmented_fraction']:6.3f} "
-                  f"{r.get('seconds', float('nan')):8.1f}")
+                  f"{r.get('seconds') or float('nan'):8.1f}")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out / "segmentations.npz", **segs)
+    np.savez_compressed(out / "segmentations.npz", **segs, ffn_seconds=np.nan if t_ffn is None
+                        else t_ffn, ffn_fov_steps=steps)
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     from ffnjax.viz import save_slices_png
     png = save_slices_png(out / "slices_ffn.png", raw, gt, seg)
