@@ -5,6 +5,7 @@ with TensorFlow's own reader and a TensorFlow forward pass."""
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import jax
 import jax.numpy as jnp
@@ -246,3 +247,25 @@ def test_fib25_crop_spans_raw_files(shared_data):
     assert gt.shape == raw.shape == (10, 30, 40)
     with pytest.raises(ValueError, match=r"does not fit"):
         load_fib25_crop(d.parent, (140, 0, 0), (20, 10, 10))
+
+
+def test_fib25_eval_scores_a_perfect_segmentation_as_zero(shared_data, tmp_path):
+    # The scoring path of the evaluation script, without the (slow) flood fill:
+    # a saved "FFN" segmentation equal to the ground truth scores 0 everywhere.
+    pytest.importorskip("ffnjax.erl")
+    from experiments import fib25_tf_eval
+    data = shared_data("fib25_training_sample2").parent
+    raw, gt = fib25_tf_eval.load_fib25_crop(data, (60, 100, 100), (40, 40, 40))
+    np.savez_compressed(tmp_path / "prev.npz", raw=raw, gt=gt, ffn=gt.astype(np.uint64) + 7)
+    rc = fib25_tf_eval.main(["--data", str(data), "--offset", "60,100,100", "--size", "40,40,40",
+                             "--reuse", str(tmp_path / "prev.npz"), "--skip-baseline",
+                             "--out", str(tmp_path / "out")])
+    assert rc == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    for key in ("ffn", "ffn_interior"):
+        assert metrics[key]["voi_split"] == pytest.approx(0, abs=1e-9)
+        assert metrics[key]["voi_merge"] == pytest.approx(0, abs=1e-9)
+        assert metrics[key]["adapted_rand"] == pytest.approx(0, abs=1e-9)
+    assert metrics["ffn"]["objects"] == len(np.unique(gt))
+    with np.load(tmp_path / "out" / "segmentations.npz") as saved:
+        np.testing.assert_array_equal(saved["gt"], gt)
