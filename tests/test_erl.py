@@ -1,0 +1,242 @@
+"""Metrics: hand-checked ERL cases, VOI/ARAND against scikit-image, kimimaro
+skeletons of a known tube, SWC round trip and a real-data figure."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from skimage.metrics import adapted_rand_error, variation_of_information
+
+from ffnjax import erl
+from tests.conftest import shared_path
+
+
+def line_skeleton(n: int, label: int = 1, y: int = 0, z: int = 0) -> erl.Skeleton:
+    """n nodes along x at unit spacing, n-1 unit edges."""
+    nodes = np.stack([np.full(n, z), np.full(n, y), np.arange(n)], 1)
+    edges = np.stack([np.arange(n - 1), np.arange(1, n)], 1)
+    return erl.Skeleton(nodes, edges, label)
+
+
+# ---------------------------------------------------------------- ERL by hand
+
+
+def test_erl_two_segments_hand_figure():
+    sk = line_skeleton(11)
+    seg = np.zeros((1, 1, 11), np.uint32)
+    seg[0, 0, :5], seg[0, 0, 5:] = 3, 4
+    r = erl.expected_run_length([sk], seg)
+    # runs 4 and 5, the crossing edge counts for nothing: (16 + 25) / 10
+    assert r.erl == pytest.approx(4.1)
+    assert r.max_erl == pytest.approx(10.0)
+    assert r.nerl == pytest.approx(0.41)
+    assert (r.merges, r.splits, r.n_skeletons) == (0, 1, 1)
+
+
+def test_erl_voxel_size_scales_lengths():
+    sk = line_skeleton(11)
+    seg = np.zeros((1, 1, 11), np.uint32)
+    seg[0, 0, :5], seg[0, 0, 5:] = 3, 4
+    r = erl.expected_run_length([sk], seg, voxel_size=(40, 8, 8))  # skeleton runs along x
+    assert r.erl == pytest.approx(4.1 * 8)
+    assert r.total_length == pytest.approx(80.0)
+    assert r.nerl == pytest.approx(0.41)
+
+
+def test_erl_run_in_pieces_and_background():
+    # segment 5 on nodes 0-3 and 7-10, background on 4-6: runs 3 + 3 = 6 in
+    # one segment; edges touching background add nothing.
+    sk = line_skeleton(11)
+    seg = np.full((1, 1, 11), 5, np.uint32)
+    seg[0, 0, 4:7] = 0
+    r = erl.expected_run_length([sk], seg)
+    assert r.erl == pytest.approx(36 / 10)
+    assert r.splits == 0
+
+
+def test_merger_adds_nothing_to_either_skeleton():
+    a, b = line_skeleton(11, 1, y=0), line_skeleton(11, 2, y=2)
+    seg = np.zeros((1, 3, 11), np.uint32)
+    seg[0, 0], seg[0, 2] = 1, 2
+    seg[0, 0, 6:] = 9
+    seg[0, 2, 8:] = 9  # segment 9 holds nodes of both skeletons
+    r = erl.expected_run_length([a, b], seg)
+    assert r.merges == 1 and r.merging_segments == (9,)
+    # a keeps a run of 5 in segment 1, b a run of 7 in segment 2
+    assert r.erl == pytest.approx((25 + 49) / 20)
+    assert r.max_erl == pytest.approx(10.0)
+    # the worst-merge list reports the skeleton length lost inside segment 9
+    assert r.merged_length[0] == pytest.approx(4 + 2)
+
+
+def test_merge_threshold_tolerates_small_touches():
+    a, b = line_skeleton(11, 1, y=0), line_skeleton(11, 2, y=2)
+    seg = np.zeros((1, 3, 11), np.uint32)
+    seg[0, 0] = 1
+    seg[0, 2] = 2
+    seg[0, 2, 10] = 1  # one node of b touches a's segment
+    strict = erl.expected_run_length([a, b], seg, merge_threshold=1)
+    tolerant = erl.expected_run_length([a, b], seg, merge_threshold=2)
+    assert strict.merges == 1 and strict.erl == pytest.approx(81 / 20)  # only b's run of 9 in 2
+    assert tolerant.merges == 0 and tolerant.erl == pytest.approx((100 + 81) / 20)
+
+
+def test_perfect_segmentation_has_nerl_one_and_relabel_invariance():
+    rng = np.random.default_rng(0)
+    sks = [line_skeleton(n, label=i + 1, y=2 * i) for i, n in enumerate((5, 9, 12))]
+    seg = np.zeros((1, 6, 12), np.uint32)
+    for i, sk in enumerate(sks):
+        seg[0, 2 * i, :len(sk.nodes)] = sk.label
+    r = erl.expected_run_length(sks, seg)
+    assert r.nerl == pytest.approx(1.0) and r.erl == pytest.approx((16 + 64 + 121) / 23)
+    # break it, then relabel with a random permutation: same figures
+    seg[0, 2, 4:] = 7
+    seg[0, 4, 7:] = 7
+    perm = rng.permutation(1000)[:8] + 1
+    perm[0] = 0
+    relabelled = perm[seg]
+    r1, r2 = erl.expected_run_length(sks, seg), erl.expected_run_length(sks, relabelled)
+    assert (r1.erl, r1.merges, r1.splits) == (r2.erl, r2.merges, r2.splits)
+    assert r1.merges == 1 and r1.nerl < 1
+
+
+def test_mask_and_length_threshold_drop_nodes_and_skeletons():
+    long, short = line_skeleton(11, 1, y=0), line_skeleton(3, 2, y=1)
+    seg = np.ones((1, 2, 11), np.uint32)
+    mask = np.ones(seg.shape, bool)
+    mask[0, 0, 8:] = False
+    r = erl.expected_run_length([long, short], seg, mask=mask, min_skeleton_length=5)
+    # short skeleton dropped (so no merger); long one cut to 8 nodes, 7 edges
+    assert r.n_skeletons == 1 and r.merges == 0
+    assert r.total_length == pytest.approx(7) and r.nerl == pytest.approx(1)
+    assert r.nodes_outside == 3
+    # without the length threshold the two skeletons merge in segment 1
+    assert erl.expected_run_length([long, short], seg).merges == 1
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="edge indices"):
+        erl.Skeleton(np.zeros((2, 3)), [[0, 2]])
+    with pytest.raises(ValueError, match="voxel_size"):
+        erl.expected_run_length([line_skeleton(3)], np.ones((1, 1, 3), int), voxel_size=(1, 0, 1))
+    with pytest.raises(ValueError, match="shape"):
+        erl.voi(np.ones((2, 2, 2), int), np.ones((2, 2, 3), int))
+    with pytest.raises(ValueError, match="no labelled"):
+        erl.adapted_rand(np.ones((2, 2, 2), int), np.zeros((2, 2, 2), int))
+
+
+# ------------------------------------------------------- VOI / ARAND vs skimage
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_voi_and_arand_equal_scikit_image(seed):
+    rng = np.random.default_rng(seed)
+    gt = rng.integers(0, 6, (9, 10, 11)).astype(np.uint16)
+    # a segmentation correlated with gt, with label 0 and large ids present
+    seg = np.where(rng.random(gt.shape) < 0.7, gt.astype(np.int64) * 1000 + 3,
+                   rng.integers(0, 8, gt.shape)).astype(np.uint64)
+    split, merge = erl.voi(seg, gt)
+    ref = variation_of_information(gt, seg.astype(np.int64), ignore_labels=(0,))
+    assert split == pytest.approx(ref[0], abs=1e-10)
+    assert merge == pytest.approx(ref[1], abs=1e-10)
+    err, prec, rec = erl.adapted_rand(seg, gt, return_precision_recall=True)
+    ref_err, ref_p, ref_r = adapted_rand_error(gt, seg.astype(np.int64))
+    assert err == pytest.approx(ref_err, abs=1e-12)
+    # scikit-image's precision/recall names are swapped relative to CREMI's
+    assert (prec, rec) == pytest.approx((ref_r, ref_p))
+
+
+def test_voi_split_merge_directions_and_invariance():
+    gt = np.zeros((1, 1, 8), np.uint8)
+    gt[..., :4], gt[..., 4:] = 1, 2
+    over = np.arange(8, dtype=np.uint32).reshape(gt.shape)   # every voxel its own segment
+    under = np.full(gt.shape, 5, np.uint32)                   # one segment for all
+    assert erl.voi(over, gt) == pytest.approx((2.0, 0.0))     # H(seg|gt) = log2 4
+    assert erl.voi(under, gt) == pytest.approx((0.0, 1.0))    # H(gt|seg) = 1 bit
+    assert erl.voi(gt * 7 + 100, gt) == (0.0, 0.0)
+    assert erl.adapted_rand(gt.astype(np.uint64) << 40, gt) == 0.0
+
+
+# ------------------------------------------------------------- skeletons, SWC
+
+
+def test_kimimaro_tube_length_and_axis_order():
+    labels = np.zeros((24, 20, 110), np.uint32)
+    zz, yy = np.mgrid[:24, :20]
+    disk = (zz - 12) ** 2 + (yy - 10) ** 2 <= 9  # radius 3 voxels around z=12, y=10
+    labels[:, :, 5:105][disk] = 3  # tube along x, 100 voxels long
+    # anisotropy along x doubles the physical length: a swapped axis order
+    # (kimimaro is x,y,z) would leave it at 100
+    for vs in [(1, 1, 1), (1, 1, 2), (3, 3, 3)]:
+        sks = erl.skeletonize(labels, vs, dust_threshold=10)
+        assert [s.label for s in sks] == [3]
+        sk = sks[0]
+        assert sk.nodes[:, 2].min() <= 6 and sk.nodes[:, 2].max() >= 103
+        inner = (sk.nodes[:, 2] > 12) & (sk.nodes[:, 2] < 97)  # ends may bend to a corner
+        assert np.abs(sk.nodes[inner, 0] - 12).max() <= 1.5
+        assert np.abs(sk.nodes[inner, 1] - 10).max() <= 1.5
+        assert sk.length(vs) == pytest.approx(100 * vs[2], rel=0.03)
+        r = erl.expected_run_length(sks, labels, vs)
+        assert r.nerl == pytest.approx(1.0)
+
+
+def test_swc_round_trip(tmp_path):
+    sk = erl.Skeleton([[0, 0, 0], [1, 2, 3], [2, 2, 5], [4, 1, 3]], [[0, 1], [1, 2], [1, 3]], 42)
+    vs = (40, 8, 8)
+    paths = erl.save_swc_dir(tmp_path, [sk], vs)
+    text = paths[0].read_text().splitlines()
+    # physical x,y,z in the file: node 1 lies at x=3*8, y=2*8, z=1*40
+    assert any(line.split()[2:5] == ["24", "16", "40"] for line in text if not line.startswith("#"))
+    back = erl.load_swc_dir(tmp_path, vs)[0]
+    assert back.label == 42
+    assert back.length(vs) == pytest.approx(sk.length(vs))
+    order = [np.flatnonzero((sk.nodes == n).all(1))[0] for n in back.nodes]
+    got = {frozenset((order[a], order[b])) for a, b in back.edges}
+    assert got == {frozenset(map(int, e)) for e in sk.edges}
+    (tmp_path / "bad.swc").write_text("1 0 0 0 0 1 7\n")
+    with pytest.raises(ValueError, match="parent 7"):
+        erl.load_swc(tmp_path / "bad.swc")
+    with pytest.raises(FileNotFoundError):
+        erl.load_swc(tmp_path / "missing.swc")
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def test_evaluate_report_and_png(tmp_path):
+    labels = np.zeros((8, 16, 40), np.uint32)
+    labels[1:7, 1:7, 2:38] = 1
+    labels[1:7, 9:15, 2:38] = 2
+    merged = labels.copy()
+    merged[1:7, 1:15, 20:38] = np.where(labels[1:7, 1:15, 20:38] > 0, 9, 0)  # joins both halves
+    rep = erl.evaluate(merged, labels, (1, 1, 1), skeleton_options={"dust_threshold": 10})
+    assert set(rep["erl"]) == {"1", "50"}
+    strict = rep["erl"]["1"]
+    assert strict["merges"] == 1 and strict["worst_merges"] == [9] and strict["nerl"] < 0.5
+    assert rep["voi_merge"] > 0 and rep["voi_split"] > 0 and 0 < rep["adapted_rand"] < 1
+    json.dumps(rep)  # JSON-ready
+    assert "NERL" in erl.format_table(rep)
+    png = erl.save_merge_png(tmp_path / "m.png", merged, labels, merging_segments=[9])
+    from PIL import Image
+    rgb = np.asarray(Image.open(png))
+    assert (rgb == (255, 0, 255)).all(-1).any()  # the merger is marked
+    perfect = erl.evaluate(labels, labels, (1, 1, 1), skeleton_options={"dust_threshold": 10})
+    assert perfect["erl"]["1"]["nerl"] == pytest.approx(1) and perfect["voi"] == 0
+
+
+def test_fib25_groundtruth_against_itself():
+    path = shared_path("fib25_training_sample2", "groundtruth_z000-149.npz")
+    gt = np.load(path)["labels"][100:132, :96, :96]
+    sks = erl.skeletonize(gt, (8, 8, 8), dust_threshold=200)
+    assert len(sks) > 10
+    r = erl.expected_run_length(sks, gt, (8, 8, 8))
+    assert r.nerl == pytest.approx(1.0) and r.merges == 0 and r.splits == 0
+    assert erl.voi(gt, gt) == (0.0, 0.0)
+    # each GT object split in two along x: NERL clearly below 1, VOI merge stays 0
+    half = gt.astype(np.uint64) * 2 + (np.arange(96) >= 48)
+    half[gt == 0] = 0
+    rh = erl.expected_run_length(sks, half, (8, 8, 8))
+    assert rh.nerl < 0.95 and rh.merges == 0 and rh.splits > 0
+    assert erl.voi(half, gt)[1] == pytest.approx(0, abs=1e-12)
