@@ -240,3 +240,69 @@ def test_fib25_groundtruth_against_itself():
     rh = erl.expected_run_length(sks, half, (8, 8, 8))
     assert rh.nerl < 0.95 and rh.merges == 0 and rh.splits > 0
     assert erl.voi(half, gt)[1] == pytest.approx(0, abs=1e-12)
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def test_evaluate_cli(tmp_path, capsys):
+    from experiments import evaluate as cli
+
+    labels = np.zeros((8, 16, 40), np.uint32)
+    labels[1:7, 1:7, 2:38] = 1
+    labels[1:7, 9:15, 2:38] = 2
+    seg = labels.astype(np.uint64) * 5
+    seg[:, :, 20:] = np.where(seg[:, :, 20:] == 10, 11, seg[:, :, 20:])  # split object 2
+    np.savez(tmp_path / "v.npz", gt=labels, seg=seg, big_gt=np.pad(labels, ((3, 0), (0, 0), (0, 0))))
+    out = tmp_path / "r.json"
+    rc = cli.main(["--segmentation", f"{tmp_path}/v.npz:seg", "--groundtruth", f"{tmp_path}/v.npz:gt",
+                   "--voxel-size", "10,10,10", "--dust-threshold", "10", "--json", str(out),
+                   "--png", str(tmp_path / "p.png")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "NERL" in text and "adapted Rand" in text
+    rep = json.loads(out.read_text())
+    direct = erl.evaluate(seg, labels, (10, 10, 10), skeleton_options={"dust_threshold": 10})
+    for t in ("1", "50"):
+        assert rep["erl"][t]["erl"] == pytest.approx(direct["erl"][t]["erl"])
+        assert rep["erl"][t]["splits"] == 1 and rep["erl"][t]["merges"] == 0
+    assert rep["voi_split"] == pytest.approx(direct["voi_split"]) and rep["voi_merge"] == 0
+    assert (tmp_path / "p.png").exists()
+    # --gt-offset finds the same region in a larger ground truth
+    rc = cli.main(["--segmentation", f"{tmp_path}/v.npz:seg", "--groundtruth", f"{tmp_path}/v.npz:big_gt",
+                   "--gt-offset", "3,0,0", "--voxel-size", "10,10,10", "--dust-threshold", "10",
+                   "--json", str(out)])
+    assert rc == 0 and json.loads(out.read_text())["voi_split"] == pytest.approx(direct["voi_split"])
+    # bad flags fail early, naming the flag
+    assert cli.main(["--segmentation", f"{tmp_path}/v.npz:seg", "--groundtruth",
+                     f"{tmp_path}/v.npz:gt", "--bbox", "0,0,0,9,1,1"]) == 2
+    assert "--bbox" in capsys.readouterr().err
+    assert cli.main(["--segmentation", "baseline", "--groundtruth", f"{tmp_path}/v.npz:gt"]) == 2
+    assert "--image" in capsys.readouterr().err
+
+
+def test_evaluate_cli_swc_skeletons_and_help(tmp_path, capsys):
+    from experiments import evaluate as cli
+
+    labels = np.zeros((8, 16, 40), np.uint32)
+    labels[1:7, 1:7, 2:38] = 1
+    labels[1:7, 9:15, 2:38] = 2
+    seg = labels.copy()
+    seg[:, :, 25:] = 0  # both objects lose a third
+    np.savez(tmp_path / "v.npz", gt=labels, seg=seg)
+    base = ["--segmentation", f"{tmp_path}/v.npz:seg", "--groundtruth", f"{tmp_path}/v.npz:gt",
+            "--voxel-size", "20,10,10", "--dust-threshold", "10"]
+    assert cli.main(base + ["--save-skeletons", str(tmp_path / "swc"), "--json", str(tmp_path / "a.json")]) == 0
+    assert sorted(p.name for p in (tmp_path / "swc").iterdir()) == ["1.swc", "2.swc"]
+    assert cli.main(base + ["--skeletons", str(tmp_path / "swc"), "--json", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / n).read_text())["erl"]["1"] for n in ("a.json", "b.json"))
+    assert a["erl"] == pytest.approx(b["erl"]) and 0.3 < a["nerl"] < 0.7
+    # a bbox of the right part, SWC skeletons shifted into it: nodes outside dropped
+    assert cli.main(base + ["--skeletons", str(tmp_path / "swc"), "--bbox", "0,0,20,8,16,20",
+                            "--json", str(tmp_path / "c.json")]) == 0
+    c = json.loads((tmp_path / "c.json").read_text())["erl"]["1"]
+    assert c["nodes_outside"] > 0 and 0 < c["nerl"] < 0.5
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "--merge-thresholds" in capsys.readouterr().out
