@@ -94,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-skeletons", metavar="DIR", default=None,
                    help="write the skeletons used as SWC files into this folder")
     p.add_argument("--baseline-h", type=float, default=None,
-                   help="with --segmentation baseline: seed height h (BaselineConfig.h)")
+                   help="with --segmentation baseline: seed height h in voxels (BaselineConfig.h, default 5)")
+    p.add_argument("--baseline-threshold-offset", type=float, default=None,
+                   help="with --segmentation baseline: BaselineConfig.threshold_offset "
+                        "(standard deviations added to Otsu's threshold)")
     p.add_argument("--json", metavar="OUT", default=None, help="write the report as JSON here")
     p.add_argument("--png", metavar="OUT", default=None,
                    help="write slices with ground-truth outlines, the segmentation and the "
@@ -144,6 +147,8 @@ def run(args: argparse.Namespace) -> dict:
     if baseline:
         from ffnjax.baseline import baseline_segmentation
         overrides = {} if args.baseline_h is None else {"h": args.baseline_h}
+        if args.baseline_threshold_offset is not None:
+            overrides["threshold_offset"] = args.baseline_threshold_offset
         tb = time.perf_counter()
         seg = baseline_segmentation(image, voxel_size=voxel_size, **overrides)
         baseline_seconds = time.perf_counter() - tb

@@ -6,7 +6,7 @@ volume. This is the classic pipeline for EM with dark membranes:
 1. smooth the raw image with a Gaussian (sigma in voxels, scaled for
    anisotropic voxels so it is isotropic in nm);
 2. call voxels brighter than a threshold "cell interior" (Otsu's threshold of
-   the smoothed image by default, shifted by ``threshold_offset``);
+   the smoothed image by default, shifted by ``threshold_offset`` standard deviations);
 3. Euclidean distance transform of the interior (in units of the smallest
    voxel side, anisotropy respected);
 4. seeds: the h-maxima of the distance map (maxima at least ``h`` higher than
@@ -40,8 +40,10 @@ class BaselineConfig:
       sigma: Gaussian smoothing in voxels of the smallest voxel side.
       threshold: interior/membrane threshold on the smoothed image in raw
         intensity units; None uses Otsu's threshold.
-      threshold_offset: added to the (Otsu or given) threshold; positive
-        values thin the interior and separate touching cells more often.
+      threshold_offset: added to the (Otsu or given) threshold, in units of
+        the smoothed image's standard deviation (so it means the same for
+        uint8 EM and for normalised float images); positive values thin the
+        interior and separate touching cells more often.
       h: seeds are distance-map maxima at least this high (voxels) above
         their surroundings; larger = fewer seeds = fewer splits, more merges.
       min_size: segments with fewer voxels are absorbed by their neighbours.
@@ -52,7 +54,7 @@ class BaselineConfig:
     sigma: float = 1.0
     threshold: float | None = None
     threshold_offset: float = 0.0
-    h: float = 2.0
+    h: float = 5.0
     min_size: int = 200
     dark_membranes: bool = True
 
@@ -113,7 +115,7 @@ def baseline_segmentation(image: Any, config: BaselineConfig | None = None,
     if float(smooth.max()) == float(smooth.min()):
         return np.zeros(image.shape, np.uint64)
     thr = threshold_otsu(smooth) if config.threshold is None else float(config.threshold)
-    interior = smooth > thr + config.threshold_offset
+    interior = smooth > thr + config.threshold_offset * float(smooth.std())
     if not interior.any():
         return np.zeros(image.shape, np.uint64)
 

@@ -81,3 +81,20 @@ def test_gala_crop_scores():
     assert erl.adapted_rand(seg, gt) < erl.adapted_rand(one, gt)
     assert split + merge < sum(erl.voi(one, gt))
     assert erl.adapted_rand(seg, gt) < 0.5
+
+
+def test_evaluate_cli_scores_the_baseline(tmp_path):
+    import json
+
+    from experiments import evaluate as cli
+
+    image, gt = two_cells()
+    np.savez(tmp_path / "v.npz", raw=image, gt=gt)
+    out = tmp_path / "r.json"
+    rc = cli.main(["--segmentation", "baseline", "--image", f"{tmp_path}/v.npz:raw",
+                   "--groundtruth", f"{tmp_path}/v.npz:gt", "--baseline-h", "2",
+                   "--dust-threshold", "10", "--json", str(out)])
+    rep = json.loads(out.read_text())
+    direct = baseline_segmentation(image, h=2)
+    assert rc == 0 and rep["adapted_rand"] == pytest.approx(erl.adapted_rand(direct, gt))
+    assert rep["erl"]["1"]["nerl"] == pytest.approx(1.0) and rep["erl"]["1"]["merges"] == 0
