@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> dict:
                          f"got shapes {seg.shape} and {gt.shape}")
     read_seconds = time.perf_counter() - t0
 
-    skeletons = None
+    t_sk = time.perf_counter()
     if args.skeletons:
         skeletons = erl.load_swc_dir(args.skeletons, voxel_size)
         gt_origin = (gt_off or tuple(int(a) - int(b) for a, b in zip(seg_offset, gt_vol.offset)))
@@ -169,13 +169,15 @@ def run(args: argparse.Namespace) -> dict:
         skeletons = erl.skeletonize(gt, voxel_size, dust_threshold=args.dust_threshold,
                                     teasar_params={"scale": args.teasar_scale,
                                                    "const": args.teasar_const})
+    skeleton_seconds = time.perf_counter() - t_sk
     if args.save_skeletons:
         erl.save_swc_dir(args.save_skeletons, skeletons, voxel_size)
 
     report = erl.evaluate(seg, gt, voxel_size, skeletons, merge_thresholds=thresholds,
                           min_skeleton_length=args.min_skeleton_length)
     report.update({"segmentation": args.segmentation, "groundtruth": args.groundtruth,
-                   "bbox_start": list(start), "read_seconds": read_seconds})
+                   "bbox_start": list(start), "read_seconds": read_seconds,
+                   "skeleton_seconds": skeleton_seconds})
     if baseline:
         report["baseline_seconds"] = baseline_seconds
     if args.png:
@@ -199,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(report))
     if "baseline_seconds" in report:
         print(f"baseline segmentation took {report['baseline_seconds']:.1f} s")
-    print(f"scored in {report['seconds']:.1f} s")
+    print(f"skeletons in {report['skeleton_seconds']:.1f} s, metrics in {report['seconds']:.1f} s")
     for k in ("json", "png"):
         if getattr(args, k):
             print(f"wrote {getattr(args, k)}")
