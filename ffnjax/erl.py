@@ -41,7 +41,7 @@ import numpy as np
 # Skeletons
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Skeleton:
     """One ground-truth object's skeleton.
 
@@ -262,7 +262,7 @@ def save_swc_dir(directory: str | os.PathLike, skeletons: Iterable[Skeleton],
 # Expected run length
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class ERLResult:
     """Expected run length of a segmentation against skeletons.
 
