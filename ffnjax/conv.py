@@ -260,6 +260,61 @@ def _channel_split(fn, x: Array, kernel: Array) -> Array:
     return lax.all_gather(fn(x, local), axis_name, axis=4, tiled=True)
 
 
+def _kernel_grad(x: Array, dy: Array, ksize: tuple[int, int, int]) -> Array:
+    """d(sum(conv3d(x, k) * dy)) / dk for a SAME kernel of size `ksize`.
+
+    Written as one canonical VALID 2D convolution per kernel z-tap, with depth
+    folded into the batch and then the batch used as the contraction
+    ("feature") axis and the input channels as the batch, so XLA:CPU hands it
+    to its tuned 2D kernel (3-4x faster than the 3D form of the same sum).
+    """
+    n, z, y, xx, c = x.shape
+    kz, ky, kx = ksize
+    pads = [(0, 0)] + [_pads(k) for k in ksize] + [(0, 0)]
+    xp = jnp.pad(x, pads)
+    rhs = dy.reshape(n * z, y, xx, -1).transpose(1, 2, 0, 3)          # y, x, N*z, Cout
+    taps = []
+    for a in range(kz):
+        lhs = lax.slice_in_dim(xp, a, a + z, axis=1)
+        lhs = lhs.reshape(n * z, *lhs.shape[2:]).transpose(3, 1, 2, 0)   # Cin, y', x', N*z
+        out = lax.conv_general_dilated(
+            lhs, rhs.astype(lhs.dtype), window_strides=(1, 1), padding="VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            preferred_element_type=_acc_dtype(x.dtype))                 # Cin, ky, kx, Cout
+        taps.append(out.transpose(1, 2, 0, 3))
+    return jnp.stack(taps)                                             # kz, ky, kx, Cin, Cout
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_with_forward_form_vjp(x: Array, kernel: Array, impl: str) -> Array:
+    return _FORMULATIONS[impl](x, kernel)
+
+
+def _cvjp_fwd(x, kernel, impl):
+    return _FORMULATIONS[impl](x, kernel), (x, kernel)
+
+
+def _cvjp_bwd(impl, res, dy):
+    # Autodiff of a convolution yields transposed convolutions that XLA:CPU
+    # runs ~5-15x slower inside control flow (the training step's lax.scan /
+    # lax.cond over FOV moves) than at the top level. Both gradients are
+    # written here in forward form instead:
+    #   dx = conv(dy, kernel flipped in space, in/out swapped)   (SAME, odd kernel)
+    #   dk = a VALID convolution of x with dy (`_kernel_grad`).
+    x, kernel = res
+    dx = _FORMULATIONS[impl](dy.astype(x.dtype),
+                             jnp.flip(kernel, (0, 1, 2)).swapaxes(3, 4).astype(x.dtype))
+    dk = _kernel_grad(x, dy.astype(x.dtype), kernel.shape[:3])
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_conv_with_forward_form_vjp.defvjp(_cvjp_fwd, _cvjp_bwd)
+
+
+def _odd(kernel: Array) -> bool:
+    return all(k % 2 == 1 for k in kernel.shape[:3])
+
+
 def conv3d(x: Array, kernel: Array, impl: str = "auto") -> Array:
     """SAME 3D convolution of x (N,z,y,x,Cin) with kernel (kz,ky,kx,Cin,Cout).
 
@@ -279,6 +334,9 @@ def conv3d(x: Array, kernel: Array, impl: str = "auto") -> Array:
     impl = resolve_impl(impl)
     if impl != "native" and kernel.shape[:3] == (1, 1, 1):
         return _channel_split(conv3d_pointwise, x, kernel)
+    if impl != "native" and _odd(kernel):
+        fn = functools.partial(_conv_with_forward_form_vjp, impl=impl)
+        return _channel_split(lambda a, k: fn(a, k), x, kernel)
     return _channel_split(_FORMULATIONS[impl], x, kernel)
 
 
