@@ -779,6 +779,10 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_at_step: int | None 
             waited += wait
             state, metrics = step_fn(state, to_global(batch_np))
             step += 1
+            # Keep at most one step in flight: wait for the previous step so the
+            # bar's rate and ETA are true and the host never runs far ahead.
+            if interval:
+                jax.block_until_ready(interval[-1])
             interval.append(metrics)
             bar.update(1)
             if _due(step, config.log_every, end):
