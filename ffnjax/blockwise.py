@@ -57,7 +57,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ffnjax.config import InferenceOptions, ModelConfig
+from ffnjax.config import InferenceOptions, ModelConfig, _as_zyx
 
 SegmentFn = Callable[[np.ndarray], np.ndarray]
 LOCAL_SCHEDULERS = ("sync", "synchronous", "single-threaded", "threads", "threading",
@@ -67,18 +67,6 @@ FORMAT_VERSION = 1
 
 # ----------------------------------------------------------------------------
 # The block grid
-
-
-def _zyx(name: str, value: Any, *, minimum: int) -> tuple[int, int, int]:
-    if isinstance(value, str):
-        value = [v for v in value.replace(" ", "").split(",") if v]
-    try:
-        t = tuple(int(v) for v in value)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{name} must be three integers z,y,x, got {value!r}") from e
-    if len(t) != 3 or any(v < minimum for v in t):
-        raise ValueError(f"{name} must be three integers z,y,x, each >= {minimum}, got {value!r}")
-    return t  # type: ignore[return-value]
 
 
 def axis_starts(size: int, block: int, overlap: int) -> list[int]:
@@ -149,9 +137,9 @@ class BlockGrid:
     overlap: tuple[int, int, int]
 
     def __post_init__(self):
-        object.__setattr__(self, "shape", _zyx("shape", self.shape, minimum=1))
-        object.__setattr__(self, "block", _zyx("block", self.block, minimum=1))
-        object.__setattr__(self, "overlap", _zyx("overlap", self.overlap, minimum=0))
+        object.__setattr__(self, "shape", _as_zyx("shape", self.shape))
+        object.__setattr__(self, "block", _as_zyx("block", self.block))
+        object.__setattr__(self, "overlap", _as_zyx("overlap", self.overlap, positive=False))
         for ax, (s, b, o) in enumerate(zip(self.shape, self.block, self.overlap)):
             if b < s and o >= b:
                 raise ValueError(f"overlap {self.overlap} must be smaller than block {self.block} "
