@@ -93,8 +93,12 @@ def run_demo(args: argparse.Namespace) -> dict:
     metrics = train_loop.train(config, workdir, progress=progress)
     train_s = time.perf_counter() - t0
     report["training"] = dict(metrics, seconds=train_s)
-    print(f"[2/5] trained {args.steps} steps in {train_s:.0f} s: loss {metrics['loss']:.3f}, "
-          f"F1@0.9 {metrics['f1']:.3f} -> {workdir}")
+    if "loss" in metrics:
+        print(f"[2/5] trained to step {metrics['step']} in {train_s:.0f} s: loss "
+              f"{metrics['loss']:.3f}, F1@0.9 {metrics['f1']:.3f} -> {workdir}")
+    else:  # a rerun: the checkpoint in workdir had already reached --steps
+        print(f"[2/5] {workdir} already holds step {metrics['step']}; nothing left to train "
+              f"(use a new --out or more --steps to train further)")
 
     # 3. Flood fill ------------------------------------------------------------------
     model_config, params = checkpoints.load_checkpoint(workdir)

@@ -54,3 +54,15 @@ def test_summary_table_lists_every_metric(demo_run):
     for label in ("NERL, merge thr 1", "NERL, merge thr 50", "VOI split", "VOI merge",
                   "adapted Rand error", "time (s)"):
         assert label in table
+
+
+def test_rerunning_the_demo_resumes_instead_of_retraining(demo_run):
+    out, first = demo_run
+    args = demo.build_parser().parse_args([
+        "--out", str(out), "--steps", "6", "--batch-size", "2", "--train-shape", "24,48,48",
+        "--test-shape", "24,40,40", "--depth", "1", "--features", "4", "--fov", "9,9,9",
+        "--deltas", "2,2,2", "--min-segment-size", "20", "--quiet"])
+    again = demo.run_demo(args)
+    assert again["training"]["step"] == 6 and "loss" not in again["training"]
+    # Same checkpoint and same test volume: the same segmentation and scores.
+    assert again["scores"]["ffn"]["adapted_rand"] == first["scores"]["ffn"]["adapted_rand"]
