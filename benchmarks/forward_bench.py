@@ -68,6 +68,7 @@ def jax_worker(args) -> None:
     sys.path.insert(0, str(REPO))
     from ffnjax import nets, platform
     from ffnjax.config import ModelConfig
+    from ffnjax.tf_import import ffn_tensors_from_params
 
     spec = json.loads(args.worker_spec)
     fns, feeds = [], []
@@ -91,8 +92,7 @@ def jax_worker(args) -> None:
         key = case["net"]
         wpath = Path(spec["tmpdir"]) / f"{key}_weights.npz"
         if not wpath.exists():  # the TF worker runs the same weights
-            np.savez(wpath, **{f"{layer}/{name}": np.asarray(v)
-                               for layer, d in params["params"].items() for name, v in d.items()})
+            np.savez(wpath, **ffn_tensors_from_params(params))  # google/ffn's variable names
         if case["batch"] == 1 and case["dtype"] == "float32" and key not in outputs:
             outputs[key] = np.asarray(y).ravel()[:: max(1, y.size // 4096)].tolist()
 
@@ -109,32 +109,17 @@ def tf_worker(args) -> None:
     import numpy as np
     import tensorflow as tf
 
+    from ffnjax.tf_import import tensorflow_forward
+
     spec = json.loads(args.worker_spec)
     fns = []
     outputs = {}
     for case in spec["cases"]:
         net = NETS[case["net"]]
         w = np.load(Path(spec["tmpdir"]) / f"{case['net']}_weights.npz")
-        weights = {k: tf.constant(w[k]) for k in w.files}
-
-        def conv(x, name):
-            y = tf.nn.conv3d(x, weights[f"{name}/kernel"], strides=[1] * 5, padding="SAME")
-            return y + weights[f"{name}/bias"]
-
-        depth = net["depth"]
-
-        @tf.function
-        def forward(image, mask, depth=depth, conv=conv):
-            x = tf.concat([image, mask], axis=-1)
-            x = tf.nn.relu(conv(x, "conv0_a"))
-            x = conv(x, "conv0_b")
-            for i in range(1, depth):
-                skip = x
-                x = tf.nn.relu(conv(tf.nn.relu(x), f"conv{i}_a"))
-                x = conv(x, f"conv{i}_b") + skip
-            return mask + conv(tf.nn.relu(x), "conv_lom")
-
         img, msk = _inputs(net, case["batch"])
+        # The importer's TensorFlow reference of the same convstack, compiled once.
+        forward = tensorflow_forward({k: w[k] for k in w.files}, net["depth"], img, msk, jit=True)
         img, msk = tf.constant(img), tf.constant(msk)
         y = forward(img, msk).numpy()
         fns.append(lambda f=forward, i=img, m=msk: f(i, m).numpy())
