@@ -33,28 +33,26 @@ from typing import Sequence
 import numpy as np
 
 
-def _ints(text: str | None, n: int, flag: str) -> tuple[int, ...] | None:
+def _numbers(text: str | None, n: int, flag: str, kind=int) -> tuple | None:
+    """`n` comma-separated numbers of type `kind` (floats must be positive), or None."""
     if text is None:
         return None
+    what = "integers" if kind is int else "positive numbers"
     try:
-        vals = tuple(int(v) for v in text.split(","))
+        vals = tuple(kind(v) for v in text.split(","))
     except ValueError as e:
-        raise ValueError(f"{flag} must be {n} comma-separated integers, got {text!r}") from e
-    if len(vals) != n:
-        raise ValueError(f"{flag} must be {n} comma-separated integers, got {text!r}")
+        raise ValueError(f"{flag} must be {n} comma-separated {what}, got {text!r}") from e
+    if len(vals) != n or (kind is float and not all(v > 0 for v in vals)):
+        raise ValueError(f"{flag} must be {n} comma-separated {what}, got {text!r}")
     return vals
+
+
+def _ints(text: str | None, n: int, flag: str) -> tuple[int, ...] | None:
+    return _numbers(text, n, flag, int)
 
 
 def _floats(text: str | None, n: int, flag: str) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        vals = tuple(float(v) for v in text.split(","))
-    except ValueError as e:
-        raise ValueError(f"{flag} must be {n} comma-separated numbers, got {text!r}") from e
-    if len(vals) != n or not all(v > 0 for v in vals):
-        raise ValueError(f"{flag} must be {n} comma-separated positive numbers, got {text!r}")
-    return vals
+    return _numbers(text, n, flag, float)
 
 
 def build_parser() -> argparse.ArgumentParser:
