@@ -86,11 +86,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--fov-moves", type=int, default=1, help="in-example FOV lattice radius (default 1)")
     p.add_argument("--small", action="store_true",
                    help="tiny net (depth 2, 8 features, FOV 9^3, deltas 2) instead of the default model")
+    p.add_argument("--demo-model", action="store_true",
+                   help="the model `make demo` trains (experiments.demo's defaults)")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
 
-    model = (ModelConfig(depth=2, features=8, fov_size=(9, 9, 9), deltas=(2, 2, 2)) if args.small
-             else ModelConfig())
+    if args.small:
+        model = ModelConfig(depth=2, features=8, fov_size=(9, 9, 9), deltas=(2, 2, 2))
+    elif args.demo_model:
+        from experiments.demo import build_parser, model_config
+        model = model_config(build_parser().parse_args([]))
+    else:
+        model = ModelConfig()
     base = TrainConfig(model=model, batch_size=args.batch_size, fov_moves=args.fov_moves,
                        steps=args.steps + args.warmup, warmup_steps=0)
     sources = {"synthetic": dict(synthetic_shape=(48, 96, 96) if args.small else (64, 128, 128),

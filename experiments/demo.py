@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     p.add_argument("--train-shape", default="64,96,96", help="synthetic training volume z,y,x")
     p.add_argument("--test-shape", default="48,96,96", help="synthetic test volume z,y,x")
-    p.add_argument("--depth", type=int, default=3, help="convstack depth (default 3)")
+    p.add_argument("--depth", type=int, default=5,
+                   help="convstack depth (default 5: 10 convolutions, so the seed can reach "
+                        "the corners of a 17^3 FOV in one pass)")
     p.add_argument("--features", type=int, default=16, help="features per layer (default 16)")
     p.add_argument("--fov", default="17,17,17", help="FOV z,y,x (default 17,17,17)")
     p.add_argument("--deltas", default="4,4,4", help="FOV move z,y,x (default 4,4,4)")
@@ -52,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _zyx(text: str) -> tuple[int, int, int]:
     return tuple(int(v) for v in text.split(","))  # type: ignore[return-value]
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    """The network the demo trains, from its flags."""
+    return ModelConfig(depth=args.depth, features=args.features, fov_size=_zyx(args.fov),
+                       deltas=_zyx(args.deltas))
 
 
 def run_demo(args: argparse.Namespace) -> dict:
@@ -78,8 +86,7 @@ def run_demo(args: argparse.Namespace) -> dict:
           f"in {time.perf_counter() - t0:.1f} s -> {out / 'data'}")
 
     # 2. Training ------------------------------------------------------------------
-    model = ModelConfig(depth=args.depth, features=args.features, fov_size=_zyx(args.fov),
-                        deltas=_zyx(args.deltas))
+    model = model_config(args)
     config = TrainConfig(model=model, images=(specs["train_image"],),
                          labels=(specs["train_labels"],), steps=args.steps,
                          batch_size=args.batch_size, learning_rate=args.learning_rate,

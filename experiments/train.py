@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fov-moves", type=int,
                    help=f"lattice radius of in-example FOV moves, 0 = centre only (default {d.fov_moves})")
     g.add_argument("--move-policy", choices=MOVE_POLICIES, help=f"(default {d.move_policy})")
+    g.add_argument("--max-moves", type=int,
+                   help=f"cap on FOV moves per example beyond the centre, 0 = none (default {d.max_moves})")
     g.add_argument("--move-threshold", type=float, help=f"(default {d.move_threshold})")
 
     g = p.add_argument_group("logging and checkpoints")
@@ -126,6 +128,7 @@ _DIRECT = {
     "cache_dir": "cache_dir", "brightness": "brightness", "contrast": "contrast",
     "batch_size": "batch_size", "learning_rate": "learning_rate", "optimizer": "optimizer",
     "warmup_steps": "warmup_steps", "fov_moves": "fov_moves", "move_policy": "move_policy",
+    "max_moves": "max_moves",
     "move_threshold": "move_threshold", "log_every": "log_every",
     "checkpoint_every": "checkpoint_every", "image_every": "image_every",
     "keep_checkpoints": "keep_checkpoints", "val_image": "val_images", "val_labels": "val_labels",

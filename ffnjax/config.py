@@ -248,6 +248,10 @@ class TrainConfig(_JsonMixin):
         FOV + 2 * deltas * fov_moves); 0 trains on the centre FOV only.
       move_policy: 'fixed' (centre, then the neighbours in a per-example
         shuffled order) or 'max_pred_moves' (inference's face-max rule).
+      max_moves: at most this many FOV moves per example beyond the centre
+        (0: no cap, every lattice position the policy takes). A cap makes an
+        example cost at most 1 + max_moves FOVs; the random orders still cover
+        every direction across examples.
       move_threshold: a move needs the canvas (or face max) above this.
       seed_prob, pad_prob: the initial mask (probability at the centre voxel
         and everywhere else) and the soft target values (inside / outside).
@@ -289,6 +293,7 @@ class TrainConfig(_JsonMixin):
     seed: int = 0
     fov_moves: int = 1
     move_policy: str = "fixed"
+    max_moves: int = 0
     move_threshold: float = 0.9
     seed_prob: float = 0.95
     pad_prob: float = 0.05
@@ -342,7 +347,8 @@ class TrainConfig(_JsonMixin):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
             object.__setattr__(self, name, int(getattr(self, name)))
-        for name in ("warmup_steps", "fov_moves", "min_object_size", "seed", "synthetic_seed"):
+        for name in ("warmup_steps", "fov_moves", "max_moves", "min_object_size", "seed",
+                     "synthetic_seed"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
             object.__setattr__(self, name, int(getattr(self, name)))

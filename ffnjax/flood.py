@@ -66,6 +66,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy.special import expit
 from tqdm.auto import tqdm
 
@@ -78,6 +79,7 @@ ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 # A voxel once driven below probability 0.5 (logit 0) is not revived when
 # `disconnected_seeds` is on (google/ffn's `disco_seeds`).
 DISCO_LOGIT = 0.0
+FOV_AXIS = "fovs"  # mesh axis of a batched fill's FOVs (see fill_mesh)
 UNSEGMENTED_SEED = -1  # marks a tried seed voxel so it is not retried
 
 
@@ -363,11 +365,38 @@ def make_fill_fns(spec: FillSpec, apply_fn: ApplyFn):
     return cond_fn, body_fn
 
 
+def fill_mesh(batch_size: int) -> Mesh | None:
+    """The devices that share each batch of FOVs of a batched fill, or None.
+
+    On CPU, with several host devices (one per core: `ffnjax.hostdevices`)
+    and `batch_size` >= 2, each batch of FOVs is split over
+    gcd(batch_size, devices) of them, so every core runs its share of the
+    network. Accelerators keep a fill on one device: there one device is
+    already parallel, and splitting would add a transfer per step.
+    """
+    if batch_size < 2 or jax.default_backend() != "cpu":
+        return None
+    devices = jax.local_devices()
+    k = math.gcd(batch_size, len(devices))
+    return Mesh(np.asarray(devices[:k]), (FOV_AXIS,)) if k > 1 else None
+
+
 @functools.lru_cache(maxsize=64)
 def compiled_fill(spec: FillSpec, apply_fn: ApplyFn):
     """The jitted `run(params, image, seed) -> FillState` for `spec`, cached per
-    (spec, apply_fn) so that every seed after the first reuses the executable."""
-    cond_fn, body_fn = make_fill_fns(spec, apply_fn)
+    (spec, apply_fn) so that every seed after the first reuses the executable.
+
+    With a `fill_mesh`, the loop's bookkeeping runs replicated on the mesh's
+    devices and the network call inside it is a `jax.shard_map` over the FOV
+    batch; params and image are placed replicated on the mesh first (a no-op
+    after the first call).
+    """
+    mesh = fill_mesh(spec.batch_size)
+    net = apply_fn
+    if mesh is not None:
+        net = jax.shard_map(lambda p, i, m: apply_fn(p, i, m), mesh=mesh,
+                            in_specs=(P(), P(FOV_AXIS), P(FOV_AXIS)), out_specs=P(FOV_AXIS))
+    cond_fn, body_fn = make_fill_fns(spec, net)
 
     def run(params, image, seed):
         seed = jnp.asarray(seed, jnp.int32)
@@ -375,7 +404,15 @@ def compiled_fill(spec: FillSpec, apply_fn: ApplyFn):
         return jax.lax.while_loop(lambda s: cond_fn(params, image, seed, s),
                                   lambda s: body_fn(params, image, seed, s), st)
 
-    return jax.jit(run)
+    jitted = jax.jit(run)
+    if mesh is None:
+        return jitted
+    replicated = NamedSharding(mesh, P())
+
+    def placed(params, image, seed):
+        return jitted(jax.device_put(params, replicated), jax.device_put(image, replicated), seed)
+
+    return placed
 
 
 @functools.lru_cache(maxsize=16)

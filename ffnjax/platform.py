@@ -20,8 +20,6 @@ is fixed for the life of the process.
 from __future__ import annotations
 
 import functools
-import os
-import re
 from typing import Any, Callable
 
 import jax
@@ -29,62 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-_FLAG = "--xla_force_host_platform_device_count"
+from ffnjax.hostdevices import configure_host_devices, usable_cores  # noqa: F401 (re-exported)
+
 BATCH_AXIS = "batch"
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (`os.sched_getaffinity`, else `os.cpu_count`)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def _backends_initialised() -> bool:
-    try:
-        from jax._src import xla_bridge
-        return bool(xla_bridge.backends_are_initialized())
-    except (ImportError, AttributeError):  # private API moved: assume not yet
-        return False
-
-
-def configure_host_devices(n: int | None = None) -> int:
-    """Give XLA:CPU one host device per core, unless the user chose already.
-
-    Leaves everything alone (and returns the count in force) when
-    `XLA_FLAGS` already contains `--xla_force_host_platform_device_count`,
-    when `JAX_NUM_CPU_DEVICES` is set, or when JAX's backends are already
-    initialised. Otherwise sets `jax_num_cpu_devices` (the XLA flag on JAX
-    versions without that option). Harmless on GPU/TPU machines: only the
-    CPU platform gets more devices; accelerators stay the default backend.
-
-    Args:
-      n: devices to create; defaults to `usable_cores()`.
-
-    Returns:
-      The host device count that will be (or already is) in force; -1 when
-      it cannot be known without initialising the backends.
-
-    Raises:
-      ValueError: when n < 1.
-    """
-    n = usable_cores() if n is None else int(n)
-    if n < 1:
-        raise ValueError(f"configure_host_devices: n must be >= 1, got {n}")
-    flags = os.environ.get("XLA_FLAGS", "")
-    m = re.search(re.escape(_FLAG) + r"=(\d+)", flags)
-    if m:
-        return int(m.group(1))
-    if os.environ.get("JAX_NUM_CPU_DEVICES"):
-        return int(os.environ["JAX_NUM_CPU_DEVICES"])
-    if _backends_initialised():
-        return -1
-    try:
-        jax.config.update("jax_num_cpu_devices", n)
-    except AttributeError:  # older JAX: only the XLA flag exists
-        os.environ["XLA_FLAGS"] = f"{flags} {_FLAG}={n}".strip()
-    return n
 
 
 def batch_mesh(devices: Any = None) -> Mesh:

@@ -134,8 +134,12 @@ def run_fovs(apply_fn: Callable, params: Any, batch: dict[str, jax.Array], order
       positions: (B, P) lattice index evaluated in each slot.
       canvas: (B, *crop_size, 1) final mask logits.
 
-    Policies. 'fixed': slot 0 is the centre; slot s takes `order[:, s]` only if
-    the canvas at that FOV's centre voxel exceeds logit(move_threshold).
+    Policies. 'fixed': slot 0 is the centre; each later slot takes the next
+    position of the example's `order` whose FOV centre voxel exceeds
+    logit(move_threshold) on the canvas (google/ffn's fixed policy, with the
+    skipped positions packed out so that slots are not wasted).
+    `config.max_moves` > 0 caps the slots at 1 + max_moves per example
+    (taken, positions are then (B, 1 + max_moves)).
     'max_pred_moves' (inference's rule): after an FOV is evaluated, each of its
     six faces (the plane at +-delta from its centre) whose maximum prediction
     exceeds the threshold queues the neighbouring lattice position; slot s
@@ -174,10 +178,21 @@ def run_fovs(apply_fn: Callable, params: Any, batch: dict[str, jax.Array], order
     def slot(carry, s):
         canvas = carry["canvas"]
         if config.move_policy == "fixed":
-            pos = order[:, s]
-            cz = centres_tab[pos]
-            value = canvas[jnp.arange(b), cz[:, 0], cz[:, 1], cz[:, 2], 0]
-            taken = (value > thr) | (s == 0)
+            # Each example skips ahead to the next position of its order whose
+            # centre passes the threshold (slot 0: the centre). An example's
+            # canvas changes only when it evaluates a FOV, so checking the
+            # skipped positions now gives the same decisions as checking them
+            # one per slot -- but the slots stay packed: a batch costs the
+            # largest number of FOVs any one example takes, not the union.
+            ptr = carry["ptr"]
+            cz = centres_tab[order]                                              # (B, P, 3)
+            value = canvas[jnp.arange(b)[:, None], cz[..., 0], cz[..., 1], cz[..., 2], 0]
+            index = jnp.arange(n_pos, dtype=jnp.int32)[None, :]
+            ok = (index >= ptr[:, None]) & ((value > thr) | ((index == 0) & (ptr[:, None] == 0)))
+            first = jnp.argmax(ok, axis=1).astype(jnp.int32)
+            taken = jnp.any(ok, axis=1)
+            pos = jnp.take_along_axis(order, first[:, None], axis=1)[:, 0]
+            next_ptr = jnp.where(taken, first + 1, n_pos)
         else:
             cand = (carry["queued"] < big) & ~carry["visited"]
             pos = jnp.argmin(jnp.where(cand, carry["queued"], big), axis=-1).astype(jnp.int32)
@@ -213,6 +228,8 @@ def run_fovs(apply_fn: Callable, params: Any, batch: dict[str, jax.Array], order
         out["tp"] = carry["tp"] + jnp.sum(weight_f * pred * truth)
         out["fp"] = carry["fp"] + jnp.sum(weight_f * pred * (1 - truth))
         out["fn"] = carry["fn"] + jnp.sum(weight_f * (1 - pred) * truth)
+        if config.move_policy == "fixed":
+            out["ptr"] = next_ptr
         if config.move_policy == "max_pred_moves":
             visited = carry["visited"].at[jnp.arange(b), pos].max(taken)
             # Face planes at +-delta from the FOV centre (google/ffn's
@@ -236,10 +253,13 @@ def run_fovs(apply_fn: Callable, params: Any, batch: dict[str, jax.Array], order
                  fn=jnp.float32(0))
     if with_grad:
         carry["grad_sum"] = zero_grads
+    if config.move_policy == "fixed":
+        carry["ptr"] = jnp.zeros((b,), jnp.int32)
     if config.move_policy == "max_pred_moves":
         carry["visited"] = jnp.zeros((b, n_pos), bool)
         carry["queued"] = jnp.full((b, n_pos), big, jnp.int32).at[:, centre_index].set(0)
-    carry, (taken, positions) = lax.scan(slot, carry, jnp.arange(n_pos))
+    n_slots = n_pos if not config.max_moves else min(n_pos, 1 + config.max_moves)
+    carry, (taken, positions) = lax.scan(slot, carry, jnp.arange(n_slots))
     return dict(loss_sum=carry["loss_sum"], weight_sum=carry["weight_sum"],
                 grad_sum=carry.get("grad_sum"), tp=carry["tp"], fp=carry["fp"], fn=carry["fn"],
                 taken=taken.T, positions=positions.T, canvas=carry["canvas"])
@@ -342,7 +362,7 @@ def make_mesh(devices: list | None = None) -> Mesh:
 
 # TrainConfig fields the device step depends on; the rest (data, logging,
 # checkpoints, augmentation) only matter on the host.
-STEP_FIELDS = ("model", "fov_moves", "move_policy", "move_threshold", "seed_prob", "pad_prob",
+STEP_FIELDS = ("model", "fov_moves", "move_policy", "max_moves", "move_threshold", "seed_prob", "pad_prob",
                "steps", "learning_rate", "optimizer", "momentum", "warmup_steps",
                "end_lr_fraction", "clip_norm")
 
@@ -683,8 +703,13 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_at_step: int | None 
     mesh = make_mesh()
     n_dev = mesh.size
     if config.batch_size % n_dev:
-        raise ValueError(f"batch_size {config.batch_size} must be a multiple of the device "
-                         f"count {n_dev}")
+        if process_count > 1:
+            raise ValueError(f"batch_size {config.batch_size} must be a multiple of the device "
+                             f"count {n_dev}")
+        # One host: use the most devices that share the batch evenly (e.g. the
+        # per-core CPU devices of ffnjax.hostdevices with an odd batch size).
+        n_dev = math.gcd(config.batch_size, n_dev)
+        mesh = make_mesh(jax.devices()[:n_dev])
     local_batch = config.batch_size // process_count
 
     # --- Input (fails here, before any compilation, on bad data) ---------------

@@ -54,10 +54,13 @@ def test_fixed_policy_moves_only_where_canvas_passes_threshold():
     centres = fov_starts(config) + np.array(TINY.fov_radius)
     for b in range(4):
         assert order[b, 0] == 13 and sorted(order[b]) == list(range(27))
-        np.testing.assert_array_equal(positions[b], order[b])
         # Every neighbour centre lies in the centre FOV, whose output is the image.
         expect = {13} | {p for p in range(27) if batch["image"][b, *centres[p], 0] > THR}
-        assert {int(p) for p, t in zip(positions[b], taken[b]) if t} == expect
+        # Taken slots come first (packed), visiting the expected positions in
+        # the example's order; the rest of the slots are idle.
+        n = len(expect)
+        assert taken[b, :n].all() and not taken[b, n:].any()
+        assert [int(p) for p in positions[b, :n]] == [int(p) for p in order[b] if p in expect]
         # The canvas holds the image on every evaluated FOV and the pad value elsewhere.
         seen = np.zeros(config.crop_size, bool)
         for p in expect:
@@ -315,3 +318,19 @@ def test_four_device_step_equals_single_device_step():
     assert res["m1"]["moves"] > 1
     for k in res["m1"]:
         np.testing.assert_allclose(res["m4"][k], res["m1"][k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_max_moves_caps_the_packed_slots():
+    """A cap of K moves keeps exactly the first 1 + K packed slots of the
+    uncapped run (same positions, same canvas decisions) and nothing else."""
+    import dataclasses
+    config = TrainConfig(model=TINY, fov_moves=1, move_policy="fixed")
+    batch = _random_logit_batch(config, 4, seed=1, p_high=0.6)
+    order = move_orders(jax.random.split(jax.random.PRNGKey(3), 4), 1)
+    full = run_fovs(image_as_logits, None, batch, order, config, with_grad=False)
+    capped = run_fovs(image_as_logits, None, batch, order, dataclasses.replace(config, max_moves=3),
+                      with_grad=False)
+    assert np.asarray(capped["taken"]).shape == (4, 4)
+    assert np.asarray(full["taken"]).sum(1).min() > 4          # the cap binds
+    np.testing.assert_array_equal(np.asarray(capped["taken"]), np.asarray(full["taken"])[:, :4])
+    np.testing.assert_array_equal(np.asarray(capped["positions"]), np.asarray(full["positions"])[:, :4])
