@@ -144,7 +144,13 @@ def bench_one(config: ModelConfig, params, apply_fn, image: np.ndarray, seeds: n
     t0 = time.perf_counter()
     seg, info = flood.segment(image, params, config, options, apply_fn, seeds=seeds, progress=False)
     wall = time.perf_counter() - t0 - info.timings["seeds"]
-    fwd = forward_seconds(apply_fn, params, config, options.batch_size)
+    # The network exactly as the fill calls it (split over the host devices
+    # for batches >= 2, see ffnjax.flood.fill_mesh).
+    fwd = forward_seconds(flood.fill_network(apply_fn, options.batch_size), params, config,
+                          options.batch_size)
+    # An ideal fill evaluates one FOV per lattice cell and keeps all of its
+    # prod(deltas) voxels: the forward pass then allows this many voxels/s.
+    ideal = float(np.prod(config.deltas)) * options.batch_size / fwd
     c = info.counters
     loop_ms = loop_overhead_ms(config, image, seeds, options) if oracle else float("nan")
     return {
@@ -155,6 +161,10 @@ def bench_one(config: ModelConfig, params, apply_fn, image: np.ndarray, seeds: n
         "voxels_per_s": round(np.count_nonzero(seg) / wall, 1),
         "steps_per_s": round(c["fov_steps"] / wall, 2),
         "outside_fraction": round(1.0 - c["net_calls"] * fwd / wall, 4),
+        "ideal_voxels_per_s": round(ideal, 1),
+        "of_ideal": round(np.count_nonzero(seg) / wall / ideal, 3),
+        "devices": int(flood.fill_mesh(options.batch_size).devices.size)
+        if flood.fill_mesh(options.batch_size) is not None else 1,
         "fill_s": round(info.timings["fill"], 3), "commit_s": round(info.timings["commit"], 3),
         "loop_ms_per_step": round(loop_ms, 4),
         "outside_fraction_direct": round(loop_ms * 1e-3 * c["fov_steps"] / wall, 4),
@@ -184,7 +194,8 @@ def main(argv=None) -> list[dict]:
     shape = tuple(int(v) for v in args.shape.split(","))
     bbox = tuple(int(v) for v in args.fib25_bbox.split(","))
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()})")
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+          f"{jax.local_device_count()} local device(s)")
     if args.checkpoint:
         from ffnjax.checkpoints import load_checkpoint
 
@@ -223,7 +234,9 @@ def main(argv=None) -> list[dict]:
                       f"{row['steps_per_s']:>8.2f} steps/s  outside forward {100 * row['outside_fraction']:5.1f}% "
                       f"(direct {100 * row['outside_fraction_direct']:4.1f}%)  "
                       f"({row['objects']} objects, {row['fov_steps']} steps, {row['net_calls']} calls, "
-                      f"{row['forward_ms']} ms/call, loop without net {row['loop_ms_per_step']} ms/step, "
+                      f"{row['forward_ms']} ms/call on {row['devices']} device(s), "
+                      f"{100 * row['of_ideal']:.0f}% of an ideal fill's voxels/s, "
+                      f"loop without net {row['loop_ms_per_step']} ms/step, "
                       f"wall {row['wall_s']} s)", flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ images), ffn_seg.zarr, baseline_seg.zarr, report.json and PNG overlays.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -30,10 +31,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
-    p.add_argument("--steps", type=int, default=1200, help="training steps (default 1200)")
+    p.add_argument("--steps", type=int, default=1200,
+                   help="phase 1: steps on the centre FOV only (default 1200)")
+    p.add_argument("--move-steps", type=int, default=2400,
+                   help="phase 2: steps with in-example FOV moves, starting from phase 1's "
+                        "weights, so the net learns to read its own predictions as flood "
+                        "filling makes it (default 2400; 0 skips the phase)")
+    p.add_argument("--max-moves", type=int, default=4,
+                   help="FOV moves per example beyond the centre in phase 2 (default 4; "
+                        "0 = every lattice neighbour the policy takes, about 4x slower)")
     p.add_argument("--batch-size", type=int, default=4, help="examples per step (default 4)")
     p.add_argument("--learning-rate", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
-    p.add_argument("--train-shape", default="64,96,96", help="synthetic training volume z,y,x")
+    p.add_argument("--train-shape", default="80,128,128", help="synthetic training volume z,y,x")
     p.add_argument("--test-shape", default="48,96,96", help="synthetic test volume z,y,x")
     p.add_argument("--depth", type=int, default=5,
                    help="convstack depth (default 5: 10 convolutions, so the seed can reach "
@@ -41,10 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", type=int, default=16, help="features per layer (default 16)")
     p.add_argument("--fov", default="17,17,17", help="FOV z,y,x (default 17,17,17)")
     p.add_argument("--deltas", default="4,4,4", help="FOV move z,y,x (default 4,4,4)")
-    p.add_argument("--fov-moves", type=int, default=0,
-                   help="lattice radius of in-example FOV moves (default 0: centre FOV only, "
-                        "about 12x faster per step on CPU; 1 trains on its own predictions "
-                        "as google/ffn does)")
     p.add_argument("--min-segment-size", type=int, default=200,
                    help="objects smaller than this are dropped (default 200)")
     p.add_argument("--seed", type=int, default=0, help="seed of data and training (default 0)")
@@ -87,31 +92,42 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     # 2. Training ------------------------------------------------------------------
     model = model_config(args)
-    config = TrainConfig(model=model, images=(specs["train_image"],),
-                         labels=(specs["train_labels"],), steps=args.steps,
-                         batch_size=args.batch_size, learning_rate=args.learning_rate,
-                         warmup_steps=min(20, args.steps // 10), seed=args.seed,
-                         fov_moves=args.fov_moves,
-                         log_every=max(1, args.steps // 6),
-                         checkpoint_every=max(1, args.steps // 3),
-                         image_every=max(1, args.steps // 3))
+    base = TrainConfig(model=model, images=(specs["train_image"],),
+                       labels=(specs["train_labels"],), batch_size=args.batch_size,
+                       seed=args.seed, steps=args.steps, learning_rate=args.learning_rate,
+                       warmup_steps=min(20, args.steps // 10), fov_moves=0)
+    phases = [("centre FOV", out / "train_centre" if args.move_steps else out / "train", base)]
+    if args.move_steps:
+        phases.append(("FOV moves", out / "train", dataclasses.replace(
+            base, steps=args.move_steps, fov_moves=1, max_moves=args.max_moves,
+            learning_rate=args.learning_rate / 3, warmup_steps=min(10, args.move_steps // 10),
+            init_from=str(phases[0][1]))))
     t0 = time.perf_counter()
-    workdir = out / "train"
-    metrics = train_loop.train(config, workdir, progress=progress)
+    report["training"] = {}
+    for name, workdir, config in phases:
+        config = dataclasses.replace(config, log_every=max(1, config.steps // 6),
+                                     checkpoint_every=max(1, config.steps // 3),
+                                     image_every=max(1, config.steps // 3))
+        t1 = time.perf_counter()
+        metrics = train_loop.train(config, workdir, progress=progress)
+        report["training"][name] = dict(metrics, seconds=time.perf_counter() - t1)
+        if "loss" in metrics:
+            print(f"[2/5] {name}: trained to step {metrics['step']} in "
+                  f"{time.perf_counter() - t1:.0f} s: loss {metrics['loss']:.3f}, "
+                  f"F1@0.9 {metrics['f1']:.3f}, {metrics['moves']:.1f} moves/example -> {workdir}")
+        else:  # a rerun: the checkpoint in workdir had already reached its steps
+            print(f"[2/5] {name}: {workdir} already holds step {metrics['step']}; nothing left to "
+                  f"train (use a new --out or more steps to train further)")
     train_s = time.perf_counter() - t0
-    report["training"] = dict(metrics, seconds=train_s)
-    if "loss" in metrics:
-        print(f"[2/5] trained to step {metrics['step']} in {train_s:.0f} s: loss "
-              f"{metrics['loss']:.3f}, F1@0.9 {metrics['f1']:.3f} -> {workdir}")
-    else:  # a rerun: the checkpoint in workdir had already reached --steps
-        print(f"[2/5] {workdir} already holds step {metrics['step']}; nothing left to train "
-              f"(use a new --out or more --steps to train further)")
+    report["training"]["seconds"] = train_s
+    report["training"]["step"] = sum(c.steps for _, _, c in phases)
 
     # 3. Flood fill ------------------------------------------------------------------
-    model_config, params = checkpoints.load_checkpoint(workdir)
+    workdir = phases[-1][1]
+    trained_config, params = checkpoints.load_checkpoint(workdir)
     options = InferenceOptions(min_segment_size=args.min_segment_size)
     t0 = time.perf_counter()
-    seg, info = flood.segment(test_img, params, model_config, options, progress=progress)
+    seg, info = flood.segment(test_img, params, trained_config, options, progress=progress)
     seg_s = time.perf_counter() - t0
     volumes.save_volume(str(out / "ffn_seg.zarr"), seg, overwrite=True)
     report["segmentation"] = dict(seconds=seg_s, objects=len(np.unique(seg[seg > 0])),
@@ -144,7 +160,7 @@ def run_demo(args: argparse.Namespace) -> dict:
           f"ffn_seg.zarr, baseline_seg.zarr, train/ (checkpoints, tensorboard, images)\n"
           f"  view in Neuroglancer: python -m experiments.view --image {specs['test_image']} "
           f"--segmentation {out / 'ffn_seg.zarr'}\n"
-          f"  training curves:      tensorboard --logdir {workdir / 'tensorboard'}")
+          f"  training curves:      tensorboard --logdir {out}")
     return report
 
 

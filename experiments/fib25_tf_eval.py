@@ -19,6 +19,7 @@ fill, not of ffnjax's training.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -127,6 +128,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="min_segment_size for FFN (published: 1000)")
     p.add_argument("--batch-size", type=int, default=1,
                    help="FOVs per network call during a fill (default 1)")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the network's compute dtype (parameters stay float32; default float32)")
     p.add_argument("--skip-baseline", action="store_true", help="do not run the baseline")
     p.add_argument("--reuse", default=None,
                    help="segmentations.npz of an earlier run of the same crop: rescore its FFN "
@@ -150,6 +153,7 @@ def main(argv=None) -> int:
         prefix = args.checkpoint or str(Path(args.data) / DEFAULT_CHECKPOINT)
         params, provenance = import_ffn_checkpoint(prefix, config)
         source = provenance["checkpoint"]
+    config = dataclasses.replace(config, compute_dtype=args.compute_dtype)
     options = InferenceOptions(**{**PUBLISHED_OPTIONS, "min_segment_size": args.min_size,
                                   "batch_size": args.batch_size})
     raw, gt = load_fib25_crop(args.data, args.offset, args.size)
@@ -181,7 +185,8 @@ def main(argv=None) -> int:
         segs["baseline"] = baseline_segmentation(raw)
         timings["baseline"] = time.perf_counter() - t0
 
-    results = {"crop_offset": list(args.offset), "crop_size": list(raw.shape),
+    results = {"crop_offset": list(args.offset), "crop_size": list(raw.shape), "compute_dtype": config.compute_dtype,
+               "batch_size": options.batch_size,
                "model": source, "options": options.to_dict(), "metrics": metrics_source(),
                "ffn_fov_steps": steps}
     radius = config.fov_radius

@@ -381,6 +381,17 @@ def fill_mesh(batch_size: int) -> Mesh | None:
     return Mesh(np.asarray(devices[:k]), (FOV_AXIS,)) if k > 1 else None
 
 
+def fill_network(apply_fn: ApplyFn, batch_size: int) -> ApplyFn:
+    """`apply_fn` as a fill of `batch_size` calls it: a `jax.shard_map` over
+    `fill_mesh(batch_size)` when there is one (each device its share of the
+    FOVs, params replicated), else `apply_fn` itself."""
+    mesh = fill_mesh(batch_size)
+    if mesh is None:
+        return apply_fn
+    return jax.shard_map(lambda p, i, m: apply_fn(p, i, m), mesh=mesh,
+                         in_specs=(P(), P(FOV_AXIS), P(FOV_AXIS)), out_specs=P(FOV_AXIS))
+
+
 @functools.lru_cache(maxsize=64)
 def compiled_fill(spec: FillSpec, apply_fn: ApplyFn):
     """The jitted `run(params, image, seed) -> FillState` for `spec`, cached per
@@ -392,11 +403,7 @@ def compiled_fill(spec: FillSpec, apply_fn: ApplyFn):
     after the first call).
     """
     mesh = fill_mesh(spec.batch_size)
-    net = apply_fn
-    if mesh is not None:
-        net = jax.shard_map(lambda p, i, m: apply_fn(p, i, m), mesh=mesh,
-                            in_specs=(P(), P(FOV_AXIS), P(FOV_AXIS)), out_specs=P(FOV_AXIS))
-    cond_fn, body_fn = make_fill_fns(spec, net)
+    cond_fn, body_fn = make_fill_fns(spec, fill_network(apply_fn, spec.batch_size))
 
     def run(params, image, seed):
         seed = jnp.asarray(seed, jnp.int32)

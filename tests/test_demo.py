@@ -16,7 +16,7 @@ from ffnjax import baseline, erl, volumes
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     args = demo.build_parser().parse_args([
-        "--out", str(out), "--steps", "6", "--batch-size", "2", "--train-shape", "24,48,48",
+        "--out", str(out), "--steps", "6", "--move-steps", "3", "--batch-size", "2", "--train-shape", "24,48,48",
         "--test-shape", "24,40,40", "--depth", "1", "--features", "4", "--fov", "9,9,9",
         "--deltas", "2,2,2", "--min-segment-size", "20", "--quiet"])
     report = demo.run_demo(args)
@@ -31,8 +31,13 @@ def test_demo_writes_every_output(demo_run):
     assert json.loads((out / "report.json").read_text())["scores"].keys() == {"ffn", "baseline"}
     seg = volumes.read_all(str(out / "ffn_seg.zarr"))
     assert seg.shape == (24, 40, 40) and seg.dtype == np.uint64
-    assert report["training"]["step"] == 6
-    assert (out / "train" / "checkpoints" / "6").is_dir()
+    # Phase 1 (centre FOV) 6 steps, then phase 2 (FOV moves) 3 steps from its weights.
+    assert report["training"]["step"] == 9
+    assert report["training"]["centre FOV"]["step"] == 6
+    assert report["training"]["FOV moves"]["step"] == 3
+    assert report["training"]["centre FOV"]["moves"] == 0
+    assert (out / "train_centre" / "checkpoints" / "6").is_dir()
+    assert (out / "train" / "checkpoints" / "3").is_dir()
 
 
 def test_demo_scores_equal_a_direct_computation(demo_run):
@@ -59,10 +64,11 @@ def test_summary_table_lists_every_metric(demo_run):
 def test_rerunning_the_demo_resumes_instead_of_retraining(demo_run):
     out, first = demo_run
     args = demo.build_parser().parse_args([
-        "--out", str(out), "--steps", "6", "--batch-size", "2", "--train-shape", "24,48,48",
+        "--out", str(out), "--steps", "6", "--move-steps", "3", "--batch-size", "2", "--train-shape", "24,48,48",
         "--test-shape", "24,40,40", "--depth", "1", "--features", "4", "--fov", "9,9,9",
         "--deltas", "2,2,2", "--min-segment-size", "20", "--quiet"])
     again = demo.run_demo(args)
-    assert again["training"]["step"] == 6 and "loss" not in again["training"]
+    for phase in ("centre FOV", "FOV moves"):
+        assert "loss" not in again["training"][phase]
     # Same checkpoint and same test volume: the same segmentation and scores.
     assert again["scores"]["ffn"]["adapted_rand"] == first["scores"]["ffn"]["adapted_rand"]
