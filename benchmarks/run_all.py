@@ -22,15 +22,17 @@ from pathlib import Path
 
 FULL = {
     "forward_bench": [],
-    "segment_bench": [],
+    "segment_bench": ["--batch-sizes", "1,2,4"],
     "train_bench": ["--data", "both"],
+    "memory_bench": [],
     "blockwise_bench": [],
 }
 QUICK = {
     "forward_bench": ["--quick"],
     "segment_bench": ["--models", "small", "--shape", "32,64,64", "--max-seeds", "20",
-                      "--batch-sizes", "1,4", "--fib25-bbox", "0,0,0,32,64,64"],
+                      "--batch-sizes", "1,2,4", "--fib25-bbox", "0,0,0,32,64,64"],
     "train_bench": ["--small", "--steps", "10"],
+    "memory_bench": ["--shape", "64,96,96", "--model", "small"],
     "blockwise_bench": ["--grids", "1,2"],
 }
 
