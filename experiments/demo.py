@@ -1,17 +1,19 @@
 """The main job end to end (what `make demo` runs), on synthetic EM data.
 
-    python -m experiments.demo                  # about 5 minutes on a 2-core CPU
-    python -m experiments.demo --steps 40 --out out/quick   # a quicker, weaker run
+    python -m experiments.demo                  # about 40 minutes on a 2-core CPU
+    python -m experiments.demo --steps 600 --move-steps 300 --out out/quick   # ~10 min, weaker
 
 1. makes a synthetic training volume and a separate test volume (different seed),
-2. trains a small FFN on the first (progress bar, checkpoints, TensorBoard, PNGs),
+2. trains a small FFN on the first (progress bar, checkpoints, TensorBoard, PNGs):
+   first on the centre FOV only, then with FOV moves from those weights, so the
+   net learns to read its own predictions as flood filling makes it,
 3. flood-fills the test volume with the trained checkpoint,
 4. segments the same volume with the non-learned watershed baseline,
 5. scores both against the test volume's ground truth (ERL/NERL at merge
    thresholds 1 and 50, VOI, adapted Rand) and prints one summary.
 
-Everything lands under --out: data/*.zarr, train/ (checkpoints, tensorboard,
-images), ffn_seg.zarr, baseline_seg.zarr, report.json and PNG overlays.
+Everything lands under --out: data/*.zarr, train_centre/ and train/ (the two
+phases' checkpoints, tensorboard, images), ffn_seg.zarr, baseline_seg.zarr, report.json and PNG overlays.
 """
 
 from __future__ import annotations
@@ -157,7 +159,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     print()
     print(summary_table(report))
     print(f"\nOutputs under {out}/: report.json, ffn_overlay.png, baseline_overlay.png, "
-          f"ffn_seg.zarr, baseline_seg.zarr, train/ (checkpoints, tensorboard, images)\n"
+          f"ffn_seg.zarr, baseline_seg.zarr, train_centre/ and train/ (checkpoints, tensorboard, images)\n"
           f"  view in Neuroglancer: python -m experiments.view --image {specs['test_image']} "
           f"--segmentation {out / 'ffn_seg.zarr'}\n"
           f"  training curves:      tensorboard --logdir {out}")

@@ -67,6 +67,8 @@ def configure_host_devices(n: int | None = None) -> int:
     Raises:
       ValueError: when n < 1, or when FFNJAX_HOST_DEVICES is not an integer >= 0.
     """
+    if n is not None and int(n) < 1:
+        raise ValueError(f"configure_host_devices: n must be >= 1, got {n}")
     flags = os.environ.get("XLA_FLAGS", "")
     m = re.search(re.escape(FLAG) + r"=(\d+)", flags)
     if m:
