@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
 
 import numpy as np
@@ -95,4 +94,3 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

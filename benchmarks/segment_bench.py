@@ -146,6 +146,7 @@ def bench_one(config: ModelConfig, params, apply_fn, image: np.ndarray, seeds: n
     wall = time.perf_counter() - t0 - info.timings["seeds"]
     # The network exactly as the fill calls it (split over the host devices
     # for batches >= 2, see ffnjax.flood.fill_mesh).
+    mesh = flood.fill_mesh(options.batch_size)
     fwd = forward_seconds(flood.fill_network(apply_fn, options.batch_size), params, config,
                           options.batch_size)
     # An ideal fill evaluates one FOV per lattice cell and keeps all of its
@@ -163,8 +164,7 @@ def bench_one(config: ModelConfig, params, apply_fn, image: np.ndarray, seeds: n
         "outside_fraction": round(1.0 - c["net_calls"] * fwd / wall, 4),
         "ideal_voxels_per_s": round(ideal, 1),
         "of_ideal": round(np.count_nonzero(seg) / wall / ideal, 3),
-        "devices": int(flood.fill_mesh(options.batch_size).devices.size)
-        if flood.fill_mesh(options.batch_size) is not None else 1,
+        "devices": 1 if mesh is None else int(mesh.devices.size),
         "fill_s": round(info.timings["fill"], 3), "commit_s": round(info.timings["commit"], 3),
         "loop_ms_per_step": round(loop_ms, 4),
         "outside_fraction_direct": round(loop_ms * 1e-3 * c["fov_steps"] / wall, 4),

@@ -66,11 +66,11 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from scipy.special import expit
 from tqdm.auto import tqdm
 
-from ffnjax import seeds as seeds_lib
+from ffnjax import platform, seeds as seeds_lib
 from ffnjax.config import InferenceOptions, ModelConfig, logit
 from ffnjax.nets import make_apply_fn, normalize_image
 
@@ -79,7 +79,6 @@ ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 # A voxel once driven below probability 0.5 (logit 0) is not revived when
 # `disconnected_seeds` is on (google/ffn's `disco_seeds`).
 DISCO_LOGIT = 0.0
-FOV_AXIS = "fovs"  # mesh axis of a batched fill's FOVs (see fill_mesh)
 UNSEGMENTED_SEED = -1  # marks a tried seed voxel so it is not retried
 
 
@@ -378,7 +377,7 @@ def fill_mesh(batch_size: int) -> Mesh | None:
         return None
     devices = jax.local_devices()
     k = math.gcd(batch_size, len(devices))
-    return Mesh(np.asarray(devices[:k]), (FOV_AXIS,)) if k > 1 else None
+    return platform.batch_mesh(devices[:k]) if k > 1 else None
 
 
 def fill_network(apply_fn: ApplyFn, batch_size: int) -> ApplyFn:
@@ -386,10 +385,7 @@ def fill_network(apply_fn: ApplyFn, batch_size: int) -> ApplyFn:
     `fill_mesh(batch_size)` when there is one (each device its share of the
     FOVs, params replicated), else `apply_fn` itself."""
     mesh = fill_mesh(batch_size)
-    if mesh is None:
-        return apply_fn
-    return jax.shard_map(lambda p, i, m: apply_fn(p, i, m), mesh=mesh,
-                         in_specs=(P(), P(FOV_AXIS), P(FOV_AXIS)), out_specs=P(FOV_AXIS))
+    return apply_fn if mesh is None else platform.shard_batch(apply_fn, mesh)
 
 
 @functools.lru_cache(maxsize=64)
@@ -414,7 +410,7 @@ def compiled_fill(spec: FillSpec, apply_fn: ApplyFn):
     jitted = jax.jit(run)
     if mesh is None:
         return jitted
-    replicated = NamedSharding(mesh, P())
+    replicated = NamedSharding(mesh, PartitionSpec())
 
     def placed(params, image, seed):
         return jitted(jax.device_put(params, replicated), jax.device_put(image, replicated), seed)

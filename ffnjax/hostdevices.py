@@ -84,8 +84,6 @@ def configure_host_devices(n: int | None = None) -> int:
             return -1
         n = int(text)
     n = usable_cores() if n is None else int(n)
-    if n < 1:
-        raise ValueError(f"configure_host_devices: n must be >= 1, got {n}")
     if _backends_initialised():
         return -1
     os.environ["XLA_FLAGS"] = f"{flags} {FLAG}={n}".strip()

@@ -60,6 +60,15 @@ def pad_batch(x: Any, multiple: int) -> tuple[Any, int]:
 SPLITS = ("batch", "channels")
 
 
+def shard_batch(apply_fn: Callable, mesh: Mesh) -> Callable:
+    """`apply_fn(params, image_fovs, mask_fovs)` as a `jax.shard_map` over
+    `mesh`'s `BATCH_AXIS`: params replicated, each device its share of the FOV
+    batch (a multiple of the device count). Not jitted, so it can sit inside
+    a larger jitted program (the flood fill's while_loop)."""
+    return jax.shard_map(lambda p, img, msk: apply_fn(p, img, msk), mesh=mesh,
+                         in_specs=(P(), P(BATCH_AXIS), P(BATCH_AXIS)), out_specs=P(BATCH_AXIS))
+
+
 @functools.lru_cache(maxsize=32)
 def _sharded_apply_cached(apply_fn: Callable, mesh: Mesh, split: str) -> Callable:
     return make_sharded_apply(apply_fn, mesh, split, _cache=False)
@@ -93,10 +102,7 @@ def make_sharded_apply(apply_fn: Callable, mesh: Mesh | None = None, split: str 
         except TypeError:  # unhashable apply_fn: build a fresh one
             pass
     if split == "batch":
-        body = jax.shard_map(
-            lambda p, img, msk: apply_fn(p, img, msk), mesh=mesh,
-            in_specs=(P(), P(BATCH_AXIS), P(BATCH_AXIS)), out_specs=P(BATCH_AXIS))
-        return jax.jit(body)
+        return jax.jit(shard_batch(apply_fn, mesh))
     from ffnjax import conv  # local: keeps this module importable before jax config
 
     def channel_body(p, img, msk):

@@ -174,6 +174,8 @@ def run_fovs(apply_fn: Callable, params: Any, batch: dict[str, jax.Array], order
         return jnp.sum(ce * weight_f), logits
 
     zero_grads = jax.tree_util.tree_map(jnp.zeros_like, params) if with_grad else None
+    if config.move_policy == "fixed":
+        order_centres = centres_tab[order]       # (B, P, 3): each example's FOV centres, in order
 
     def slot(carry, s):
         canvas = carry["canvas"]
@@ -185,8 +187,8 @@ def run_fovs(apply_fn: Callable, params: Any, batch: dict[str, jax.Array], order
             # one per slot -- but the slots stay packed: a batch costs the
             # largest number of FOVs any one example takes, not the union.
             ptr = carry["ptr"]
-            cz = centres_tab[order]                                              # (B, P, 3)
-            value = canvas[jnp.arange(b)[:, None], cz[..., 0], cz[..., 1], cz[..., 2], 0]
+            value = canvas[jnp.arange(b)[:, None], order_centres[..., 0], order_centres[..., 1],
+                           order_centres[..., 2], 0]                           # (B, P)
             index = jnp.arange(n_pos, dtype=jnp.int32)[None, :]
             ok = (index >= ptr[:, None]) & ((value > thr) | ((index == 0) & (ptr[:, None] == 0)))
             first = jnp.argmax(ok, axis=1).astype(jnp.int32)
