@@ -1,6 +1,6 @@
 """Runs every benchmark and writes one Markdown report (what `make bench` runs).
 
-    python -m benchmarks.run_all                 # full settings (tens of minutes on 2 cores)
+    python -m benchmarks.run_all                 # the README's settings (about 30 min on 2 cores)
     python -m benchmarks.run_all --quick         # small settings, a few minutes
     python -m benchmarks.run_all --out benchmarks/results.md
 
@@ -20,10 +20,14 @@ import sys
 import time
 from pathlib import Path
 
+# The settings behind the README's tables (about 30 minutes on 2 cores).
 FULL = {
-    "forward_bench": [],
-    "segment_bench": ["--batch-sizes", "1,2,4"],
-    "train_bench": ["--data", "both"],
+    "forward_bench": ["--nets", "ffn12_33,default9", "--impls", "depth_split",
+                      "--batches", "1,2", "--devices", "1,2", "--repeats", "5"],
+    "segment_bench": ["--models", "default", "--data", "synthetic,fib25", "--shape", "32,96,96",
+                      "--fib25-bbox", "0,0,0,32,96,96", "--max-seeds", "3",
+                      "--batch-sizes", "1,2,4"],
+    "train_bench": ["--demo-model", "--data", "both", "--steps", "6"],
     "memory_bench": [],
     "blockwise_bench": [],
 }
