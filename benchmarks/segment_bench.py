@@ -147,8 +147,7 @@ def bench_one(config: ModelConfig, params, apply_fn, image: np.ndarray, seeds: n
     # The network exactly as the fill calls it (split over the host devices
     # for batches >= 2, see ffnjax.flood.fill_mesh).
     mesh = flood.fill_mesh(options.batch_size)
-    fwd = forward_seconds(flood.fill_network(apply_fn, options.batch_size), params, config,
-                          options.batch_size)
+    fwd = forward_seconds(flood.fill_network(apply_fn, mesh), params, config, options.batch_size)
     # An ideal fill evaluates one FOV per lattice cell and keeps all of its
     # prod(deltas) voxels: the forward pass then allows this many voxels/s.
     ideal = float(np.prod(config.deltas)) * options.batch_size / fwd

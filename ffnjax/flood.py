@@ -375,17 +375,25 @@ def fill_mesh(batch_size: int) -> Mesh | None:
     """
     if batch_size < 2 or jax.default_backend() != "cpu":
         return None
-    devices = jax.local_devices()
-    k = math.gcd(batch_size, len(devices))
-    return platform.batch_mesh(devices[:k]) if k > 1 else None
+    devices = platform.devices_for_batch(batch_size, jax.local_devices())
+    return platform.batch_mesh(devices) if len(devices) > 1 else None
 
 
-def fill_network(apply_fn: ApplyFn, batch_size: int) -> ApplyFn:
-    """`apply_fn` as a fill of `batch_size` calls it: a `jax.shard_map` over
-    `fill_mesh(batch_size)` when there is one (each device its share of the
-    FOVs, params replicated), else `apply_fn` itself."""
-    mesh = fill_mesh(batch_size)
+def fill_network(apply_fn: ApplyFn, mesh: Mesh | None) -> ApplyFn:
+    """`apply_fn` as a fill on `mesh` (from `fill_mesh`) calls it: a
+    `jax.shard_map` over the mesh (each device its share of the FOVs, params
+    replicated), or `apply_fn` itself when mesh is None."""
     return apply_fn if mesh is None else platform.shard_batch(apply_fn, mesh)
+
+
+def place_fill_inputs(mesh: Mesh | None, params: Any, image: jax.Array) -> tuple[Any, jax.Array]:
+    """params and image where a fill on `mesh` (from `fill_mesh`) wants them:
+    replicated on its devices, or unchanged when mesh is None. Placing them
+    once per volume makes the per-seed placement in `compiled_fill` a no-op."""
+    if mesh is None:
+        return params, image
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.device_put(params, replicated), jax.device_put(image, replicated)
 
 
 @functools.lru_cache(maxsize=64)
@@ -395,11 +403,11 @@ def compiled_fill(spec: FillSpec, apply_fn: ApplyFn):
 
     With a `fill_mesh`, the loop's bookkeeping runs replicated on the mesh's
     devices and the network call inside it is a `jax.shard_map` over the FOV
-    batch; params and image are placed replicated on the mesh first (a no-op
-    after the first call).
+    batch; params and image are placed replicated on the mesh first
+    (`place_fill_inputs`: a no-op when the caller placed them already).
     """
     mesh = fill_mesh(spec.batch_size)
-    cond_fn, body_fn = make_fill_fns(spec, fill_network(apply_fn, spec.batch_size))
+    cond_fn, body_fn = make_fill_fns(spec, fill_network(apply_fn, mesh))
 
     def run(params, image, seed):
         seed = jnp.asarray(seed, jnp.int32)
@@ -410,10 +418,9 @@ def compiled_fill(spec: FillSpec, apply_fn: ApplyFn):
     jitted = jax.jit(run)
     if mesh is None:
         return jitted
-    replicated = NamedSharding(mesh, PartitionSpec())
 
     def placed(params, image, seed):
-        return jitted(jax.device_put(params, replicated), jax.device_put(image, replicated), seed)
+        return jitted(*place_fill_inputs(mesh, params, image), seed)
 
     return placed
 
@@ -765,6 +772,8 @@ def _segment_pass(state: SegmentState, spec: FillSpec, apply_fn: ApplyFn, params
                disable=not progress, dynamic_ncols=True)
     c = state.counters
     fill_fn = compiled_fill(spec, apply_fn)
+    params, image_dev = place_fill_inputs(fill_mesh(spec.batch_size), params,
+                                          image_dev)  # once per volume, not per seed
     try:
         while state.seed_index < len(state.seeds):
             seed = tuple(int(v) for v in state.seeds[state.seed_index])

@@ -20,6 +20,7 @@ is fixed for the life of the process.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable
 
 import jax
@@ -38,6 +39,14 @@ def batch_mesh(devices: Any = None) -> Mesh:
     if not devices:
         raise ValueError("batch_mesh: no devices given")
     return Mesh(np.asarray(devices), (BATCH_AXIS,))
+
+
+def devices_for_batch(batch_size: int, devices: Any) -> list:
+    """The most of `devices` (a prefix) that share a batch of `batch_size` evenly:
+    gcd(batch_size, len(devices)) of them, e.g. 2 of 2 CPU host devices for a
+    batch of 4, 1 for a batch of 3."""
+    devices = list(devices)
+    return devices[:math.gcd(int(batch_size), len(devices))]
 
 
 def pad_batch(x: Any, multiple: int) -> tuple[Any, int]:
@@ -65,8 +74,8 @@ def shard_batch(apply_fn: Callable, mesh: Mesh) -> Callable:
     `mesh`'s `BATCH_AXIS`: params replicated, each device its share of the FOV
     batch (a multiple of the device count). Not jitted, so it can sit inside
     a larger jitted program (the flood fill's while_loop)."""
-    return jax.shard_map(lambda p, img, msk: apply_fn(p, img, msk), mesh=mesh,
-                         in_specs=(P(), P(BATCH_AXIS), P(BATCH_AXIS)), out_specs=P(BATCH_AXIS))
+    return jax.shard_map(apply_fn, mesh=mesh, in_specs=(P(), P(BATCH_AXIS), P(BATCH_AXIS)),
+                         out_specs=P(BATCH_AXIS))
 
 
 @functools.lru_cache(maxsize=32)

@@ -43,7 +43,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ffnjax import checkpoints
+from ffnjax import checkpoints, platform
 from ffnjax.checkpoints import load_checkpoint  # noqa: F401  (re-exported for notebooks)
 from ffnjax.config import ModelConfig, TrainConfig, logit
 from ffnjax.examples import BalancedSampler, TrainingVolume
@@ -710,8 +710,8 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_at_step: int | None 
                              f"count {n_dev}")
         # One host: use the most devices that share the batch evenly (e.g. the
         # per-core CPU devices of ffnjax.hostdevices with an odd batch size).
-        n_dev = math.gcd(config.batch_size, n_dev)
-        mesh = make_mesh(jax.devices()[:n_dev])
+        mesh = make_mesh(platform.devices_for_batch(config.batch_size, jax.devices()))
+        n_dev = mesh.size
     local_batch = config.batch_size // process_count
 
     # --- Input (fails here, before any compilation, on bad data) ---------------

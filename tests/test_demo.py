@@ -12,13 +12,18 @@ from experiments import demo
 from ffnjax import baseline, erl, volumes
 
 
+def tiny_args(out):
+    """The demo's flags at tiny settings (seconds, not minutes), writing to `out`."""
+    return demo.build_parser().parse_args([
+        "--out", str(out), "--steps", "6", "--move-steps", "3", "--batch-size", "2",
+        "--train-shape", "24,48,48", "--test-shape", "24,40,40", "--depth", "1", "--features", "4",
+        "--fov", "9,9,9", "--deltas", "2,2,2", "--min-segment-size", "20", "--quiet"])
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    args = demo.build_parser().parse_args([
-        "--out", str(out), "--steps", "6", "--move-steps", "3", "--batch-size", "2", "--train-shape", "24,48,48",
-        "--test-shape", "24,40,40", "--depth", "1", "--features", "4", "--fov", "9,9,9",
-        "--deltas", "2,2,2", "--min-segment-size", "20", "--quiet"])
+    args = tiny_args(out)
     report = demo.run_demo(args)
     return out, report
 
@@ -63,10 +68,7 @@ def test_summary_table_lists_every_metric(demo_run):
 
 def test_rerunning_the_demo_resumes_instead_of_retraining(demo_run):
     out, first = demo_run
-    args = demo.build_parser().parse_args([
-        "--out", str(out), "--steps", "6", "--move-steps", "3", "--batch-size", "2", "--train-shape", "24,48,48",
-        "--test-shape", "24,40,40", "--depth", "1", "--features", "4", "--fov", "9,9,9",
-        "--deltas", "2,2,2", "--min-segment-size", "20", "--quiet"])
+    args = tiny_args(out)
     again = demo.run_demo(args)
     for phase in ("centre FOV", "FOV moves"):
         assert "loss" not in again["training"][phase]
