@@ -15,7 +15,8 @@ from ffnjax import baseline, erl, volumes
 def tiny_args(out):
     """The demo's flags at tiny settings (seconds, not minutes), writing to `out`."""
     return demo.build_parser().parse_args([
-        "--out", str(out), "--steps", "6", "--move-steps", "3", "--batch-size", "2",
+        "--out", str(out), "--steps", "6", "--move-steps", "3", "--refine-steps", "2",
+        "--batch-size", "2",
         "--train-shape", "24,48,48", "--test-shape", "24,40,40", "--depth", "1", "--features", "4",
         "--fov", "9,9,9", "--deltas", "2,2,2", "--min-segment-size", "20", "--quiet"])
 
@@ -35,27 +36,51 @@ def test_demo_writes_every_output(demo_run):
         assert (out / name).stat().st_size > 0, name
     assert json.loads((out / "report.json").read_text())["scores"].keys() == {"ffn", "baseline"}
     seg = volumes.read_all(str(out / "ffn_seg.zarr"))
-    assert seg.shape == (24, 40, 40) and seg.dtype == np.uint64
-    # Phase 1 (centre FOV) 6 steps, then phase 2 (FOV moves) 3 steps from its weights.
-    assert report["training"]["step"] == 9
+    # The test volume carries the FOV radius (4) of context on every side.
+    assert seg.shape == (32, 48, 48) and seg.dtype == np.uint64
+    assert report["scored_region"] == {"offset": [4, 4, 4], "shape": [24, 40, 40]}
+    # Phase 1 (centre FOV) 6 steps, phase 2 (FOV moves) 3 steps from its weights,
+    # phase 3 (refinement) 2 steps from phase 2's.
+    assert report["training"]["step"] == 11
     assert report["training"]["centre FOV"]["step"] == 6
     assert report["training"]["FOV moves"]["step"] == 3
+    assert report["training"]["refinement"]["step"] == 2
     assert report["training"]["centre FOV"]["moves"] == 0
     assert (out / "train_centre" / "checkpoints" / "6").is_dir()
     assert (out / "train" / "checkpoints" / "3").is_dir()
+    assert (out / "train_refine" / "checkpoints" / "2").is_dir()
+    refine = json.loads((out / "train_refine" / "train_config.json").read_text())
+    assert refine["init_from"] == str(out / "train")
+    assert refine["learning_rate"] == pytest.approx(demo.build_parser().get_default("learning_rate") / 30)
 
 
 def test_demo_scores_equal_a_direct_computation(demo_run):
     out, report = demo_run
     image = volumes.read_all(str(out / "data" / "test_image.zarr"))
     labels = volumes.read_all(str(out / "data" / "test_labels.zarr"))
-    base = baseline.baseline_segmentation(image)
+    base = baseline.baseline_segmentation(image)  # segmented with the context...
     np.testing.assert_array_equal(base, volumes.read_all(str(out / "baseline_seg.zarr")))
-    split, merge = erl.voi(base, labels)
+    inner = (slice(4, 28), slice(4, 44), slice(4, 44))  # ...scored on the inner region
+    split, merge = erl.voi(base[inner], labels[inner])
     assert report["scores"]["baseline"]["voi_split"] == pytest.approx(split)
     assert report["scores"]["baseline"]["voi_merge"] == pytest.approx(merge)
+    assert report["scores"]["baseline"]["shape"] == [24, 40, 40]
     seg = volumes.read_all(str(out / "ffn_seg.zarr"))
-    assert report["scores"]["ffn"]["adapted_rand"] == pytest.approx(erl.adapted_rand(seg, labels))
+    assert report["scores"]["ffn"]["adapted_rand"] == pytest.approx(
+        erl.adapted_rand(seg[inner], labels[inner]))
+
+
+def test_test_context_defaults_to_the_fov_radius_and_rejects_negatives(tmp_path):
+    args = tiny_args(tmp_path)
+    model = demo.model_config(args)
+    assert demo.test_context(args, model) == 4
+    args.fov = "9,17,17"
+    assert demo.test_context(args, demo.model_config(args)) == 8
+    args.test_context = 0
+    assert demo.test_context(args, model) == 0
+    args.test_context = -1
+    with pytest.raises(ValueError, match="--test-context"):
+        demo.test_context(args, model)
 
 
 def test_summary_table_lists_every_metric(demo_run):
@@ -70,7 +95,7 @@ def test_rerunning_the_demo_resumes_instead_of_retraining(demo_run):
     out, first = demo_run
     args = tiny_args(out)
     again = demo.run_demo(args)
-    for phase in ("centre FOV", "FOV moves"):
+    for phase in ("centre FOV", "FOV moves", "refinement"):
         assert "loss" not in again["training"][phase]
     # Same checkpoint and same test volume: the same segmentation and scores.
     assert again["scores"]["ffn"]["adapted_rand"] == first["scores"]["ffn"]["adapted_rand"]
