@@ -1,6 +1,6 @@
 """The main job end to end (what `make demo` runs), on synthetic EM data.
 
-    python -m experiments.demo                  # about 40 minutes on a 2-core CPU
+    python -m experiments.demo                  # about 80 minutes on a 2-core CPU
     python -m experiments.demo --steps 600 --move-steps 300 --out out/quick   # ~10 min, weaker
 
 1. makes a synthetic training volume and a separate test volume (different seed;
@@ -39,10 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     p.add_argument("--steps", type=int, default=1200,
                    help="phase 1: steps on the centre FOV only (default 1200)")
-    p.add_argument("--move-steps", type=int, default=2400,
+    p.add_argument("--move-steps", type=int, default=4800,
                    help="phase 2: steps with in-example FOV moves, starting from phase 1's "
                         "weights, so the net learns to read its own predictions as flood "
-                        "filling makes it (default 2400; 0 skips the phase)")
+                        "filling makes it (default 4800, about 70 minutes on 2 cores: 2400 did not "
+                        "beat the baseline; 0 skips the phase)")
     p.add_argument("--refine-steps", type=int, default=0,
                    help="phase 3: more FOV-move steps from phase 2's weights at a tenth of "
                         "phase 2's learning rate (default 0: no phase 3)")
