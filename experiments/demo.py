@@ -106,6 +106,9 @@ def run_demo(args: argparse.Namespace) -> dict:
     """Runs the five steps; returns the report written to report.json."""
     from ffnjax import baseline, checkpoints, erl, flood, synthetic, train_loop, viz, volumes
 
+    if args.refine_steps and not args.move_steps:
+        raise ValueError(f"--refine-steps {args.refine_steps} refines phase 2's weights, but "
+                         f"--move-steps is 0 (no phase 2)")
     out = Path(args.out)
     (out / "data").mkdir(parents=True, exist_ok=True)
     progress = not args.quiet
@@ -119,8 +122,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     scored = _zyx(args.test_shape)
     test_img, test_lab = synthetic.make_volume(tuple(s + 2 * context for s in scored),
                                                seed=args.seed + 1)
-    inner = (slice(context, context + scored[0]), slice(context, context + scored[1]),
-             slice(context, context + scored[2]))
+    inner = tuple(slice(context, context + n) for n in scored)
     report["scored_region"] = {"offset": [context] * 3, "shape": list(scored)}
     specs = {}
     for name, arr in (("train_image", train_img), ("train_labels", train_lab),
@@ -140,14 +142,15 @@ def run_demo(args: argparse.Namespace) -> dict:
                        warmup_steps=min(20, args.steps // 10), fov_moves=0)
     phases = [("centre FOV", out / "train_centre" if args.move_steps else out / "train", base)]
     if args.move_steps:
-        phases.append(("FOV moves", out / "train", dataclasses.replace(
+        moves = dataclasses.replace(
             base, steps=args.move_steps, fov_moves=1, max_moves=args.max_moves,
             learning_rate=args.learning_rate / 3, warmup_steps=min(10, args.move_steps // 10),
-            init_from=str(phases[0][1]))))
-    if args.move_steps and args.refine_steps:
-        phases.append(("refinement", out / "train_refine", dataclasses.replace(
-            phases[1][2], steps=args.refine_steps, learning_rate=args.learning_rate / 30,
-            warmup_steps=min(10, args.refine_steps // 10), init_from=str(phases[1][1]))))
+            init_from=str(phases[0][1]))
+        phases.append(("FOV moves", out / "train", moves))
+        if args.refine_steps:
+            phases.append(("refinement", out / "train_refine", dataclasses.replace(
+                moves, steps=args.refine_steps, learning_rate=moves.learning_rate / 10,
+                warmup_steps=min(10, args.refine_steps // 10), init_from=str(out / "train"))))
     t0 = time.perf_counter()
     report["training"] = {}
     for name, workdir, config in phases:

@@ -83,6 +83,14 @@ def test_test_context_defaults_to_the_fov_radius_and_rejects_negatives(tmp_path)
         demo.test_context(args, model)
 
 
+def test_refinement_without_phase_2_is_refused_before_writing(tmp_path):
+    args = tiny_args(tmp_path / "out")
+    args.move_steps = 0
+    with pytest.raises(ValueError, match="--refine-steps 2 .*--move-steps is 0"):
+        demo.run_demo(args)
+    assert not (tmp_path / "out").exists()
+
+
 def test_summary_table_lists_every_metric(demo_run):
     report = demo_run[1]
     table = demo.summary_table(report)
