@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ffnjax.config import InferenceOptions
+from ffnjax.config import CONSENSUS_MODES, SEED_ORDERS, InferenceOptions
 
 OPTION_HELP = {
     "image_mean": "image normalisation mean: net input is (x - mean) / stddev",
@@ -47,9 +47,17 @@ OPTION_HELP = {
     "max_steps": "FOV evaluations allowed per object (0: bounded only by the volume)",
     "seed_policy": "'peaks' (maxima of the distance to image edges) or 'grid'",
     "seed_grid_step": "z,y,x spacing of the 'grid' seed policy",
+    "seed_order": "'zyx' (ascending z,y,x: google/ffn's order) or 'distance' (deepest seeds "
+                  "first: descending distance to the nearest image edge)",
     "batch_size": "FOV positions evaluated per network call (1 = google/ffn's exact order)",
-    "consensus": "also segment in reverse seed order and split objects by the intersection",
+    "consensus": "also segment in reverse seed order and combine both passes (--consensus-mode)",
+    "consensus_mode": "'split' (one object per overlapping pair, google/ffn's oversegmentation "
+                      "consensus) or 'contested' (keep the forward objects, unlabel voxels the "
+                      "reverse pass gives to a non-corresponding object)",
 }
+
+CHOICES = {"seed_policy": ("peaks", "grid"), "seed_order": SEED_ORDERS,
+           "consensus_mode": CONSENSUS_MODES}
 
 
 def _flag(name: str) -> str:
@@ -68,8 +76,8 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
                            default=None, help=help_text)
         elif isinstance(default, tuple):
             g.add_argument(_flag(f.name), dest=f.name, metavar="Z,Y,X", default=None, help=help_text)
-        elif f.name == "seed_policy":
-            g.add_argument(_flag(f.name), dest=f.name, choices=("peaks", "grid"), default=None,
+        elif f.name in CHOICES:
+            g.add_argument(_flag(f.name), dest=f.name, choices=CHOICES[f.name], default=None,
                            help=help_text)
         else:
             g.add_argument(_flag(f.name), dest=f.name, type=type(default), default=None,

@@ -137,6 +137,10 @@ class ModelConfig(_JsonMixin):
         return tuple(s // 2 for s in self.fov_size)  # type: ignore[return-value]
 
 
+SEED_ORDERS = ("zyx", "distance")
+CONSENSUS_MODES = ("split", "contested")
+
+
 @dataclasses.dataclass(frozen=True)
 class InferenceOptions(_JsonMixin):
     """Flood-fill settings, with google/ffn's usual defaults.
@@ -156,8 +160,16 @@ class InferenceOptions(_JsonMixin):
       max_steps: FOV evaluations allowed per object (0: bounded only by the lattice).
       seed_policy: 'peaks' or 'grid'.
       seed_grid_step: spacing z,y,x of the 'grid' seed policy.
+      seed_order: 'zyx' (ascending z,y,x: google/ffn's order) or 'distance'
+        (deepest first: descending distance to the nearest image edge).
       batch_size: FOV positions evaluated per network call during a fill.
-      consensus: also segment in reverse seed order and split objects by intersection.
+      consensus: also segment in reverse seed order and combine both passes
+        as `consensus_mode` says.
+      consensus_mode: 'split' (google/ffn's oversegmentation consensus: one
+        object per overlapping pair of objects, pieces under
+        `min_segment_size` dropped) or 'contested' (keep the forward pass's
+        objects, unlabel the voxels the reverse pass gives to an object that
+        does not correspond: order-dependent claims across a boundary).
     """
 
     image_mean: float = 128.0
@@ -172,8 +184,10 @@ class InferenceOptions(_JsonMixin):
     max_steps: int = 0
     seed_policy: str = "peaks"
     seed_grid_step: tuple[int, int, int] = (8, 16, 16)
+    seed_order: str = "zyx"
     batch_size: int = 1
     consensus: bool = False
+    consensus_mode: str = "split"
 
     def __post_init__(self):
         for name in ("init_activation", "pad_value", "move_threshold", "segment_threshold"):
@@ -188,6 +202,11 @@ class InferenceOptions(_JsonMixin):
         object.__setattr__(self, "seed_grid_step", _as_zyx("seed_grid_step", self.seed_grid_step))
         if self.seed_policy not in ("peaks", "grid"):
             raise ValueError(f"seed_policy must be 'peaks' or 'grid', got {self.seed_policy!r}")
+        if self.seed_order not in SEED_ORDERS:
+            raise ValueError(f"seed_order must be one of {SEED_ORDERS}, got {self.seed_order!r}")
+        if self.consensus_mode not in CONSENSUS_MODES:
+            raise ValueError(f"consensus_mode must be one of {CONSENSUS_MODES}, "
+                             f"got {self.consensus_mode!r}")
         if int(self.min_segment_size) < 0 or int(self.max_steps) < 0 or int(self.batch_size) < 1:
             raise ValueError("min_segment_size and max_steps must be >= 0 and batch_size >= 1, got "
                              f"{self.min_segment_size}, {self.max_steps}, {self.batch_size}")

@@ -645,6 +645,50 @@ def split_by_intersection(a: np.ndarray, b: np.ndarray, min_size: int = 0) -> np
     return out
 
 
+def unlabel_contested(a: np.ndarray, b: np.ndarray, min_size: int = 0) -> np.ndarray:
+    """Consensus that keeps `a`'s objects and unlabels the voxels `b` disputes.
+
+    Objects x of `a` and y of `b` correspond when y is the `b` object x overlaps
+    most, or x the `a` object y overlaps most. A voxel labelled x in `a` and y
+    in `b` keeps x when x and y correspond and becomes 0 when they do not: the
+    two seed orders gave it to different objects, as happens where whichever
+    object fills first reaches a voxel or two across a boundary. Voxels that
+    `b` leaves unlabelled keep their `a` label; objects left with fewer than
+    `min_size` voxels are dropped. Unlike `split_by_intersection` this adds no
+    objects, so it removes order-dependent contacts without adding splits.
+
+    Returns uint64 labels (the ids of `a`).
+    """
+    a = np.asarray(a).astype(np.int64)
+    b = np.asarray(b).astype(np.int64)
+    if a.shape != b.shape:
+        raise ValueError(f"segmentations differ in shape: {a.shape} vs {b.shape}")
+    out = np.where(a > 0, a, 0)
+    both = (a > 0) & (b > 0)
+    if both.any():
+        pairs, inverse, counts = np.unique(np.stack([a[both], b[both]], axis=1), axis=0,
+                                           return_inverse=True, return_counts=True)
+
+        def largest_per(col: int) -> np.ndarray:
+            # Sorted by id of `col`, then by count descending: the first pair of
+            # each id is that object's largest overlap (ties: the smaller other id).
+            order = np.lexsort((pairs[:, 1 - col], -counts, pairs[:, col]))
+            first = np.ones(len(order), bool)
+            first[1:] = pairs[order[1:], col] != pairs[order[:-1], col]
+            best = np.zeros(len(pairs), bool)
+            best[order[first]] = True
+            return best
+
+        keep = largest_per(0) | largest_per(1)
+        out[both] = np.where(keep[inverse.reshape(-1)], a[both], 0)
+    if min_size > 0 and out.any():
+        ids, sizes = np.unique(out[out > 0], return_counts=True)
+        small = ids[sizes < min_size]
+        if len(small):
+            out[np.isin(out, small)] = 0
+    return out.astype(np.uint64)
+
+
 COUNTER_NAMES = ("seeds", "fills", "committed", "skipped_segmented", "skipped_boundary",
                  "no_steps", "seed_too_weak", "too_small", "fov_steps", "net_calls", "voxels")
 
@@ -897,7 +941,8 @@ def final_segmentation(state: SegmentState, options: InferenceOptions) -> np.nda
     seg = np.where(state.segmentation > 0, state.segmentation, 0).astype(np.uint64)
     if options.consensus and state.forward is not None:
         fwd = np.where(state.forward > 0, state.forward, 0)
-        seg = split_by_intersection(fwd, seg, options.min_segment_size)
+        combine = split_by_intersection if options.consensus_mode == "split" else unlabel_contested
+        seg = combine(fwd, seg, options.min_segment_size)
     return seg
 
 

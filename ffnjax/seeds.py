@@ -8,8 +8,14 @@ order they will be tried:
   smoothed version, the Euclidean distance transform of the non-edge region is
   computed with `edt`, and its local maxima (scikit-image `peak_local_max`,
   minimum distance 3) are the seeds. A deterministic tiny jitter breaks ties
-  between equal distances; seeds are visited in ascending z,y,x order.
+  between equal distances.
 * `grid_seeds`: a regular lattice with step `options.seed_grid_step`.
+
+`make_seeds` returns them in `options.seed_order`: 'zyx' (ascending z, then y,
+then x: google/ffn's order) or 'distance' (deepest first: descending distance
+to the nearest image edge, ties in z,y,x order), which starts each object from
+its thickest, least ambiguous part before thin processes seed pieces of their
+own.
 
 Both accept a `margin` (z,y,x): seeds closer than that to the volume border
 are dropped, because a flood fill can only start where a whole FOV fits
@@ -68,6 +74,16 @@ def edge_mask(image: np.ndarray, sigma: float = PEAKS_SMOOTHING_SIGMA) -> np.nda
     return edges > smooth
 
 
+def edge_distance(image: np.ndarray, sigma: float = PEAKS_SMOOTHING_SIGMA,
+                  anisotropy: Sequence[float] = (1.0, 1.0, 1.0)) -> np.ndarray:
+    """float32 Euclidean distance of every voxel to the nearest `edge_mask` voxel."""
+    non_edge = ~edge_mask(_check_volume(image), sigma)
+    # edt wants C-contiguous input and z,y,x anisotropy in the array's axis order.
+    return edt.edt(np.ascontiguousarray(non_edge, dtype=np.uint8),
+                   anisotropy=tuple(float(a) for a in anisotropy),
+                   black_border=False).astype(np.float32)
+
+
 def peaks_seeds(image: np.ndarray, options: InferenceOptions = InferenceOptions(),
                 margin: Sequence[int] | None = None, *,
                 sigma: float = PEAKS_SMOOTHING_SIGMA,
@@ -91,11 +107,7 @@ def peaks_seeds(image: np.ndarray, options: InferenceOptions = InferenceOptions(
     """
     del options
     image = _check_volume(image)
-    non_edge = ~edge_mask(image, sigma)
-    # edt wants C-contiguous input and z,y,x anisotropy in the array's axis order.
-    dist = edt.edt(np.ascontiguousarray(non_edge, dtype=np.uint8),
-                   anisotropy=tuple(float(a) for a in anisotropy),
-                   black_border=False).astype(np.float32)
+    dist = edge_distance(image, sigma, anisotropy)
     # Deterministic jitter, independent of any global random state, so that
     # plateaus of equal distance yield one peak at a reproducible place.
     rng = np.random.default_rng(PEAKS_JITTER_SEED)
@@ -127,15 +139,32 @@ def grid_seeds(shape: Sequence[int], options: InferenceOptions = InferenceOption
     return grid.astype(np.int64)
 
 
+def order_seeds(seeds: np.ndarray, image: np.ndarray, order: str = "zyx") -> np.ndarray:
+    """`seeds` (N, 3) in `order`: 'zyx' ascending, or 'distance' (descending
+    `edge_distance` of `image` at each seed, ties in ascending z,y,x)."""
+    seeds = np.asarray(seeds, np.int64).reshape(-1, 3)
+    zyx = np.lexsort(seeds.T[::-1])
+    if order == "zyx":
+        return seeds[zyx]
+    if order == "distance":
+        seeds = seeds[zyx]
+        depth = edge_distance(image)[tuple(seeds.T)]
+        return seeds[np.argsort(-depth, kind="stable")]
+    raise ValueError(f"unknown seed_order {order!r}; expected 'zyx' or 'distance'")
+
+
 def make_seeds(image: np.ndarray, options: InferenceOptions = InferenceOptions(),
                margin: Sequence[int] | None = None) -> np.ndarray:
-    """Seeds from the policy named by `options.seed_policy` ('peaks' or 'grid')."""
+    """Seeds from the policy named by `options.seed_policy` ('peaks' or 'grid'),
+    in `options.seed_order`."""
     image = _check_volume(image)
     if options.seed_policy == "peaks":
-        return peaks_seeds(image, options, margin)
-    if options.seed_policy == "grid":
-        return grid_seeds(image.shape, options, margin)
-    raise ValueError(f"unknown seed_policy {options.seed_policy!r}; expected 'peaks' or 'grid'")
+        seeds = peaks_seeds(image, options, margin)
+    elif options.seed_policy == "grid":
+        seeds = grid_seeds(image.shape, options, margin)
+    else:
+        raise ValueError(f"unknown seed_policy {options.seed_policy!r}; expected 'peaks' or 'grid'")
+    return order_seeds(seeds, image, options.seed_order)
 
 
 def skip_segmented(seeds: np.ndarray, segmentation: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments import demo
-from ffnjax import baseline, erl, volumes
+from ffnjax import baseline, checkpoints, erl, flood, volumes
 
 
 def tiny_args(out):
@@ -68,6 +68,22 @@ def test_demo_scores_equal_a_direct_computation(demo_run):
     seg = volumes.read_all(str(out / "ffn_seg.zarr"))
     assert report["scores"]["ffn"]["adapted_rand"] == pytest.approx(
         erl.adapted_rand(seg[inner], labels[inner]))
+
+
+def test_demo_segments_with_its_inference_options(demo_run):
+    # By default: deepest seeds first, and the contested-voxel consensus of two seed orders.
+    out, report = demo_run
+    options = demo.inference_options(tiny_args(out))
+    assert (options.seed_order, options.consensus, options.consensus_mode) == (
+        "distance", True, "contested")
+    assert report["segmentation"]["options"] == options.to_dict()
+    config, params = checkpoints.load_checkpoint(out / "train_refine")
+    image = volumes.read_all(str(out / "data" / "test_image.zarr"))
+    seg, _ = flood.segment(image, params, config, options, progress=False)
+    np.testing.assert_array_equal(seg, volumes.read_all(str(out / "ffn_seg.zarr")))
+    args = tiny_args(out)
+    args.consensus = "none"
+    assert not demo.inference_options(args).consensus
 
 
 def test_test_context_defaults_to_the_fov_radius_and_rejects_negatives(tmp_path):

@@ -65,6 +65,29 @@ def test_grid_equals_explicit_loops():
     assert seeds.grid_seeds((4, 4, 4), opt, margin=(2, 2, 2)).shape == (0, 3)
 
 
+def test_distance_order_visits_thickest_object_first():
+    # Balls of radius 3, 5 and 7: the deepest seed is the centre of the largest ball,
+    # the order is by descending edge distance (scipy's EDT as the reference), and it
+    # is a permutation of the z,y,x-ordered seeds.
+    shape = (40, 48, 48)
+    img = np.maximum.reduce([balls_image([c], radius=r, shape=shape)
+                             for c, r in (((10, 10, 10), 3), ((20, 24, 30), 7), ((28, 36, 12), 5))])
+    zyx = seeds.make_seeds(img, InferenceOptions())
+    deep = seeds.make_seeds(img, InferenceOptions(seed_order="distance"))
+    assert sorted(map(tuple, deep.tolist())) == sorted(map(tuple, zyx.tolist()))
+    np.testing.assert_array_equal(zyx, zyx[np.lexsort(zyx.T[::-1])])
+    dist = ndimage.distance_transform_edt(~seeds.edge_mask(img))[tuple(deep.T)]
+    assert np.all(np.diff(dist) <= 1e-4)
+    # Each ball's centre is a seed; the larger the ball, the earlier.
+    at = [int(np.argmin(np.abs(deep - c).max(axis=1))) for c in ((20, 24, 30), (28, 36, 12), (10, 10, 10))]
+    assert all(np.abs(deep[i] - c).max() <= 1 for i, c in zip(at, ((20, 24, 30), (28, 36, 12), (10, 10, 10))))
+    assert at[0] < at[1] < at[2]
+    with pytest.raises(ValueError, match="seed_order"):
+        InferenceOptions(seed_order="random")
+    with pytest.raises(ValueError, match="seed_order"):
+        seeds.order_seeds(zyx, img, "random")
+
+
 def test_make_seeds_dispatches_and_skip_segmented():
     img = balls_image(CENTRES)
     np.testing.assert_array_equal(seeds.make_seeds(img, InferenceOptions(seed_policy="peaks")),
