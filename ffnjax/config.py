@@ -168,8 +168,9 @@ class InferenceOptions(_JsonMixin):
       consensus_mode: 'split' (google/ffn's oversegmentation consensus: one
         object per overlapping pair of objects, pieces under
         `min_segment_size` dropped) or 'contested' (keep the forward pass's
-        objects, unlabel the voxels the reverse pass gives to an object that
-        does not correspond: order-dependent claims across a boundary).
+        objects; unlabel the pieces under `min_segment_size` that the reverse
+        pass gives to an object that does not correspond: order-dependent
+        claims across a boundary).
     """
 
     image_mean: float = 128.0

@@ -646,16 +646,18 @@ def split_by_intersection(a: np.ndarray, b: np.ndarray, min_size: int = 0) -> np
 
 
 def unlabel_contested(a: np.ndarray, b: np.ndarray, min_size: int = 0) -> np.ndarray:
-    """Consensus that keeps `a`'s objects and unlabels the voxels `b` disputes.
+    """Consensus that keeps `a`'s objects and unlabels the small pieces `b` disputes.
 
     Objects x of `a` and y of `b` correspond when y is the `b` object x overlaps
-    most, or x the `a` object y overlaps most. A voxel labelled x in `a` and y
-    in `b` keeps x when x and y correspond and becomes 0 when they do not: the
-    two seed orders gave it to different objects, as happens where whichever
-    object fills first reaches a voxel or two across a boundary. Voxels that
-    `b` leaves unlabelled keep their `a` label; objects left with fewer than
-    `min_size` voxels are dropped. Unlike `split_by_intersection` this adds no
-    objects, so it removes order-dependent contacts without adding splits.
+    most, or x the `a` object y overlaps most. The voxels labelled x in `a` and
+    y in `b` for non-corresponding x, y are a disputed piece: the two seed
+    orders gave it to different objects, as happens where whichever object
+    fills first reaches a voxel or two across a boundary. Disputed pieces
+    smaller than `min_size` are unlabelled (0); everything else keeps its `a`
+    label, including voxels `b` leaves unlabelled. Objects left with fewer than
+    `min_size` voxels are dropped. `split_by_intersection` drops the same small
+    pieces but makes every other piece an object of its own; this adds none, so
+    it removes order-dependent contacts without adding splits.
 
     Returns uint64 labels (the ids of `a`).
     """
@@ -679,7 +681,7 @@ def unlabel_contested(a: np.ndarray, b: np.ndarray, min_size: int = 0) -> np.nda
             best[order[first]] = True
             return best
 
-        keep = largest_per(0) | largest_per(1)
+        keep = largest_per(0) | largest_per(1) | (counts >= min_size)
         out[both] = np.where(keep[inverse.reshape(-1)], a[both], 0)
     if min_size > 0 and out.any():
         ids, sizes = np.unique(out[out > 0], return_counts=True)

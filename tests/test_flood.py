@@ -436,21 +436,24 @@ def test_consensus_splits_by_intersection():
     assert len(pairs) == len(np.unique(lab)) == len(np.unique(seg))
 
 
-def test_contested_consensus_unlabels_disputed_contacts_only():
+def test_contested_consensus_unlabels_small_disputed_pieces_only():
     # Forward: object 1 reaches two voxels into object 2's side; reverse (2 first)
-    # gives them to 2. Object 3 is split in the forward pass and whole in the
-    # reverse one: its pieces correspond, so nothing is split or lost there.
-    a = np.array([[[1, 1, 1, 1, 1, 1, 2, 2, 2, 0, 3, 3, 4, 4]]])
-    b = np.array([[[7, 7, 7, 7, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9]]])
-    got = flood.unlabel_contested(a, b)
-    np.testing.assert_array_equal(got, [[[1, 1, 1, 1, 0, 0, 2, 2, 2, 0, 3, 3, 4, 4]]])
+    # gives them to 2. Object 9 of the reverse pass covers objects 3 and 4 of the
+    # forward one: both correspond to it, so nothing is split or lost there.
+    a = np.array([[[1, 1, 1, 1, 1, 1, 2, 2, 2, 0, 3, 3, 3, 4, 4, 4]]])
+    b = np.array([[[7, 7, 7, 7, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9]]])
+    got = flood.unlabel_contested(a, b, min_size=3)
+    np.testing.assert_array_equal(got, [[[1, 1, 1, 1, 0, 0, 2, 2, 2, 0, 3, 3, 3, 4, 4, 4]]])
     assert got.dtype == np.uint64
-    # Same answer for any relabelling of the reverse pass, and b = a changes nothing.
-    np.testing.assert_array_equal(flood.unlabel_contested(a, (b * 13) % 101), got)
-    np.testing.assert_array_equal(flood.unlabel_contested(a, a), a)
-    # Objects left smaller than min_size are dropped.
-    np.testing.assert_array_equal(flood.unlabel_contested(a, b, min_size=3),
-                                  [[[1, 1, 1, 1, 0, 0, 2, 2, 2, 0, 0, 0, 0, 0]]])
+    # Same answer for any relabelling of the reverse pass; b = a changes nothing.
+    np.testing.assert_array_equal(flood.unlabel_contested(a, (b * 13) % 101, min_size=3), got)
+    np.testing.assert_array_equal(flood.unlabel_contested(a, a, min_size=3), a)
+    # A disputed piece of at least min_size voxels keeps its forward label...
+    np.testing.assert_array_equal(flood.unlabel_contested(a, b, min_size=2), a)
+    np.testing.assert_array_equal(flood.unlabel_contested(a, b), a)
+    # ...and objects left smaller than min_size are dropped.
+    np.testing.assert_array_equal(flood.unlabel_contested(a, b, min_size=4),
+                                  [[[1, 1, 1, 1] + [0] * 12]])
     # Through segment(): an oracle fill has no disputes, so consensus keeps it as is.
     lab = rod_labels()
     opts = oracle_options(min_segment_size=10)
