@@ -124,6 +124,20 @@ def test_help_documents_every_option_flag():
     assert "--bbox" in text and "--prob-output" in text and "--state" in text
 
 
+def test_choice_flags_become_options_and_reject_unknown_values():
+    parser = cli.build_parser()
+    base = ["--checkpoint", "c", "--image", "i.npz:raw", "--output", "o.zarr"]
+    args = parser.parse_args(base + ["--seed-order", "distance", "--consensus",
+                                     "--consensus-mode", "contested", "--seed-policy", "grid"])
+    opts = cli.options_from_args(args)
+    assert (opts.seed_order, opts.consensus, opts.consensus_mode, opts.seed_policy) == (
+        "distance", True, "contested", "grid")
+    assert cli.options_from_args(parser.parse_args(base)) == InferenceOptions()
+    for flag in ("--seed-order", "--consensus-mode", "--seed-policy"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(base + [flag, "bogus"])
+
+
 def test_segment_accepts_a_volume_object(setup):
     root, params, img = setup
     opts = InferenceOptions(min_segment_size=20, seed_policy="grid", seed_grid_step=(4, 5, 5))
