@@ -99,11 +99,10 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
 
 def inference_options(args: argparse.Namespace) -> InferenceOptions:
     """The flood-fill settings the demo segments its test volume with, from its flags."""
-    consensus = args.consensus != "none"
+    consensus = {} if args.consensus == "none" else dict(consensus=True, consensus_mode=args.consensus)
     return InferenceOptions(min_segment_size=args.min_segment_size,
                             min_boundary_dist=_zyx(args.min_boundary_dist),
-                            seed_order=args.seed_order, consensus=consensus,
-                            consensus_mode=args.consensus if consensus else "split")
+                            seed_order=args.seed_order, **consensus)
 
 
 def test_context(args: argparse.Namespace, model: ModelConfig) -> int:

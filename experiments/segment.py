@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ffnjax.config import CONSENSUS_MODES, SEED_ORDERS, InferenceOptions
+from ffnjax.config import CONSENSUS_MODES, SEED_ORDERS, SEED_POLICIES, InferenceOptions
 
 OPTION_HELP = {
     "image_mean": "image normalisation mean: net input is (x - mean) / stddev",
@@ -56,7 +56,7 @@ OPTION_HELP = {
                       "reverse pass gives to a non-corresponding object)",
 }
 
-CHOICES = {"seed_policy": ("peaks", "grid"), "seed_order": SEED_ORDERS,
+CHOICES = {"seed_policy": SEED_POLICIES, "seed_order": SEED_ORDERS,
            "consensus_mode": CONSENSUS_MODES}
 
 

@@ -137,6 +137,7 @@ class ModelConfig(_JsonMixin):
         return tuple(s // 2 for s in self.fov_size)  # type: ignore[return-value]
 
 
+SEED_POLICIES = ("peaks", "grid")
 SEED_ORDERS = ("zyx", "distance")
 CONSENSUS_MODES = ("split", "contested")
 
@@ -201,8 +202,8 @@ class InferenceOptions(_JsonMixin):
         object.__setattr__(self, "min_boundary_dist",
                            _as_zyx("min_boundary_dist", self.min_boundary_dist, positive=False))
         object.__setattr__(self, "seed_grid_step", _as_zyx("seed_grid_step", self.seed_grid_step))
-        if self.seed_policy not in ("peaks", "grid"):
-            raise ValueError(f"seed_policy must be 'peaks' or 'grid', got {self.seed_policy!r}")
+        if self.seed_policy not in SEED_POLICIES:
+            raise ValueError(f"seed_policy must be one of {SEED_POLICIES}, got {self.seed_policy!r}")
         if self.seed_order not in SEED_ORDERS:
             raise ValueError(f"seed_order must be one of {SEED_ORDERS}, got {self.seed_order!r}")
         if self.consensus_mode not in CONSENSUS_MODES:

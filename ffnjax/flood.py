@@ -622,27 +622,47 @@ def commit_object(segmentation: np.ndarray, canvas: np.ndarray, seed: Sequence[i
                                      voxels=voxels, overlaps=overlaps)
 
 
+def _overlap_pairs(a: np.ndarray, b: np.ndarray):
+    """Two segmentations as int64, the mask of voxels labelled in both, the
+    distinct (a, b) label pairs there (K, 2), each such voxel's pair index and
+    each pair's voxel count."""
+    a = np.asarray(a).astype(np.int64)
+    b = np.asarray(b).astype(np.int64)
+    if a.shape != b.shape:
+        raise ValueError(f"segmentations differ in shape: {a.shape} vs {b.shape}")
+    both = (a > 0) & (b > 0)
+    pairs, inverse, counts = np.unique(np.stack([a[both], b[both]], axis=1), axis=0,
+                                       return_inverse=True, return_counts=True)
+    return a, b, both, pairs, inverse.reshape(-1), counts
+
+
 def split_by_intersection(a: np.ndarray, b: np.ndarray, min_size: int = 0) -> np.ndarray:
     """Consensus of two segmentations: one object per pair (a, b) of overlapping
     objects (voxels unlabelled in either become 0); pieces below `min_size` are dropped.
 
     Returns uint64 labels numbered 1..K in order of their (a, b) pair.
     """
-    a = np.asarray(a).astype(np.int64)
-    b = np.asarray(b).astype(np.int64)
-    if a.shape != b.shape:
-        raise ValueError(f"segmentations differ in shape: {a.shape} vs {b.shape}")
-    both = (a > 0) & (b > 0)
+    a, b, both, pairs, inverse, counts = _overlap_pairs(a, b)
     out = np.zeros(a.shape, np.uint64)
-    if not both.any():
+    if not len(pairs):
         return out
-    pairs = np.stack([a[both], b[both]], axis=1)
-    uniq, inverse, counts = np.unique(pairs, axis=0, return_inverse=True, return_counts=True)
     keep = counts >= max(int(min_size), 1)
-    new_ids = np.zeros(len(uniq), np.uint64)
+    new_ids = np.zeros(len(pairs), np.uint64)
     new_ids[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint64)
-    out[both] = new_ids[inverse.reshape(-1)]
+    out[both] = new_ids[inverse]
     return out
+
+
+def _largest_overlaps(pairs: np.ndarray, counts: np.ndarray, col: int) -> np.ndarray:
+    """Mask over `pairs`: True for each object of column `col` on its largest
+    overlap (ties: the smaller id of the other column)."""
+    # Sorted by id of `col`, then by count descending: each id's first pair wins.
+    order = np.lexsort((pairs[:, 1 - col], -counts, pairs[:, col]))
+    first = np.ones(len(order), bool)
+    first[1:] = pairs[order[1:], col] != pairs[order[:-1], col]
+    best = np.zeros(len(pairs), bool)
+    best[order[first]] = True
+    return best
 
 
 def unlabel_contested(a: np.ndarray, b: np.ndarray, min_size: int = 0) -> np.ndarray:
@@ -661,28 +681,11 @@ def unlabel_contested(a: np.ndarray, b: np.ndarray, min_size: int = 0) -> np.nda
 
     Returns uint64 labels (the ids of `a`).
     """
-    a = np.asarray(a).astype(np.int64)
-    b = np.asarray(b).astype(np.int64)
-    if a.shape != b.shape:
-        raise ValueError(f"segmentations differ in shape: {a.shape} vs {b.shape}")
+    a, b, both, pairs, inverse, counts = _overlap_pairs(a, b)
     out = np.where(a > 0, a, 0)
-    both = (a > 0) & (b > 0)
-    if both.any():
-        pairs, inverse, counts = np.unique(np.stack([a[both], b[both]], axis=1), axis=0,
-                                           return_inverse=True, return_counts=True)
-
-        def largest_per(col: int) -> np.ndarray:
-            # Sorted by id of `col`, then by count descending: the first pair of
-            # each id is that object's largest overlap (ties: the smaller other id).
-            order = np.lexsort((pairs[:, 1 - col], -counts, pairs[:, col]))
-            first = np.ones(len(order), bool)
-            first[1:] = pairs[order[1:], col] != pairs[order[:-1], col]
-            best = np.zeros(len(pairs), bool)
-            best[order[first]] = True
-            return best
-
-        keep = largest_per(0) | largest_per(1) | (counts >= min_size)
-        out[both] = np.where(keep[inverse.reshape(-1)], a[both], 0)
+    keep = (_largest_overlaps(pairs, counts, 0) | _largest_overlaps(pairs, counts, 1)
+            | (counts >= min_size))
+    out[both] = np.where(keep[inverse], a[both], 0)
     if min_size > 0 and out.any():
         ids, sizes = np.unique(out[out > 0], return_counts=True)
         small = ids[sizes < min_size]

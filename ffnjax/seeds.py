@@ -34,7 +34,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.feature import peak_local_max
 
-from ffnjax.config import InferenceOptions
+from ffnjax.config import SEED_ORDERS, SEED_POLICIES, InferenceOptions
 
 PEAKS_SMOOTHING_SIGMA = 49.0 / 6.0  # google/ffn's adaptive-threshold sigma (voxels)
 PEAKS_MIN_DISTANCE = 3
@@ -107,7 +107,12 @@ def peaks_seeds(image: np.ndarray, options: InferenceOptions = InferenceOptions(
     """
     del options
     image = _check_volume(image)
-    dist = edge_distance(image, sigma, anisotropy)
+    return _distance_peaks(edge_distance(image, sigma, anisotropy), margin, min_distance)
+
+
+def _distance_peaks(dist: np.ndarray, margin: Sequence[int] | None,
+                    min_distance: int = PEAKS_MIN_DISTANCE) -> np.ndarray:
+    """`peaks_seeds` from the edge-distance map `dist` (left unchanged)."""
     # Deterministic jitter, independent of any global random state, so that
     # plateaus of equal distance yield one peak at a reproducible place.
     rng = np.random.default_rng(PEAKS_JITTER_SEED)
@@ -116,9 +121,8 @@ def peaks_seeds(image: np.ndarray, options: InferenceOptions = InferenceOptions(
                            threshold_rel=0.0, exclude_border=False)
     peaks = np.asarray(peaks, np.int64).reshape(-1, 3)
     if margin is not None:
-        peaks = peaks[inside_margin(peaks, image.shape, margin)]
-    order = np.lexsort(peaks.T[::-1])  # ascending z, then y, then x
-    return peaks[order]
+        peaks = peaks[inside_margin(peaks, dist.shape, margin)]
+    return order_seeds(peaks, "zyx")
 
 
 def grid_seeds(shape: Sequence[int], options: InferenceOptions = InferenceOptions(),
@@ -139,32 +143,35 @@ def grid_seeds(shape: Sequence[int], options: InferenceOptions = InferenceOption
     return grid.astype(np.int64)
 
 
-def order_seeds(seeds: np.ndarray, image: np.ndarray, order: str = "zyx") -> np.ndarray:
+def order_seeds(seeds: np.ndarray, order: str = "zyx",
+                distance: np.ndarray | None = None) -> np.ndarray:
     """`seeds` (N, 3) in `order`: 'zyx' ascending, or 'distance' (descending
-    `edge_distance` of `image` at each seed, ties in ascending z,y,x)."""
+    value of the `edge_distance` map `distance` at each seed, ties in ascending z,y,x)."""
     seeds = np.asarray(seeds, np.int64).reshape(-1, 3)
-    zyx = np.lexsort(seeds.T[::-1])
+    seeds = seeds[np.lexsort(seeds.T[::-1])]  # ascending z, then y, then x
     if order == "zyx":
-        return seeds[zyx]
+        return seeds
     if order == "distance":
-        seeds = seeds[zyx]
-        depth = edge_distance(image)[tuple(seeds.T)]
-        return seeds[np.argsort(-depth, kind="stable")]
-    raise ValueError(f"unknown seed_order {order!r}; expected 'zyx' or 'distance'")
+        if distance is None:
+            raise ValueError("seed_order 'distance' needs the edge-distance map (edge_distance(image))")
+        return seeds[np.argsort(-distance[tuple(seeds.T)], kind="stable")]
+    raise ValueError(f"unknown seed_order {order!r}; expected one of {SEED_ORDERS}")
 
 
 def make_seeds(image: np.ndarray, options: InferenceOptions = InferenceOptions(),
                margin: Sequence[int] | None = None) -> np.ndarray:
     """Seeds from the policy named by `options.seed_policy` ('peaks' or 'grid'),
-    in `options.seed_order`."""
+    in `options.seed_order` (the edge-distance map is computed once for both)."""
     image = _check_volume(image)
+    if options.seed_policy not in SEED_POLICIES:
+        raise ValueError(f"unknown seed_policy {options.seed_policy!r}; expected one of {SEED_POLICIES}")
+    needs_distance = options.seed_policy == "peaks" or options.seed_order == "distance"
+    dist = edge_distance(image) if needs_distance else None
     if options.seed_policy == "peaks":
-        seeds = peaks_seeds(image, options, margin)
-    elif options.seed_policy == "grid":
-        seeds = grid_seeds(image.shape, options, margin)
+        seeds = _distance_peaks(dist, margin)
     else:
-        raise ValueError(f"unknown seed_policy {options.seed_policy!r}; expected 'peaks' or 'grid'")
-    return order_seeds(seeds, image, options.seed_order)
+        seeds = grid_seeds(image.shape, options, margin)
+    return order_seeds(seeds, options.seed_order, dist)
 
 
 def skip_segmented(seeds: np.ndarray, segmentation: np.ndarray) -> np.ndarray:

@@ -85,7 +85,9 @@ def test_distance_order_visits_thickest_object_first():
     with pytest.raises(ValueError, match="seed_order"):
         InferenceOptions(seed_order="random")
     with pytest.raises(ValueError, match="seed_order"):
-        seeds.order_seeds(zyx, img, "random")
+        seeds.order_seeds(zyx, "random")
+    with pytest.raises(ValueError, match="seed_order 'distance' needs"):
+        seeds.order_seeds(zyx, "distance")
 
 
 def test_make_seeds_dispatches_and_skip_segmented():
