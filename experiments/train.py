@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-moves", type=int,
                    help=f"cap on FOV moves per example beyond the centre, 0 = none (default {d.max_moves})")
     g.add_argument("--move-threshold", type=float, help=f"(default {d.move_threshold})")
+    g.add_argument("--update-per-fov", action="store_true", default=None,
+                   help="one optimiser step per FOV slot, as google/ffn trains (default: one "
+                        "step per batch on the summed losses of all its FOVs)")
 
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-every", type=int, help=f"steps between metric lines (default {d.log_every})")
@@ -128,7 +131,7 @@ _DIRECT = {
     "cache_dir": "cache_dir", "brightness": "brightness", "contrast": "contrast",
     "batch_size": "batch_size", "learning_rate": "learning_rate", "optimizer": "optimizer",
     "warmup_steps": "warmup_steps", "fov_moves": "fov_moves", "move_policy": "move_policy",
-    "max_moves": "max_moves",
+    "max_moves": "max_moves", "update_per_fov": "update_per_fov",
     "move_threshold": "move_threshold", "log_every": "log_every",
     "checkpoint_every": "checkpoint_every", "image_every": "image_every",
     "keep_checkpoints": "keep_checkpoints", "val_image": "val_images", "val_labels": "val_labels",

@@ -273,6 +273,11 @@ class TrainConfig(_JsonMixin):
         (0: no cap, every lattice position the policy takes). A cap makes an
         example cost at most 1 + max_moves FOVs; the random orders still cover
         every direction across examples.
+      update_per_fov: one optimiser step per FOV slot, as google/ffn trains
+        (the slot's FOVs over the batch form that step's batch), instead of
+        one step per batch on the summed losses of all its FOVs. The same
+        compute buys 1 + max_moves times as many updates; `steps`,
+        `warmup_steps` and the schedule still count batches.
       move_threshold: a move needs the canvas (or face max) above this.
       seed_prob, pad_prob: the initial mask (probability at the centre voxel
         and everywhere else) and the soft target values (inside / outside).
@@ -315,6 +320,7 @@ class TrainConfig(_JsonMixin):
     fov_moves: int = 1
     move_policy: str = "fixed"
     max_moves: int = 0
+    update_per_fov: bool = False
     move_threshold: float = 0.9
     seed_prob: float = 0.95
     pad_prob: float = 0.05

@@ -15,9 +15,10 @@ is a thin wrapper around it. The pieces are importable on their own:
 
 Gradients between moves are stopped, as in google/ffn: each FOV's mask input
 is the canvas with `stop_gradient`, so the gradient of an FOV flows only through
-its own forward pass. (google/ffn takes one optimiser step per FOV; here the
-losses of all FOVs of an example, and of all examples of the batch, are summed
-and averaged over every evaluated voxel before one step.)
+its own forward pass. By default the losses of all FOVs of an example, and of
+all examples of the batch, are summed and averaged over every evaluated voxel
+before one optimiser step; `TrainConfig.update_per_fov` takes one step per FOV
+slot instead, as google/ffn does, so later moves already see the updated net.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ AXIS = "data"              # the one mesh axis: data parallelism
 F1_THRESHOLD = 0.9         # mask precision / recall / F1 are measured at this probability
 
 __all__ = ["AXIS", "load_checkpoint", "lattice_offsets", "fov_starts", "move_orders", "run_fovs",
-           "make_optimizer", "init_state", "train_step", "step_config", "make_mesh", "make_sharded_step",
+           "fov_slots", "make_optimizer", "init_state", "train_step", "step_config", "make_mesh", "make_sharded_step",
            "load_training_volumes", "load_volume_pair", "load_validation_batch", "evaluate",
            "make_sampler", "predict_example", "train"]
 
@@ -112,8 +113,16 @@ def initial_canvas(config: TrainConfig, batch: int) -> jax.Array:
     return canvas.at[:, c[0], c[1], c[2], 0].set(logit(config.seed_prob))
 
 
+def fov_slots(config: TrainConfig) -> int:
+    """FOV slots per example (the length of `run_fovs`'s scan): every lattice
+    position, or 1 + max_moves when moves are capped."""
+    n_pos = (2 * config.fov_moves + 1) ** 3
+    return n_pos if not config.max_moves else min(n_pos, 1 + config.max_moves)
+
+
 def run_fovs(apply_fn: Callable, params: Any, batch: dict[str, jax.Array], order: jax.Array,
-             config: TrainConfig, *, with_grad: bool = True) -> dict[str, Any]:
+             config: TrainConfig, *, with_grad: bool = True, update: Callable | None = None,
+             opt_state: Any = None, axis_name: str | None = None) -> dict[str, Any]:
     """Runs the FOV moves of a batch of examples as one `lax.scan`.
 
     Args:
@@ -124,6 +133,12 @@ def run_fovs(apply_fn: Callable, params: Any, batch: dict[str, jax.Array], order
         ignored by 'max_pred_moves'.
       config: geometry, policy and thresholds.
       with_grad: also accumulate d(loss_sum)/d(params).
+      update: `update(params, opt_state, grad_sum, weight_sum) -> (params,
+        opt_state)`, applied with each slot's sums after every slot that some
+        example takes, so later FOVs see the updated parameters (google/ffn's
+        one optimiser step per FOV); needs `with_grad` and `opt_state`.
+      axis_name: the mesh axis under `shard_map` when `update` is given (the
+        update is collective, so every device must take the same branch).
 
     Returns a dict:
       loss_sum, weight_sum: summed weighted sigmoid cross-entropy and summed
@@ -133,6 +148,7 @@ def run_fovs(apply_fn: Callable, params: Any, batch: dict[str, jax.Array], order
       taken: (B, P) bool, slot s of example b was evaluated.
       positions: (B, P) lattice index evaluated in each slot.
       canvas: (B, *crop_size, 1) final mask logits.
+      params, opt_state: after the last update (None without `update`).
 
     Policies. 'fixed': slot 0 is the centre; each later slot takes the next
     position of the example's `order` whose FOV centre voxel exceeds
@@ -205,21 +221,33 @@ def run_fovs(apply_fn: Callable, params: Any, batch: dict[str, jax.Array], order
         target_f = _slice_fovs(batch["target"], starts, fov)
         weight_f = _slice_fovs(batch["weight"], starts, fov) * taken[:, None, None, None, None]
 
+        p_now = carry["params"] if update is not None else params
+
         def evaluate(_):
             if with_grad:
                 (ls, logits), g = jax.value_and_grad(fov_loss, has_aux=True)(
-                    params, image_f, mask_f, target_f, weight_f)
+                    p_now, image_f, mask_f, target_f, weight_f)
             else:
-                ls, logits = fov_loss(params, image_f, mask_f, target_f, weight_f)
+                ls, logits = fov_loss(p_now, image_f, mask_f, target_f, weight_f)
                 g = None
-            return ls, logits, g
+            if update is None:
+                return ls, logits, g
+            return (ls, logits, g) + tuple(update(p_now, carry["opt_state"], g, jnp.sum(weight_f)))
 
         def skip(_):  # no example takes this slot: nothing to compute
-            return jnp.float32(0), mask_f, zero_grads
+            if update is None:
+                return jnp.float32(0), mask_f, zero_grads
+            return jnp.float32(0), mask_f, zero_grads, p_now, carry["opt_state"]
 
-        ls, logits, g = lax.cond(jnp.any(taken), evaluate, skip, None)
+        any_taken = jnp.any(taken)
+        if update is not None and axis_name is not None:
+            any_taken = lax.pmax(any_taken.astype(jnp.int32), axis_name) > 0
+        res = lax.cond(any_taken, evaluate, skip, None)
+        ls, logits, g = res[:3]
         new_fov = jnp.where(taken[:, None, None, None, None], logits, mask_f)
         out = dict(carry)
+        if update is not None:
+            out["params"], out["opt_state"] = res[3], res[4]
         out["canvas"] = _write_fovs(canvas, new_fov, starts)
         out["loss_sum"] = carry["loss_sum"] + ls
         out["weight_sum"] = carry["weight_sum"] + jnp.sum(weight_f)
@@ -255,16 +283,18 @@ def run_fovs(apply_fn: Callable, params: Any, batch: dict[str, jax.Array], order
                  fn=jnp.float32(0))
     if with_grad:
         carry["grad_sum"] = zero_grads
+    if update is not None:
+        carry["params"], carry["opt_state"] = params, opt_state
     if config.move_policy == "fixed":
         carry["ptr"] = jnp.zeros((b,), jnp.int32)
     if config.move_policy == "max_pred_moves":
         carry["visited"] = jnp.zeros((b, n_pos), bool)
         carry["queued"] = jnp.full((b, n_pos), big, jnp.int32).at[:, centre_index].set(0)
-    n_slots = n_pos if not config.max_moves else min(n_pos, 1 + config.max_moves)
-    carry, (taken, positions) = lax.scan(slot, carry, jnp.arange(n_slots))
+    carry, (taken, positions) = lax.scan(slot, carry, jnp.arange(fov_slots(config)))
     return dict(loss_sum=carry["loss_sum"], weight_sum=carry["weight_sum"],
                 grad_sum=carry.get("grad_sum"), tp=carry["tp"], fp=carry["fp"], fn=carry["fn"],
-                taken=taken.T, positions=positions.T, canvas=carry["canvas"])
+                taken=taken.T, positions=positions.T, canvas=carry["canvas"],
+                params=carry.get("params"), opt_state=carry.get("opt_state"))
 
 
 # ----------------------------------------------------------------------------
@@ -273,15 +303,19 @@ def run_fovs(apply_fn: Callable, params: Any, batch: dict[str, jax.Array], order
 
 def make_optimizer(config: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Adam (or SGD with momentum) with linear warmup + cosine decay and
-    global-norm clipping. Returns (optimizer, learning-rate schedule)."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
-        decay_steps=max(config.steps, config.warmup_steps + 1),
+    global-norm clipping. Returns (optimizer, learning-rate schedule of the
+    batch step). With `update_per_fov` the optimiser counts FOV slots, so its
+    schedule is stretched by `fov_slots(config)` to span the same batches."""
+    k = fov_slots(config) if config.update_per_fov else 1
+    per_update = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps * k,
+        decay_steps=max(config.steps, config.warmup_steps + 1) * k,
         end_value=config.learning_rate * config.end_lr_fraction)
+    schedule = per_update if k == 1 else (lambda step: per_update(step * k))
     if config.optimizer == "adam":
-        opt = optax.adam(schedule)
+        opt = optax.adam(per_update)
     else:
-        opt = optax.sgd(schedule, momentum=config.momentum)
+        opt = optax.sgd(per_update, momentum=config.momentum)
     if config.clip_norm > 0:
         opt = optax.chain(optax.clip_by_global_norm(config.clip_norm), opt)
     return opt, schedule
@@ -314,7 +348,7 @@ def _example_keys(state: dict, local_batch: int, axis_name: str | None) -> jax.A
 
 def train_step(state: dict[str, Any], batch: dict[str, jax.Array], config: TrainConfig,
                axis_name: str | None = None) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-    """One optimiser step on a batch; pure.
+    """One optimiser step on a batch (one per FOV slot with `update_per_fov`); pure.
 
     Args:
       state: the TrainState pytree (`init_state`).
@@ -332,7 +366,18 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], config: Train
     apply_fn = make_apply_fn(config.model)
     local_batch = batch["image"].shape[0]
     order = move_orders(_example_keys(state, local_batch, axis_name), config.fov_moves)
-    out = run_fovs(apply_fn, state["params"], batch, order, config, with_grad=True)
+    opt, schedule = make_optimizer(config)
+
+    def update(params, opt_state, grad_sum, weight_sum):
+        if axis_name is not None:
+            grad_sum, weight_sum = lax.pmean((grad_sum, weight_sum), axis_name)
+        grads = jax.tree_util.tree_map(lambda g: g / jnp.maximum(weight_sum, 1.0), grad_sum)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    out = run_fovs(apply_fn, state["params"], batch, order, config, with_grad=True,
+                   update=update if config.update_per_fov else None,
+                   opt_state=state["opt_state"], axis_name=axis_name)
     sums = dict(grad_sum=out["grad_sum"], loss_sum=out["loss_sum"], weight_sum=out["weight_sum"],
                 tp=out["tp"], fp=out["fp"], fn=out["fn"],
                 fovs=jnp.sum(out["taken"]).astype(jnp.float32), examples=jnp.float32(local_batch))
@@ -341,9 +386,11 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], config: Train
         sums = lax.pmean(sums, axis_name)
     denom = jnp.maximum(sums["weight_sum"], 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / denom, sums["grad_sum"])
-    opt, schedule = make_optimizer(config)
-    updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    if config.update_per_fov:         # already applied, one step per FOV slot
+        params, opt_state = out["params"], out["opt_state"]
+    else:
+        updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
     tp, fp, fn = sums["tp"], sums["fp"], sums["fn"]
     precision = tp / jnp.maximum(tp + fp, 1e-6)
     recall = tp / jnp.maximum(tp + fn, 1e-6)
@@ -364,7 +411,8 @@ def make_mesh(devices: list | None = None) -> Mesh:
 
 # TrainConfig fields the device step depends on; the rest (data, logging,
 # checkpoints, augmentation) only matter on the host.
-STEP_FIELDS = ("model", "fov_moves", "move_policy", "max_moves", "move_threshold", "seed_prob", "pad_prob",
+STEP_FIELDS = ("model", "fov_moves", "move_policy", "max_moves", "update_per_fov", "move_threshold",
+               "seed_prob", "pad_prob",
                "steps", "learning_rate", "optimizer", "momentum", "warmup_steps",
                "end_lr_fraction", "clip_norm")
 

@@ -49,6 +49,9 @@ def test_flags_override_config_file(tmp_path):
     assert config.model == ModelConfig(depth=3, features=6, fov_size=(9, 9, 9), deltas=(2, 2, 2),
                                        compute_dtype="bfloat16")
     assert config.images == ("a.npy",) and config.labels == ("b.npy",)
+    assert not config.update_per_fov                      # absent flag: the file's value
+    args = build_parser().parse_args(["--workdir", "w", "--update-per-fov"])
+    assert config_from_args(args).update_per_fov
 
 
 def _fails(argv, capsys) -> str:
