@@ -52,6 +52,10 @@ def test_demo_writes_every_output(demo_run):
     refine = json.loads((out / "train_refine" / "train_config.json").read_text())
     assert refine["init_from"] == str(out / "train")
     assert refine["learning_rate"] == pytest.approx(demo.build_parser().get_default("learning_rate") / 30)
+    # Phases with FOV moves take one optimiser step per FOV slot unless told otherwise.
+    moves = json.loads((out / "train" / "train_config.json").read_text())
+    assert moves["update_per_fov"] and refine["update_per_fov"]
+    assert not demo.build_parser().parse_args(["--no-update-per-fov"]).update_per_fov
 
 
 def test_demo_scores_equal_a_direct_computation(demo_run):
