@@ -109,9 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-moves", type=int,
                    help=f"cap on FOV moves per example beyond the centre, 0 = none (default {d.max_moves})")
     g.add_argument("--move-threshold", type=float, help=f"(default {d.move_threshold})")
-    g.add_argument("--update-per-fov", action="store_true", default=None,
-                   help="one optimiser step per FOV slot, as google/ffn trains (default: one "
-                        "step per batch on the summed losses of all its FOVs)")
+    g.add_argument("--update-per-fov", action=argparse.BooleanOptionalAction, default=None,
+                   help="one optimiser step per FOV slot, as google/ffn trains; "
+                        "--no-update-per-fov: one step per batch on the summed losses of all its "
+                        f"FOVs, the same compute (default {d.update_per_fov})")
 
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-every", type=int, help=f"steps between metric lines (default {d.log_every})")

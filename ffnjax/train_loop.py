@@ -15,10 +15,10 @@ is a thin wrapper around it. The pieces are importable on their own:
 
 Gradients between moves are stopped, as in google/ffn: each FOV's mask input
 is the canvas with `stop_gradient`, so the gradient of an FOV flows only through
-its own forward pass. By default the losses of all FOVs of an example, and of
-all examples of the batch, are summed and averaged over every evaluated voxel
-before one optimiser step; `TrainConfig.update_per_fov` takes one step per FOV
-slot instead, as google/ffn does, so later moves already see the updated net.
+its own forward pass. As in google/ffn, each FOV slot is one optimiser step
+(`TrainConfig.update_per_fov`, the default), so later moves already see the
+updated net; with `update_per_fov=False` the losses of all FOVs of a batch are
+summed and averaged over every evaluated voxel before one step.
 """
 
 from __future__ import annotations

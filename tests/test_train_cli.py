@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -49,8 +50,12 @@ def test_flags_override_config_file(tmp_path):
     assert config.model == ModelConfig(depth=3, features=6, fov_size=(9, 9, 9), deltas=(2, 2, 2),
                                        compute_dtype="bfloat16")
     assert config.images == ("a.npy",) and config.labels == ("b.npy",)
-    assert not config.update_per_fov                      # absent flag: the file's value
-    args = build_parser().parse_args(["--workdir", "w", "--update-per-fov"])
+    assert config.update_per_fov                          # absent flag: the file's value
+    args = build_parser().parse_args(["--workdir", "w", "--no-update-per-fov"])
+    assert not config_from_args(args).update_per_fov
+    (tmp_path / "d.json").write_text(dataclasses.replace(base, update_per_fov=False).to_json())
+    args = build_parser().parse_args(["--workdir", "w", "--config", str(tmp_path / "d.json"),
+                                      "--update-per-fov"])
     assert config_from_args(args).update_per_fov
 
 
