@@ -368,12 +368,15 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], config: Train
     order = move_orders(_example_keys(state, local_batch, axis_name), config.fov_moves)
     opt, schedule = make_optimizer(config)
 
-    def update(params, opt_state, grad_sum, weight_sum):
-        if axis_name is not None:
-            grad_sum, weight_sum = lax.pmean((grad_sum, weight_sum), axis_name)
-        grads = jax.tree_util.tree_map(lambda g: g / jnp.maximum(weight_sum, 1.0), grad_sum)
+    def apply(params, opt_state, grads):
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
+
+    def update(params, opt_state, grad_sum, weight_sum):   # one FOV slot's step
+        if axis_name is not None:
+            grad_sum, weight_sum = lax.pmean((grad_sum, weight_sum), axis_name)
+        return apply(params, opt_state,
+                     jax.tree_util.tree_map(lambda g: g / jnp.maximum(weight_sum, 1.0), grad_sum))
 
     out = run_fovs(apply_fn, state["params"], batch, order, config, with_grad=True,
                    update=update if config.update_per_fov else None,
@@ -389,8 +392,7 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], config: Train
     if config.update_per_fov:         # already applied, one step per FOV slot
         params, opt_state = out["params"], out["opt_state"]
     else:
-        updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        params, opt_state = apply(state["params"], state["opt_state"], grads)
     tp, fp, fn = sums["tp"], sums["fp"], sums["fn"]
     precision = tp / jnp.maximum(tp + fp, 1e-6)
     recall = tp / jnp.maximum(tp + fn, 1e-6)

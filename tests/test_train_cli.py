@@ -50,13 +50,13 @@ def test_flags_override_config_file(tmp_path):
     assert config.model == ModelConfig(depth=3, features=6, fov_size=(9, 9, 9), deltas=(2, 2, 2),
                                        compute_dtype="bfloat16")
     assert config.images == ("a.npy",) and config.labels == ("b.npy",)
-    assert config.update_per_fov                          # absent flag: the file's value
+    assert config.update_per_fov
     args = build_parser().parse_args(["--workdir", "w", "--no-update-per-fov"])
     assert not config_from_args(args).update_per_fov
     (tmp_path / "d.json").write_text(dataclasses.replace(base, update_per_fov=False).to_json())
-    args = build_parser().parse_args(["--workdir", "w", "--config", str(tmp_path / "d.json"),
-                                      "--update-per-fov"])
-    assert config_from_args(args).update_per_fov
+    from_file = ["--workdir", "w", "--config", str(tmp_path / "d.json")]
+    assert not config_from_args(build_parser().parse_args(from_file)).update_per_fov  # absent flag
+    assert config_from_args(build_parser().parse_args([*from_file, "--update-per-fov"])).update_per_fov
 
 
 def _fails(argv, capsys) -> str:
