@@ -3,7 +3,7 @@
     python -m benchmarks.memory_bench                    # 250^3 synthetic volume, default model
     python -m benchmarks.memory_bench --shape 64,64,64   # quick
 
-Segments a synthetic volume of --shape with `ffnjax.flood.segment` and reports
+Segments a synthetic volume of --shape with `ffnjax.segmentation.segment` and reports
 the process's peak resident memory (on CPU, JAX's device buffers live in host
 memory, so this covers the device-side canvas, queue and network activations
 as well as the host-side segmentation), next to the sizes of the volume-sized
@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
 
     import jax
     from benchmarks.segment_bench import MODELS, oracle_driven_convstack
-    from ffnjax import flood, nets, seeds as seeds_lib, synthetic
+    from ffnjax import nets, seeds as seeds_lib, segmentation, synthetic
     from ffnjax.config import InferenceOptions
     from ffnjax.testing import ORACLE_OPTIONS
 
@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
     setup_s = time.perf_counter() - t0
     base = rss_mib()
     t0 = time.perf_counter()
-    seg, info = flood.segment(image, params, config, options, apply_fn, seeds=seeds, progress=False)
+    seg, info = segmentation.segment(image, params, config, options, apply_fn, seeds=seeds, progress=False)
     wall = time.perf_counter() - t0
     peak = peak_rss_mib()
     n = int(np.prod(shape))

@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ffnjax import flood, seeds as seeds_lib
+from ffnjax import flood, seeds as seeds_lib, segmentation
 from ffnjax.config import InferenceOptions, ModelConfig
 from ffnjax.nets import init_params, make_apply_fn, normalize_image
 from ffnjax.testing import ORACLE_OPTIONS, oracle_apply_fn
@@ -126,7 +126,7 @@ def loop_overhead_ms(config: ModelConfig, image: np.ndarray, seeds: np.ndarray,
     image_dev = normalize_image(image, options.image_mean, options.image_stddev)
     flood.run_fill(spec, oracle_apply_fn, None, image_dev, seeds[0]).canvas.block_until_ready()
     t0 = time.perf_counter()
-    _, info = flood.segment(image, None, config, options, oracle_apply_fn, seeds=seeds, progress=False)
+    _, info = segmentation.segment(image, None, config, options, oracle_apply_fn, seeds=seeds, progress=False)
     wall = time.perf_counter() - t0 - info.timings["seeds"]
     return 1e3 * wall / max(info.counters["fov_steps"], 1)
 
@@ -142,7 +142,7 @@ def bench_one(config: ModelConfig, params, apply_fn, image: np.ndarray, seeds: n
     flood.run_fill(spec, apply_fn, params, image_dev, seeds[0]).canvas.block_until_ready()
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    seg, info = flood.segment(image, params, config, options, apply_fn, seeds=seeds, progress=False)
+    seg, info = segmentation.segment(image, params, config, options, apply_fn, seeds=seeds, progress=False)
     wall = time.perf_counter() - t0 - info.timings["seeds"]
     # The network exactly as the fill calls it (split over the host devices
     # for batches >= 2, see ffnjax.flood.fill_mesh).

@@ -127,7 +127,7 @@ def test_context(args: argparse.Namespace, model: ModelConfig) -> int:
 
 def run_demo(args: argparse.Namespace) -> dict:
     """Runs the five steps; returns the report written to report.json."""
-    from ffnjax import baseline, checkpoints, erl, flood, synthetic, train_loop, viz, volumes
+    from ffnjax import baseline, checkpoints, erl, segmentation, synthetic, train_loop, viz, volumes
 
     if args.refine_steps and not args.move_steps:
         raise ValueError(f"--refine-steps {args.refine_steps} refines phase 2's weights, but "
@@ -200,7 +200,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     trained_config, params = checkpoints.load_checkpoint(workdir)
     options = inference_options(args)
     t0 = time.perf_counter()
-    seg, info = flood.segment(test_img, params, trained_config, options, progress=progress)
+    seg, info = segmentation.segment(test_img, params, trained_config, options, progress=progress)
     seg_s = time.perf_counter() - t0
     volumes.save_volume(str(out / "ffn_seg.zarr"), seg, overwrite=True)
     report["segmentation"] = dict(options=options.to_dict(), seconds=seg_s,

@@ -141,7 +141,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ffnjax import flood
+    from ffnjax import segmentation
 
     if args.workdir:
         from ffnjax.checkpoints import load_checkpoint
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
         print(f"FFN: reusing the segmentation in {args.reuse}")
     else:
         t0 = time.perf_counter()
-        seg, info = flood.segment(raw, params, config, options)
+        seg, info = segmentation.segment(raw, params, config, options)
         t_ffn = time.perf_counter() - t0
         steps = int(info.counters.get("fov_steps", -1))
         print(f"FFN: {info.summary()}")

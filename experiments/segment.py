@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     options = options_from_args(args)
 
-    from ffnjax import flood
+    from ffnjax import flood, segmentation
     from ffnjax.checkpoints import load_checkpoint
     from ffnjax.volumes import create_volume, open_volume
 
@@ -188,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     flood.check_image_shape(raw.shape, model_config.fov_size)
 
     state_path = Path(args.state) if args.state else default_state_path(args.output)
-    state = flood.load_state(state_path) if state_path.exists() else None
+    state = segmentation.load_state(state_path) if state_path.exists() else None
     outputs = [args.output] + ([args.prob_output] if args.prob_output else [])
     if state is None and not args.overwrite:
         for out in outputs:
@@ -202,12 +202,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"{len(state.objects)} objects so far", file=sys.stderr)
 
     t0 = time.perf_counter()
-    state, info = flood.segment_state(
+    state, info = segmentation.segment_state(
         raw, params, model_config, options, state=state,
         keep_probabilities=bool(args.prob_output),
-        checkpoint_fn=lambda s: flood.save_state(state_path, s),
+        checkpoint_fn=lambda s: segmentation.save_state(state_path, s),
         checkpoint_every_s=args.checkpoint_every, progress=not args.quiet, run_id=run_id)
-    seg = flood.final_segmentation(state, options)
+    seg = segmentation.final_segmentation(state, options)
 
     voxel_size = tuple(image.voxel_size)
     offset = tuple(int(o) + int(s) for o, s in zip(image.offset, start))

@@ -24,7 +24,7 @@ __all__ = ["InferenceOptions", "ModelConfig", "TrainConfig", "logit",
            "segment", "fill", "load_checkpoint"]
 __version__ = "0.1.0"
 
-_LAZY = {"segment": "ffnjax.flood", "fill": "ffnjax.flood",
+_LAZY = {"segment": "ffnjax.segmentation", "fill": "ffnjax.flood",
          "load_checkpoint": "ffnjax.checkpoints"}
 
 

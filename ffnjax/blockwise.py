@@ -208,11 +208,11 @@ def overlap_box(a: Block, b: Block) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class FFNSegmenter:
-    """Segments one block with `ffnjax.flood.segment` (picklable, so Dask can
+    """Segments one block with `ffnjax.segmentation.segment` (picklable, so Dask can
     ship it to workers once).
 
     Attributes:
-      params, model_config, options, apply_fn: as for `ffnjax.flood.segment`;
+      params, model_config, options, apply_fn: as for `ffnjax.segmentation.segment`;
         apply_fn=None uses the FFN network, `ffnjax.testing.oracle_apply_fn`
         the oracle (then the image is a label volume).
     """
@@ -223,7 +223,7 @@ class FFNSegmenter:
     apply_fn: Callable | None = None
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        from ffnjax.flood import segment
+        from ffnjax.segmentation import segment
         seg, _ = segment(image, self.params, self.model_config, self.options, apply_fn=self.apply_fn,
                          progress=False)
         return np.asarray(seg)
@@ -736,7 +736,7 @@ def segment_volume(image_spec: Any, output_spec: Any, params: Any = None,
       output_spec: where the uint64 segmentation goes ('x.zarr', 'x.n5',
         'precomputed://x'); created when absent, reused when resuming.
       params, model_config, options, apply_fn: the model, as for
-        `ffnjax.flood.segment` (apply_fn=`ffnjax.testing.oracle_apply_fn` with
+        `ffnjax.segmentation.segment` (apply_fn=`ffnjax.testing.oracle_apply_fn` with
         `oracle_options()` runs the oracle on a label volume).
       block: block size z,y,x (each block is segmented independently).
       overlap: voxels shared by neighbouring blocks z,y,x (>= the FOV is wise).

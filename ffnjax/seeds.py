@@ -21,7 +21,7 @@ Both accept a `margin` (z,y,x): seeds closer than that to the volume border
 are dropped, because a flood fill can only start where a whole FOV fits
 (google/ffn drops such seeds later, in `Canvas.segment_all`). Skipping voxels
 that are already segmented happens while segmenting (`skip_segmented` here, and
-`ffnjax.flood.segment` re-checks every seed just before its fill), because the
+`ffnjax.segmentation.segment` re-checks every seed just before its fill), because the
 segmentation grows as seeds are used.
 """
 

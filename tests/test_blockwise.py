@@ -296,7 +296,7 @@ ORACLE_OVERLAP = (18, 18, 18)
 @pytest.fixture(scope="module")
 def oracle_run(tmp_path_factory):
     from ffnjax.config import ModelConfig
-    from ffnjax.flood import segment
+    from ffnjax.segmentation import segment
     from ffnjax.testing import oracle_options
 
     tmp = tmp_path_factory.mktemp("oracle")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments import demo
-from ffnjax import baseline, checkpoints, erl, flood, volumes
+from ffnjax import baseline, checkpoints, erl, segmentation, volumes
 
 
 def tiny_args(out):
@@ -83,7 +83,7 @@ def test_demo_segments_with_its_inference_options(demo_run):
     assert report["segmentation"]["options"] == options.to_dict()
     config, params = checkpoints.load_checkpoint(out / "train_refine")
     image = volumes.read_all(str(out / "data" / "test_image.zarr"))
-    seg, _ = flood.segment(image, params, config, options, progress=False)
+    seg, _ = segmentation.segment(image, params, config, options, progress=False)
     np.testing.assert_array_equal(seg, volumes.read_all(str(out / "ffn_seg.zarr")))
     args = tiny_args(out)
     args.consensus = "none"

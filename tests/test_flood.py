@@ -1,5 +1,11 @@
-"""Flood fill: oracle recovery, equality with a plain-NumPy reference, queue and
-commit semantics, resuming, bad input."""
+"""The device fill of one object: oracle recovery, equality with a plain-NumPy
+reference, queue semantics, the thresholds the loop reads, overflow, bad input,
+a fill spread over host devices.
+
+The synthetic data, the random net and the NumPy reference fill defined here
+are shared with tests/test_segmentation.py (the host side) and
+tests/test_segment_cli.py.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,6 @@ import collections
 import dataclasses
 import functools
 
-import edt
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,16 +47,6 @@ def rod_labels() -> np.ndarray:
                 lab[z0:z0 + 5, y0:y0 + 5, 4:44] = k
                 k += 1
     return lab
-
-
-def one_seed_per_object(labels: np.ndarray) -> np.ndarray:
-    """The voxel farthest from the object's boundary, per object (ascending id)."""
-    dist = edt.edt(np.ascontiguousarray(labels), black_border=True)
-    out = []
-    for obj in np.unique(labels)[1:]:
-        d = np.where(labels == obj, dist, -1)
-        out.append(np.unravel_index(np.argmax(d), labels.shape))
-    return np.asarray(out, np.int64)
 
 
 def cell_image(shape=(20, 28, 28), n=10, seed=0, noise=20.0) -> np.ndarray:
@@ -149,35 +144,6 @@ def reference_fill(img, seed, net, cfg, opt):
     return canvas, evaluated
 
 
-def reference_segment(image, seeds, net, cfg, opt):
-    img = ((image.astype(np.float32) - np.float32(opt.image_mean)) / np.float32(opt.image_stddev))
-    seg = np.zeros(image.shape, np.int64)
-    move = np.float32(logit(opt.move_threshold))
-    thr = np.float32(logit(opt.segment_threshold))
-    mbd = np.array(opt.min_boundary_dist)
-    next_id, all_steps = 1, []
-    for seed in np.asarray(seeds):
-        if seg[tuple(seed)] != 0:
-            continue
-        lo = np.maximum(seed - mbd, 0)
-        if np.any(seg[tuple(slice(a, b + 1) for a, b in zip(lo, seed + mbd))] > 0):
-            continue
-        canvas, evaluated = reference_fill(img, seed, net, cfg, opt)
-        if not evaluated:
-            continue
-        if not canvas[tuple(seed)] >= move:
-            seg[tuple(seed)] = -1
-            continue
-        mask = (canvas >= thr) & (seg <= 0)
-        if mask.sum() == 0 or mask.sum() < opt.min_segment_size:
-            seg[tuple(seed)] = -1
-            continue
-        seg[mask] = next_id
-        next_id += 1
-        all_steps.append(len(evaluated))
-    return np.maximum(seg, 0).astype(np.uint64), all_steps
-
-
 # ----------------------------------------------------------------------------
 # Oracle.
 
@@ -191,54 +157,8 @@ def test_oracle_fill_recovers_the_seeded_object_exactly():
         np.testing.assert_array_equal(prob >= 0.6, lab == lab[seed])
 
 
-def test_oracle_segments_the_whole_volume_up_to_relabelling():
-    lab = rod_labels()
-    seg, info = flood.segment(lab, None, TINY, oracle_options(min_segment_size=10), oracle_apply_fn,
-                              seeds=one_seed_per_object(lab), progress=False)
-    assert seg.dtype == np.uint64 and seg.shape == lab.shape
-    # A bijection between ground-truth ids and segment ids, background to background.
-    pairs = set(zip(lab.ravel().tolist(), seg.ravel().tolist()))
-    assert len(pairs) == len(np.unique(lab)) == len(np.unique(seg))
-    assert (0, 0) in pairs
-    assert info.counters["committed"] == len(np.unique(lab)) - 1
-    assert sum(o.voxels for o in info.objects) == int((lab > 0).sum())
-    assert all(o.overlaps == {} for o in info.objects)
-
-
-def test_oracle_drops_objects_below_min_size():
-    lab = rod_labels()
-    sizes = dict(zip(*np.unique(lab, return_counts=True)))
-    min_size = 500  # the 400-voxel pieces go, the others stay
-    seg, info = flood.segment(lab, None, TINY, oracle_options(min_segment_size=min_size),
-                              oracle_apply_fn, seeds=one_seed_per_object(lab), progress=False)
-    kept = {k for k, v in sizes.items() if k != 0 and v >= min_size}
-    assert info.counters["too_small"] == len(sizes) - 1 - len(kept)
-    for k in sizes:
-        if k == 0:
-            continue
-        if k in kept:
-            assert len(np.unique(seg[lab == k])) == 1 and seg[lab == k][0] > 0
-        else:
-            assert np.all(seg[lab == k] == 0)
-
-
 # ----------------------------------------------------------------------------
 # Reference equality.
-
-
-@pytest.mark.parametrize("disco", [True, False])
-def test_device_loop_equals_numpy_reference(disco):
-    img = cell_image()
-    params, net = random_net(0)
-    opt = InferenceOptions(min_segment_size=20, seed_policy="grid", seed_grid_step=(4, 5, 5),
-                           disconnected_seeds=disco, min_boundary_dist=(1, 1, 1))
-    seeds = flood.seeds_lib.grid_seeds(img.shape, opt, margin=TINY.fov_radius)
-    jnet = jax.jit(lambda i, m: net(params, i, m))
-    ref, ref_steps = reference_segment(img, seeds, jnet, TINY, opt)
-    seg, info = flood.segment(img, params, TINY, opt, net, seeds=seeds, progress=False)
-    assert len(ref_steps) >= 5 and max(ref_steps) >= 8, "the random net should make real fills"
-    np.testing.assert_array_equal(seg, ref)
-    assert [o.steps for o in info.objects] == ref_steps
 
 
 def test_fill_trace_and_probabilities_equal_reference():
@@ -320,195 +240,15 @@ def test_queue_capacity_bounds_the_lattice():
 
 
 # ----------------------------------------------------------------------------
-# Commit semantics.
+# Bad input (see tests/test_segmentation.py for what segment() rejects).
 
 
-def _canvas(shape, region, inside=3.0):
-    c = np.full(shape, np.nan, np.float32)
-    c[region] = inside
-    return c
-
-
-def test_earlier_objects_win_and_overlaps_are_recorded():
-    seg = np.zeros((10, 10, 10), np.int64)
-    seg[:, :, :5] = 7
-    opt = InferenceOptions(min_segment_size=1)
-    canvas = _canvas(seg.shape, np.s_[2:6, 2:6, 3:8])
-    outcome, rec = flood.commit_object(seg, canvas, (3, 3, 6), 8, steps=3, options=opt)
-    assert outcome == "committed"
-    assert rec.overlaps == {7: 4 * 4 * 2} and rec.voxels == 4 * 4 * 3
-    assert np.all(seg[:, :, :5] == 7) and np.all(seg[2:6, 2:6, 5:8] == 8)
-
-
-def test_small_objects_and_weak_seeds_are_dropped_and_marked():
-    opt = InferenceOptions(min_segment_size=30)
-    seg = np.zeros((10, 10, 10), np.int64)
-    outcome, rec = flood.commit_object(seg, _canvas(seg.shape, np.s_[2:5, 2:5, 2:5]), (3, 3, 3), 1,
-                                       steps=2, options=opt)
-    assert (outcome, rec) == ("too_small", None)
-    assert seg[3, 3, 3] == -1 and np.count_nonzero(seg) == 1
-    canvas = _canvas(seg.shape, np.s_[0:8, 0:8, 0:8])
-    canvas[5, 5, 5] = logit(0.89)  # below the move threshold
-    assert flood.commit_object(seg, canvas, (5, 5, 5), 1, 4, opt)[0] == "seed_too_weak"
-    assert seg[5, 5, 5] == -1
-    assert flood.commit_object(seg, canvas, (6, 6, 6), 1, 0, opt)[0] == "no_steps"
-    assert seg[6, 6, 6] == 0
-    # A marked seed voxel is free for later objects.
-    outcome, rec = flood.commit_object(seg, canvas, (6, 6, 6), 1, 4, opt)
-    assert outcome == "committed" and seg[3, 3, 3] == 1 and rec.voxels == 8 ** 3  # -1 marks included
-
-
-def test_min_boundary_distance():
-    seg = np.zeros((12, 12, 12), np.int64)
-    seg[6, 6, 6] = 3
-    assert flood.seed_allowed(seg, (6, 6, 6), (0, 0, 0)) == "segmented"
-    assert flood.seed_allowed(seg, (6, 6, 8), (1, 1, 1)) is None
-    assert flood.seed_allowed(seg, (6, 6, 8), (1, 1, 2)) == "boundary"
-    assert flood.seed_allowed(seg, (6, 8, 6), (1, 2, 1)) == "boundary"
-    assert flood.seed_allowed(seg, (0, 0, 0), (1, 1, 1)) is None
-    # and inside segment(): with a large boundary distance fewer objects start
-    img = cell_image()
+def test_fill_rejects_bad_input():
     params, net = random_net(0)
-    seeds = flood.seeds_lib.grid_seeds(img.shape, InferenceOptions(seed_grid_step=(2, 2, 2)),
-                                       TINY.fov_radius)
-    out = {}
-    for mbd in [(0, 0, 0), (3, 3, 3)]:
-        opt = InferenceOptions(min_segment_size=20, min_boundary_dist=mbd)
-        seg, info = flood.segment(img, params, TINY, opt, net, seeds=seeds, progress=False)
-        out[mbd] = info
-        m = np.array(mbd)
-        for rec in info.objects:
-            lo = np.maximum(np.array(rec.seed) - m, 0)
-            window = seg[tuple(slice(a, b + 1) for a, b in zip(lo, np.array(rec.seed) + m))]
-            others = set(np.unique(window)) - {0, rec.id}
-            # objects committed later may come close, earlier ones may not
-            assert all(o > rec.id for o in others)
-    assert out[(3, 3, 3)].counters["skipped_boundary"] > 0
-
-
-# ----------------------------------------------------------------------------
-# Resuming.
-
-
-class _Stop(Exception):
-    pass
-
-
-def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
-    img = cell_image()
-    params, net = random_net(0)
-    opt = InferenceOptions(min_segment_size=20, seed_policy="grid", seed_grid_step=(3, 4, 4))
-    full, info = flood.segment(img, params, TINY, opt, net, progress=False)
-    assert info.counters["committed"] >= 3
-    path = tmp_path / "state.npz"
-    saves = []
-
-    def save_then_die(state):
-        flood.save_state(path, state)
-        saves.append(state.seed_index)
-        if len(saves) == 2:
-            raise _Stop
-
-    with pytest.raises(_Stop):
-        flood.segment(img, params, TINY, opt, net, checkpoint_fn=save_then_die,
-                      checkpoint_every_s=0.0, progress=False)
-    state = flood.load_state(path)
-    assert state.seed_index == saves[-1] and 0 < state.seed_index < len(state.seeds)
-    seg, info2 = flood.segment(img, params, TINY, opt, net, state=state, progress=False)
-    np.testing.assert_array_equal(seg, full)
-    assert [o.to_dict() | {"fill_s": 0} for o in info2.objects] == \
-           [o.to_dict() | {"fill_s": 0} for o in info.objects]
-    # A state from another run is refused.
-    with pytest.raises(ValueError, match="different run"):
-        flood.segment(img, params, TINY, InferenceOptions(min_segment_size=21), net,
-                      state=flood.load_state(path), progress=False)
-
-
-def test_consensus_splits_by_intersection():
-    a = np.array([[[1, 1, 2, 2, 0]]])
-    b = np.array([[[5, 6, 6, 6, 6]]])
-    np.testing.assert_array_equal(flood.split_by_intersection(a, b), [[[1, 2, 3, 3, 0]]])
-    np.testing.assert_array_equal(flood.split_by_intersection(a, b, min_size=2), [[[0, 0, 1, 1, 0]]])
-    lab = rod_labels()
-    seg, _ = flood.segment(lab, None, TINY, oracle_options(min_segment_size=10, consensus=True),
-                           oracle_apply_fn, seeds=one_seed_per_object(lab), progress=False)
-    pairs = set(zip(lab.ravel().tolist(), seg.ravel().tolist()))
-    assert len(pairs) == len(np.unique(lab)) == len(np.unique(seg))
-
-
-def test_contested_consensus_unlabels_small_disputed_pieces_only():
-    # Forward: object 1 reaches two voxels into object 2's side; reverse (2 first)
-    # gives them to 2. Object 9 of the reverse pass covers objects 3 and 4 of the
-    # forward one: both correspond to it, so nothing is split or lost there.
-    a = np.array([[[1, 1, 1, 1, 1, 1, 2, 2, 2, 0, 3, 3, 3, 4, 4, 4]]])
-    b = np.array([[[7, 7, 7, 7, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9]]])
-    got = flood.unlabel_contested(a, b, min_size=3)
-    np.testing.assert_array_equal(got, [[[1, 1, 1, 1, 0, 0, 2, 2, 2, 0, 3, 3, 3, 4, 4, 4]]])
-    assert got.dtype == np.uint64
-    # Same answer for any relabelling of the reverse pass; b = a changes nothing.
-    np.testing.assert_array_equal(flood.unlabel_contested(a, (b * 13) % 101, min_size=3), got)
-    np.testing.assert_array_equal(flood.unlabel_contested(a, a, min_size=3), a)
-    # A disputed piece of at least min_size voxels keeps its forward label...
-    np.testing.assert_array_equal(flood.unlabel_contested(a, b, min_size=2), a)
-    np.testing.assert_array_equal(flood.unlabel_contested(a, b), a)
-    # ...and objects left smaller than min_size are dropped.
-    np.testing.assert_array_equal(flood.unlabel_contested(a, b, min_size=4),
-                                  [[[1, 1, 1, 1] + [0] * 12]])
-    # Through segment(): an oracle fill has no disputes, so consensus keeps it as is.
-    lab = rod_labels()
-    opts = oracle_options(min_segment_size=10)
-    seeds = one_seed_per_object(lab)
-    plain, _ = flood.segment(lab, None, TINY, opts, oracle_apply_fn, seeds=seeds, progress=False)
-    cons, _ = flood.segment(lab, None, TINY, dataclasses.replace(
-        opts, consensus=True, consensus_mode="contested"), oracle_apply_fn, seeds=seeds,
-        progress=False)
-    np.testing.assert_array_equal(cons, plain)
-    with pytest.raises(ValueError, match="consensus_mode"):
-        dataclasses.replace(opts, consensus_mode="vote")
-
-
-# ----------------------------------------------------------------------------
-# Bad input.
-
-
-def test_bad_input_raises_clear_errors():
-    params, net = random_net(0)
-    with pytest.raises(ValueError, match="smaller than the network's FOV"):
-        flood.segment(np.zeros((8, 20, 20), np.uint8), params, TINY, InferenceOptions(), net,
-                      progress=False)
     with pytest.raises(ValueError, match="3D"):
         flood.fill(np.zeros((20, 20), np.uint8), (5, 5, 5), params, TINY, InferenceOptions(), net)
     with pytest.raises(ValueError, match="closer than the FOV radius"):
         flood.fill(np.zeros((20, 20, 20), np.uint8), (2, 10, 10), params, TINY, InferenceOptions(), net)
-    # A network whose output is not the FOV's shape.
-    crop = lambda p, i, m: m[:, 1:-1, 1:-1, 1:-1]  # noqa: E731
-    with pytest.raises(ValueError, match="logits of the FOV's shape"):
-        flood.segment(np.zeros((20, 20, 20), np.uint8), None, TINY, InferenceOptions(), crop,
-                      progress=False)
-    # Convstack parameters that do not fit the config.
-    other = {"params": {"conv0_a": {"kernel": np.zeros((3, 3, 3, 2, 8), np.float32),
-                                    "bias": np.zeros(8, np.float32)}}}
-    with pytest.raises(ValueError, match="cannot run on FOVs"):
-        flood.segment(np.zeros((20, 20, 20), np.uint8), other, TINY, InferenceOptions(),
-                      progress=False)
-
-
-def test_oracle_on_real_fib25_never_merges_and_covers_most_voxels():
-    """Ground truth of a FIB-25 crop as the oracle's image, peaks seeds from the
-    raw EM: every segment lies inside one true object, and most voxels are
-    reached (FOV moves cannot enter every thin process)."""
-    from conftest import shared_path
-
-    root = shared_path("fib25_training_sample2")
-    raw = np.load(root / "raw_z000-049.npz")["raw"][:24, :64, :64]
-    gt = np.load(root / "groundtruth_z000-149.npz")["labels"][:24, :64, :64]
-    seeds = flood.seeds_lib.peaks_seeds(raw, margin=TINY.fov_radius)
-    seg, info = flood.segment(gt.astype(np.float32), None, TINY, oracle_options(min_segment_size=100),
-                              oracle_apply_fn, seeds=seeds, progress=False)
-    for obj in np.unique(seg)[1:]:
-        assert len(np.unique(gt[seg == obj])) == 1
-    assert (seg > 0).mean() > 0.7  # 0.82 on this crop with FOV 9^3, deltas 2
-    assert info.counters["committed"] == len(np.unique(seg)) - 1
 
 
 def test_a_queue_that_would_overflow_is_reported_not_dropped():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from experiments import segment as cli
-from ffnjax import flood
+from ffnjax import segmentation
 from ffnjax.checkpoints import save_model
 from ffnjax.config import InferenceOptions, ModelConfig
 from ffnjax.nets import init_params
@@ -54,7 +54,7 @@ def test_cli_matches_the_python_api_and_writes_volumes(setup, tmp_path):
     seg = open_volume(str(out)).read()
     assert seg.dtype == np.uint64 and seg.shape == (20, 28, 28)
     opts = InferenceOptions(min_segment_size=20, seed_policy="grid", seed_grid_step=(4, 5, 5))
-    want, info = flood.segment(img[2:22, 2:30, 2:30], params, CFG, opts, progress=False)
+    want, info = segmentation.segment(img[2:22, 2:30, 2:30], params, CFG, opts, progress=False)
     np.testing.assert_array_equal(seg, want)
     assert summary["objects"] == info.counters["committed"] >= 2
     p = open_volume(str(prob)).read()
@@ -76,7 +76,7 @@ def test_killed_run_resumes_to_the_same_result(setup, tmp_path, monkeypatch):
     run(root, "--output", str(full))
     out = tmp_path / "seg.zarr"
     state_path = tmp_path / "seg.zarr.segment-state.npz"
-    real_save = flood.save_state
+    real_save = segmentation.save_state
     saves = []
 
     def save_then_kill(path, state):
@@ -85,12 +85,12 @@ def test_killed_run_resumes_to_the_same_result(setup, tmp_path, monkeypatch):
         if len(saves) == 3:
             raise Killed
 
-    monkeypatch.setattr(flood, "save_state", save_then_kill)
+    monkeypatch.setattr(segmentation, "save_state", save_then_kill)
     with pytest.raises(Killed):
         run(root, "--output", str(out), "--checkpoint-every", "0")
-    monkeypatch.setattr(flood, "save_state", real_save)
+    monkeypatch.setattr(segmentation, "save_state", real_save)
     assert state_path.exists() and not out.exists()
-    assert flood.load_state(state_path).seed_index == saves[-1]
+    assert segmentation.load_state(state_path).seed_index == saves[-1]
     run(root, "--output", str(out), "--checkpoint-every", "0")
     np.testing.assert_array_equal(open_volume(str(out)).read(), open_volume(str(full)).read())
     assert not state_path.exists()
@@ -142,7 +142,7 @@ def test_segment_accepts_a_volume_object(setup):
     root, params, img = setup
     opts = InferenceOptions(min_segment_size=20, seed_policy="grid", seed_grid_step=(4, 5, 5))
     vol = open_volume(f"{root}/img.npz:raw")
-    a, _ = flood.segment(vol, params, CFG, opts, progress=False)
-    b, _ = flood.segment(img, params, CFG, opts, progress=False)
+    a, _ = segmentation.segment(vol, params, CFG, opts, progress=False)
+    b, _ = segmentation.segment(img, params, CFG, opts, progress=False)
     np.testing.assert_array_equal(a, b)
     assert a.max() > 0

@@ -1,0 +1,442 @@
+"""The host side of inference: segmenting a volume one flood fill at a time.
+
+`segment` is google/ffn's `Canvas.segment_all`: for every seed in turn it asks
+whether the seed may start a fill (`seed_allowed`), runs one device fill
+(`ffnjax.flood.run_fill`) and commits the filled object into the segmentation
+(`commit_object`) in NumPy, between fills:
+
+* seeds inside an object, tried before, or within `min_boundary_dist` of an
+  object are skipped;
+* a fill whose seed voxel ends below the move threshold is dropped;
+* earlier objects win overlaps; objects below `min_segment_size` are dropped;
+  a dropped seed's voxel is marked -1 so it is not tried again.
+
+The thresholds come as logits from the run's `ffnjax.flood.FillSpec`,
+converted there once; nothing here converts a probability again.
+
+With `consensus` the seeds run forward and then reversed, and
+`ffnjax.consensus` combines the two segmentations. The whole run is a
+`SegmentState` that `save_state` / `load_state` write and read between seeds,
+so an interrupted run resumes to the same result.
+
+Python API::
+
+    seg, info = segment(image, params, model_config, options)   # uint64 z,y,x
+    state, info = segment_state(image, params, model_config, options,
+                                checkpoint_fn=lambda s: save_state(path, s))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from scipy.special import expit
+from tqdm.auto import tqdm
+
+from ffnjax import seeds as seeds_lib
+from ffnjax.config import InferenceOptions, ModelConfig
+from ffnjax.consensus import split_by_intersection, unlabel_contested
+from ffnjax.flood import (ApplyFn, FillSpec, as_image_array, check_apply_fn, default_apply_fn,
+                          fill_mesh, place_fill_inputs, run_fill)
+from ffnjax.nets import normalize_image
+
+UNSEGMENTED_SEED = -1  # marks a tried seed voxel so it is not retried
+
+
+@dataclasses.dataclass
+class ObjectRecord:
+    """One committed object: id, seed z,y,x, FOV steps, voxels, overlaps {earlier id: voxels}."""
+
+    id: int
+    seed: tuple[int, int, int]
+    steps: int
+    voxels: int
+    overlaps: dict[int, int]
+    fill_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "seed": list(self.seed), "steps": self.steps, "voxels": self.voxels,
+                "overlaps": [[int(k), int(v)] for k, v in self.overlaps.items()],
+                "fill_s": self.fill_s}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ObjectRecord":
+        return cls(id=int(d["id"]), seed=tuple(int(v) for v in d["seed"]), steps=int(d["steps"]),
+                   voxels=int(d["voxels"]), overlaps={int(k): int(v) for k, v in d["overlaps"]},
+                   fill_s=float(d.get("fill_s", 0.0)))
+
+
+def seed_allowed(segmentation: np.ndarray, seed: Sequence[int],
+                 min_boundary_dist: Sequence[int]) -> str | None:
+    """Why `seed` may not start a fill ('segmented' / 'boundary'), or None if it may.
+
+    'segmented': the seed voxel is in an object or was tried before (-1).
+    'boundary': an object lies within `min_boundary_dist` (z,y,x) of it.
+    """
+    z, y, x = (int(v) for v in seed)
+    if segmentation[z, y, x] != 0:
+        return "segmented"
+    m = np.asarray(min_boundary_dist, np.int64)
+    lo = np.maximum(np.asarray((z, y, x)) - m, 0)
+    hi = np.asarray((z, y, x)) + m + 1
+    window = segmentation[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    if np.any(window > 0):
+        return "boundary"
+    return None
+
+
+def quantize_probability(p: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] as uint8 0..255 (rounded); 0 also means 'no object'."""
+    return np.clip(np.rint(np.asarray(p, np.float64) * 255.0), 0, 255).astype(np.uint8)
+
+
+def commit_object(segmentation: np.ndarray, canvas: np.ndarray, seed: Sequence[int],
+                  object_id: int, steps: int, spec: FillSpec, min_size: int = 0,
+                  bbox: tuple[Sequence[int], Sequence[int]] | None = None,
+                  probabilities: np.ndarray | None = None) -> tuple[str, ObjectRecord | None]:
+    """Adds one filled object to `segmentation` in place (google/ffn's segment_all rules).
+
+    Args:
+      segmentation: int64 z,y,x labels so far; 0 free, -1 a seed tried before.
+      canvas: float32 z,y,x logits of the fill (NaN = never visited).
+      seed: the fill's seed z,y,x.
+      object_id: id given to the object if it is kept.
+      steps: FOV evaluations of the fill (0: nothing was evaluated).
+      spec: the fill's FillSpec; its `move_logit` (does the seed voxel still
+        pass?) and `segment_logit` (which voxels the object keeps) are the
+        thresholds, already logits.
+      min_size: objects with fewer new voxels are dropped (`min_segment_size`).
+      bbox: (lo, hi) inclusive voxel bounds outside which the canvas is NaN
+        (speeds up large volumes); None for the whole volume.
+      probabilities: optional uint8 map, written with the object's probabilities.
+
+    Returns:
+      (outcome, record): outcome is 'committed', 'no_steps', 'seed_too_weak' or
+      'too_small'; record describes the object when committed.
+    """
+    z, y, x = (int(v) for v in seed)
+    if steps <= 0:
+        return "no_steps", None
+    if not canvas[z, y, x] >= spec.move_logit:
+        if segmentation[z, y, x] == 0:
+            segmentation[z, y, x] = UNSEGMENTED_SEED
+        return "seed_too_weak", None
+    if bbox is None:
+        sel = (slice(None),) * 3
+    else:
+        lo, hi = bbox
+        sel = tuple(slice(max(int(a), 0), int(b) + 1) for a, b in zip(lo, hi))
+    seg = segmentation[sel]
+    logits = canvas[sel]
+    mask = logits >= np.float32(spec.segment_logit)
+    ids, counts = np.unique(seg[mask], return_counts=True)
+    overlaps = {int(i): int(c) for i, c in zip(ids, counts) if i > 0}
+    mask &= seg <= 0  # earlier objects win
+    voxels = int(mask.sum())
+    if voxels == 0 or voxels < min_size:
+        if segmentation[z, y, x] == 0:
+            segmentation[z, y, x] = UNSEGMENTED_SEED
+        return "too_small", None
+    seg[mask] = object_id
+    if probabilities is not None:
+        probabilities[sel][mask] = quantize_probability(expit(logits[mask]))
+    return "committed", ObjectRecord(id=int(object_id), seed=(z, y, x), steps=int(steps),
+                                     voxels=voxels, overlaps=overlaps)
+
+
+COUNTER_NAMES = ("seeds", "fills", "committed", "skipped_segmented", "skipped_boundary",
+                 "no_steps", "seed_too_weak", "too_small", "fov_steps", "net_calls", "voxels")
+
+
+@dataclasses.dataclass
+class SegmentState:
+    """Everything needed to continue an interrupted `segment` run.
+
+    Attributes:
+      segmentation: int64 z,y,x (objects > 0, tried seeds -1).
+      seeds: (N, 3) seeds in the order they are tried.
+      seed_index: the next seed to try; seeds before it are fully done.
+      next_id: id of the next committed object.
+      objects: ObjectRecord per committed object, in order.
+      counters: see COUNTER_NAMES.
+      probabilities: optional uint8 map of committed voxels.
+      phase: 0 forward; 1 the reverse pass of consensus (then `forward` holds
+        the finished forward segmentation).
+      forward: forward-pass segmentation during consensus, else None.
+      fingerprint: JSON of what the run depends on (image shape, configs);
+        resuming checks it.
+      elapsed_s: wall time spent so far over all runs.
+    """
+
+    segmentation: np.ndarray
+    seeds: np.ndarray
+    seed_index: int = 0
+    next_id: int = 1
+    objects: list[ObjectRecord] = dataclasses.field(default_factory=list)
+    counters: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(COUNTER_NAMES, 0))
+    probabilities: np.ndarray | None = None
+    phase: int = 0
+    forward: np.ndarray | None = None
+    fingerprint: str = ""
+    elapsed_s: float = 0.0
+
+
+def save_state(path: str | os.PathLike, state: SegmentState) -> Path:
+    """Writes `state` to `path` (.npz) atomically: a temporary file beside it, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"seed_index": state.seed_index, "next_id": state.next_id,
+            "objects": [o.to_dict() for o in state.objects], "counters": state.counters,
+            "phase": state.phase, "fingerprint": state.fingerprint, "elapsed_s": state.elapsed_s}
+    arrays = {"segmentation": state.segmentation, "seeds": state.seeds,
+              "meta": np.frombuffer(json.dumps(meta).encode(), np.uint8)}
+    if state.probabilities is not None:
+        arrays["probabilities"] = state.probabilities
+    if state.forward is not None:
+        arrays["forward"] = state.forward
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_state(path: str | os.PathLike) -> SegmentState:
+    """Reads a state written by `save_state`.
+
+    Raises:
+      FileNotFoundError: no such file. ValueError: not a segmentation state.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no segmentation state at {path}")
+    try:
+        with np.load(path) as z:
+            data = {k: z[k] for k in z.files}
+        meta = json.loads(data["meta"].tobytes().decode())
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable segmentation state: {e}") from e
+    return SegmentState(
+        segmentation=data["segmentation"], seeds=data["seeds"],
+        seed_index=int(meta["seed_index"]), next_id=int(meta["next_id"]),
+        objects=[ObjectRecord.from_dict(o) for o in meta["objects"]],
+        counters={**dict.fromkeys(COUNTER_NAMES, 0), **meta["counters"]},
+        probabilities=data.get("probabilities"), phase=int(meta["phase"]),
+        forward=data.get("forward"), fingerprint=meta["fingerprint"],
+        elapsed_s=float(meta["elapsed_s"]))
+
+
+def run_fingerprint(shape: Sequence[int], model_config: ModelConfig, options: InferenceOptions,
+                    run_id: str = "") -> str:
+    """What a run's result depends on, apart from the weights and image values
+    (`run_id`: anything else the caller wants checked, e.g. image spec and bbox)."""
+    return json.dumps({"shape": [int(s) for s in shape], "model": model_config.to_dict(),
+                       "options": options.to_dict(), "run": run_id}, sort_keys=True)
+
+
+@dataclasses.dataclass
+class SegmentInfo:
+    """What `segment` did: per-object records, counters and timings (seconds).
+
+    With `consensus`, `objects` holds the records of the forward pass and then
+    of the reverse pass (ids of the final, intersected labels differ from both).
+
+    timings: 'seeds' (seed policy), 'compile' (first fill, including
+    compilation), 'fill' (device fills incl. transfer of the canvas), 'commit'
+    (host NumPy), 'total'.
+    """
+
+    objects: list[ObjectRecord]
+    counters: dict[str, int]
+    timings: dict[str, float]
+    num_seeds: int
+
+    def summary(self) -> str:
+        c = self.counters
+        t = self.timings
+        return (f"{c['committed']} objects, {c['voxels']} voxels from {self.num_seeds} seeds "
+                f"({c['fills']} fills, {c['fov_steps']} FOV steps; skipped: "
+                f"{c['skipped_segmented']} in objects, {c['skipped_boundary']} near objects, "
+                f"{c['seed_too_weak']} too weak, {c['too_small']} too small) in {t['total']:.2f} s")
+
+
+def _segment_pass(state: SegmentState, spec: FillSpec, apply_fn: ApplyFn, params: Any,
+                  image_dev: jax.Array, options: InferenceOptions, timings: dict[str, float],
+                  checkpoint: Callable[[bool], None], progress: bool, desc: str) -> None:
+    """Tries every remaining seed of `state` in order, updating it in place."""
+    seg = state.segmentation
+    bar = tqdm(total=len(state.seeds), initial=state.seed_index, desc=desc, unit="seed",
+               disable=not progress, dynamic_ncols=True)
+    c = state.counters
+    params, image_dev = place_fill_inputs(fill_mesh(spec.batch_size), params,
+                                          image_dev)  # once per volume, not per seed
+    try:
+        while state.seed_index < len(state.seeds):
+            seed = tuple(int(v) for v in state.seeds[state.seed_index])
+            why = seed_allowed(seg, seed, options.min_boundary_dist)
+            if why is not None:
+                c[f"skipped_{why}"] += 1
+            else:
+                t0 = time.perf_counter()
+                st = run_fill(spec, apply_fn, params, image_dev, seed)  # blocks; checks overflow
+                canvas = np.asarray(st.canvas)
+                steps, lo, hi = int(st.steps), np.asarray(st.lo), np.asarray(st.hi)
+                t1 = time.perf_counter()
+                timings["compile" if c["fills"] == 0 else "fill"] += t1 - t0
+                c["fills"] += 1
+                c["fov_steps"] += steps
+                c["net_calls"] += int(st.calls)
+                r = np.asarray(spec.radius)
+                bbox = (lo - r, hi + r) if steps > 0 else None
+                outcome, record = commit_object(seg, canvas, seed, state.next_id, steps, spec,
+                                                options.min_segment_size, bbox=bbox,
+                                                probabilities=state.probabilities)
+                timings["commit"] += time.perf_counter() - t1
+                c[outcome] += 1
+                if record is not None:
+                    record.fill_s = t1 - t0
+                    state.objects.append(record)
+                    state.next_id += 1
+                    c["voxels"] += record.voxels
+            state.seed_index += 1
+            bar.update(1)
+            bar.set_postfix(objects=c["committed"], steps=c["fov_steps"], refresh=False)
+            checkpoint(False)
+    finally:
+        bar.close()
+
+
+def segment_state(image: Any, params: Any, model_config: ModelConfig,
+                  options: InferenceOptions = InferenceOptions(), apply_fn: ApplyFn | None = None,
+                  *, state: SegmentState | None = None, seeds: np.ndarray | None = None,
+                  keep_probabilities: bool = False,
+                  checkpoint_fn: Callable[[SegmentState], Any] | None = None,
+                  checkpoint_every_s: float = 300.0, progress: bool = True, run_id: str = ""
+                  ) -> tuple[SegmentState, SegmentInfo]:
+    """`segment` that returns its full `SegmentState` (for resuming and for the CLI).
+
+    Args:
+      state: a state from an interrupted run with the same image and options
+        (see `segment`), or None to start afresh.
+      seeds: (N, 3) z,y,x seeds to use instead of `options.seed_policy`.
+      keep_probabilities: also build a uint8 probability map of committed voxels.
+      checkpoint_fn: called with the state every `checkpoint_every_s` seconds
+        (between seeds, so the state is consistent) and once at the end.
+      progress: show a tqdm bar over seeds.
+      run_id: extra identity of the run stored in the state's fingerprint
+        (the CLI passes the image spec and bbox); a resumed state must match.
+    """
+    t_start = time.perf_counter()
+    arr = as_image_array(image)
+    spec = FillSpec.from_configs(arr.shape, model_config, options)
+    apply_fn = apply_fn or default_apply_fn(model_config)
+    check_apply_fn(apply_fn, params, model_config, spec.batch_size)
+    timings = dict.fromkeys(("seeds", "compile", "fill", "commit", "total"), 0.0)
+    fingerprint = run_fingerprint(arr.shape, model_config, options, run_id)
+
+    if state is None:
+        t0 = time.perf_counter()
+        if seeds is None:
+            seed_arr = seeds_lib.make_seeds(arr, options, margin=spec.radius)
+        else:
+            seed_arr = np.asarray(seeds, np.int64).reshape(-1, 3)
+            seed_arr = seed_arr[seeds_lib.inside_margin(seed_arr, arr.shape, spec.radius)]
+        timings["seeds"] = time.perf_counter() - t0
+        state = SegmentState(segmentation=np.zeros(arr.shape, np.int64), seeds=seed_arr,
+                             probabilities=np.zeros(arr.shape, np.uint8) if keep_probabilities else None,
+                             fingerprint=fingerprint)
+        state.counters["seeds"] = len(seed_arr)
+    else:
+        if state.fingerprint != fingerprint:
+            raise ValueError("the saved segmentation state belongs to a different run (image shape, "
+                             "model or inference options differ); delete it to start afresh.\n"
+                             f"saved: {state.fingerprint}\nnow:   {fingerprint}")
+        if state.segmentation.shape != arr.shape:
+            raise ValueError(f"saved state has shape {state.segmentation.shape}, image {arr.shape}")
+    elapsed0 = state.elapsed_s
+
+    image_dev = normalize_image(arr, options.image_mean, options.image_stddev)
+    last = [time.perf_counter()]
+
+    def checkpoint(final: bool) -> None:
+        now = time.perf_counter()
+        if checkpoint_fn is not None and (final or now - last[0] >= checkpoint_every_s):
+            state.elapsed_s = elapsed0 + now - t_start
+            checkpoint_fn(state)
+            last[0] = time.perf_counter()
+
+    passes = 2 if options.consensus else 1
+    while state.phase < passes:
+        desc = "segment" if passes == 1 else ("segment (forward)" if state.phase == 0 else "segment (reverse)")
+        _segment_pass(state, spec, apply_fn, params, image_dev, options, timings, checkpoint,
+                      progress, desc)
+        if state.phase + 1 < passes:  # start the reverse pass of consensus
+            state.forward = state.segmentation
+            state.segmentation = np.zeros(arr.shape, np.int64)
+            state.seeds = state.seeds[::-1].copy()
+            state.seed_index = 0
+            if state.probabilities is not None:
+                state.probabilities = np.zeros_like(state.probabilities)
+        state.phase += 1
+        checkpoint(True)
+
+    timings["total"] = time.perf_counter() - t_start
+    state.elapsed_s = elapsed0 + timings["total"]
+    info = SegmentInfo(objects=list(state.objects), counters=dict(state.counters), timings=timings,
+                       num_seeds=len(state.seeds))
+    return state, info
+
+
+def final_segmentation(state: SegmentState, options: InferenceOptions) -> np.ndarray:
+    """uint64 labels from a finished state (-1 seed marks become 0; consensus applied)."""
+    seg = np.where(state.segmentation > 0, state.segmentation, 0).astype(np.uint64)
+    if options.consensus and state.forward is not None:
+        fwd = np.where(state.forward > 0, state.forward, 0)
+        combine = split_by_intersection if options.consensus_mode == "split" else unlabel_contested
+        seg = combine(fwd, seg, options.min_segment_size)
+    return seg
+
+
+def segment(image: Any, params: Any, model_config: ModelConfig,
+            options: InferenceOptions = InferenceOptions(), apply_fn: ApplyFn | None = None,
+            *, state: SegmentState | None = None, seeds: np.ndarray | None = None,
+            checkpoint_fn: Callable[[SegmentState], Any] | None = None,
+            checkpoint_every_s: float = 300.0, progress: bool = True
+            ) -> tuple[np.ndarray, SegmentInfo]:
+    """Segments a whole subvolume by flood filling from every seed in turn.
+
+    Args:
+      image: z,y,x raw image, a numpy array or a volume object (`ffnjax.volumes`).
+      params: network parameters ({'params': ...} for the convstack).
+      model_config: FOV size and deltas (and the convstack, when apply_fn is None).
+      options: InferenceOptions; thresholds are probabilities (made logits once,
+        in `FillSpec.from_configs`).
+      apply_fn: `apply_fn(params, image_fov, mask_logits_fov) -> logits` on
+        N,z,y,x,1 arrays; defaults to the convstack.
+      state: resume from this `SegmentState` (as saved by `checkpoint_fn`); the
+        result equals that of an uninterrupted run.
+      seeds: explicit (N, 3) seeds instead of the seed policy.
+      checkpoint_fn: called with the `SegmentState` every `checkpoint_every_s`
+        seconds and at the end (e.g. `lambda s: save_state(path, s)`).
+      progress: tqdm bar over seeds.
+
+    Returns:
+      (segmentation uint64 z,y,x with 0 = background, SegmentInfo).
+
+    Raises:
+      ValueError: image smaller than the FOV, a network that does not map
+        FOVs to FOVs, a state from a different run.
+    """
+    state, info = segment_state(image, params, model_config, options, apply_fn, state=state,
+                                seeds=seeds, checkpoint_fn=checkpoint_fn,
+                                checkpoint_every_s=checkpoint_every_s, progress=progress)
+    return final_segmentation(state, options), info
