@@ -239,6 +239,19 @@ def test_queue_capacity_bounds_the_lattice():
     assert spec.queue_capacity == 1 + 6 * 7 * 11 * 11
 
 
+def test_the_device_loop_reads_the_move_logit_of_its_spec():
+    """The loop compares against `FillSpec.move_logit` (converted once from the
+    options): the same constant net moves or stays with the spec's logit alone."""
+    value = logit(0.91)
+    const = lambda p, i, m: jnp.full(i.shape, value, jnp.float32)  # noqa: E731
+    image_dev = jnp.zeros((15, 15, 15), jnp.float32)
+    spec = flood.FillSpec.from_configs(image_dev.shape, TINY, InferenceOptions(init_activation=0.95))
+    assert spec.move_logit == logit(0.9)
+    assert int(flood.run_fill(spec, const, None, image_dev, (7, 7, 7)).steps) > 1
+    stricter = dataclasses.replace(spec, move_logit=logit(0.92))
+    assert int(flood.run_fill(stricter, const, None, image_dev, (7, 7, 7)).steps) == 1
+
+
 # ----------------------------------------------------------------------------
 # Bad input (see tests/test_segmentation.py for what segment() rejects).
 

@@ -195,6 +195,42 @@ def test_min_boundary_distance():
     assert out[(3, 3, 3)].counters["skipped_boundary"] > 0
 
 
+def test_thresholds_are_converted_to_logits_once_in_the_fill_spec():
+    opt = InferenceOptions(init_activation=0.97, pad_value=0.02, move_threshold=0.8,
+                           segment_threshold=0.7)
+    spec = flood.FillSpec.from_configs((12, 12, 12), TINY, opt)
+    assert (spec.init_logit, spec.pad_logit, spec.move_logit, spec.segment_logit) == \
+           (logit(0.97), logit(0.02), logit(0.8), logit(0.7))
+    # The segment logit is read on the host only: specs differing only there
+    # share one compiled fill.
+    other = dataclasses.replace(spec, segment_logit=5.0)
+    assert other == spec and hash(other) == hash(spec)
+    # The host side converts no threshold itself.
+    assert not hasattr(segmentation, "logit")
+
+
+def test_commit_reads_the_spec_logits():
+    """A spec with a different segment (or move) logit changes what is committed,
+    for the same options: commit_object takes its thresholds from the spec."""
+    opt = InferenceOptions(min_segment_size=1)
+    canvas = _canvas((10, 10, 10), np.s_[2:8, 2:8, 2:8], inside=1.0)
+    canvas[3:5, 3:5, 3:5] = 3.0
+    spec = flood.FillSpec.from_configs(canvas.shape, TINY, opt)
+    assert spec.segment_logit == logit(opt.segment_threshold) < 1.0
+    loose = np.zeros(canvas.shape, np.int64)
+    outcome, rec = segmentation.commit_object(loose, canvas, (4, 4, 4), 1, 2, spec, 1)
+    assert outcome == "committed" and rec.voxels == 6 ** 3
+    strict = np.zeros(canvas.shape, np.int64)
+    outcome, rec = segmentation.commit_object(strict, canvas, (4, 4, 4), 1, 2,
+                                              dataclasses.replace(spec, segment_logit=2.0), 1)
+    assert outcome == "committed" and rec.voxels == 2 ** 3
+    np.testing.assert_array_equal(strict > 0, canvas >= 2.0)
+    weak = np.zeros(canvas.shape, np.int64)
+    outcome, _ = segmentation.commit_object(weak, canvas, (4, 4, 4), 1, 2,
+                                            dataclasses.replace(spec, move_logit=4.0), 1)
+    assert outcome == "seed_too_weak"
+
+
 # ----------------------------------------------------------------------------
 # Resuming.
 
