@@ -28,7 +28,6 @@ import functools
 import json
 import math
 import queue
-import re
 import signal
 import threading
 import time
@@ -49,6 +48,7 @@ from ffnjax.checkpoints import load_checkpoint  # noqa: F401  (re-exported for n
 from ffnjax.config import ModelConfig, TrainConfig, logit
 from ffnjax.examples import BalancedSampler, TrainingVolume
 from ffnjax.nets import init_params, make_apply_fn
+from ffnjax.volumes import read_spec  # noqa: F401  (alias: ffnjax.train_loop.read_spec, its old home)
 
 AXIS = "data"              # the one mesh axis: data parallelism
 F1_THRESHOLD = 0.9         # mask precision / recall / F1 are measured at this probability
@@ -485,46 +485,6 @@ def _predict_jit(params, batch, key, config):
 # ----------------------------------------------------------------------------
 # Training volumes and the input pipeline
 # ----------------------------------------------------------------------------
-
-_BOX = re.compile(r"^(.*)@(\d*:\d*),(\d*:\d*),(\d*:\d*)$")
-
-
-def read_spec(spec: str) -> np.ndarray:
-    """Reads a volume spec (anything `ffnjax.volumes.open_volume` opens) into memory;
-    a `@z0:z1,y0:y1,x0:x1` suffix reads only that box (Python slice syntax), and
-    `SPEC1+SPEC2+...` concatenates volumes along z (e.g. a stack split in files).
-
-    Raises:
-      FileNotFoundError / ValueError: naming the spec that cannot be read.
-    """
-    from ffnjax.volumes import open_volume
-
-    if "+" in spec:
-        parts = [read_spec(part) for part in spec.split("+")]
-        if len({p.shape[1:] for p in parts}) != 1:
-            raise ValueError(f"cannot stack {spec!r} along z: y,x(,c) shapes differ "
-                             f"{[p.shape for p in parts]}")
-        return np.concatenate(parts, axis=0)
-    box = None
-    m = _BOX.match(spec)
-    if m:
-        spec, box = m.group(1), m.groups()[1:]
-    try:
-        vol = open_volume(spec)
-        shape = tuple(vol.shape[:3])
-        start, size = (0, 0, 0), shape
-        if box is not None:
-            sl = [slice(*[int(v) if v else None for v in r.split(":")]) for r in box]
-            rng = [range(n)[s] for s, n in zip(sl, shape)]
-            if any(len(r) == 0 or r.step != 1 for r in rng):
-                raise ValueError(f"box {box} is empty or outside the volume of shape {shape}")
-            start, size = tuple(r.start for r in rng), tuple(len(r) for r in rng)
-        return np.asarray(vol.read(start, size))
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"cannot read volume spec {spec!r}: {e}") from e
-    except Exception as e:  # noqa: BLE001 -- any reader failure becomes a message naming the spec
-        raise ValueError(f"cannot read volume spec {spec!r}: {e}") from e
-
 
 def load_training_volumes(config: TrainConfig) -> list[TrainingVolume]:
     """The training volumes of `config` in memory (the synthetic one when
