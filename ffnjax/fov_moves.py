@@ -16,8 +16,9 @@ Two movement policies, each one small function returning a `MovePolicy`:
   lattice positions in the example's shuffled order (`move_orders`), each
   taken only when the canvas at its FOV centre passes the move threshold.
 * `max_pred_policy` ('max_pred_moves', google/ffn's `max_pred_offsets`): after
-  each FOV, every plane at +-delta from its centre whose maximum exceeds the
-  threshold queues the neighbouring lattice position in that direction; the earliest-queued unvisited position
+  each FOV, every face of the +-delta cube whose maximum reaches the threshold
+  (`ffnjax.movement`, the rule the flood fill uses) queues the neighbouring
+  lattice position in that direction; the earliest-queued unvisited position
   goes next. Departure from google/ffn: it moves on the lattice (to the
   neighbour one delta away) rather than to the face's argmax voxel, and queues
   faces in face order rather than by score, so that the slots stay static.
@@ -37,6 +38,7 @@ import numpy as np
 import optax
 from jax import lax
 
+from ffnjax import movement
 from ffnjax.config import TrainConfig, logit
 
 F1_THRESHOLD = 0.9         # mask precision / recall / F1 are measured at this probability
@@ -183,16 +185,16 @@ def _neighbour_table(fov_moves: int, directions: tuple[tuple[int, int], ...]) ->
 
 
 def max_pred_policy(config: TrainConfig) -> MovePolicy:
-    """A face-max rule on the example's lattice.
+    """Inference's face-max rule (`ffnjax.movement`) on the example's lattice.
 
-    Each FOV evaluated queues, for every plane at +-delta from its centre whose
-    maximum logit exceeds logit(move_threshold), the neighbouring lattice position in that face's
+    Each FOV evaluated queues, for every face whose maximum logit reaches
+    logit(move_threshold), the neighbouring lattice position in that face's
     direction; slot s takes the earliest-queued position not yet visited
-    (first in, first out; faces of one FOV in z, y, x, - before + order).
+    (first in, first out; faces of one FOV in `movement.face_directions` order).
     """
     mc = config.model
     n_pos = (2 * config.fov_moves + 1) ** 3
-    directions = tuple((a, s) for a in range(3) for s in (-1, 1))
+    directions = movement.face_directions(mc.deltas)
     neighbours = jnp.asarray(_neighbour_table(config.fov_moves, directions))
     n_faces = len(directions)
     thr = jnp.float32(logit(config.move_threshold))
@@ -212,15 +214,10 @@ def max_pred_policy(config: TrainConfig) -> MovePolicy:
 
     def observe(state, slot, pos, taken, logits):
         b = pos.shape[0]
-        rad = np.asarray(mc.fov_radius)
-        faces = []          # the whole planes at +-delta from the FOV centre
-        for axis in range(3):
-            for sign in (-1, 1):
-                idx = int(rad[axis] + sign * mc.deltas[axis])
-                faces.append(jnp.max(jnp.take(logits, idx, axis=axis + 1), axis=(1, 2, 3)))
-        scores = jnp.stack(faces, -1)                                          # (B, F)
+        scores, _ = jax.vmap(lambda p: movement.face_maxima(p, mc.fov_radius, mc.deltas))(
+            logits[..., 0])                                                   # (B, F)
         nb = neighbours[pos]                                                  # (B, F)
-        ok = (scores > thr) & taken[:, None] & (nb >= 0)
+        ok = movement.wanted(scores, thr) & taken[:, None] & (nb >= 0)
         when = (slot + 1) * n_faces + jnp.arange(n_faces, dtype=jnp.int32)   # FIFO, then face order
         queued = state["queued"].at[jnp.arange(b)[:, None], jnp.where(ok, nb, 0)].min(
             jnp.where(ok, when[None, :], _NEVER))

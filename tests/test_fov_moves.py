@@ -9,6 +9,7 @@ from collections import deque
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ffnjax.config import ModelConfig, TrainConfig, logit
 from ffnjax.fov_moves import fov_starts, lattice_offsets, move_orders, run_fovs
@@ -64,11 +65,15 @@ def test_fixed_policy_moves_only_where_canvas_passes_threshold():
 
 
 def _bfs_reference(image: np.ndarray, config: TrainConfig) -> list[int]:
-    """google/ffn's max_pred_moves in plain Python: FIFO queue, faces at +-delta."""
+    """google/ffn's max_pred_moves in plain Python on the lattice: FIFO queue;
+    the faces at +-delta, each restricted to the +-delta square around the
+    centre; a face moves when its maximum reaches the threshold."""
     offsets = [tuple(o) for o in lattice_offsets(config.fov_moves)]
     starts = fov_starts(config)
-    fov, r, d = TINY.fov_size, TINY.fov_radius, TINY.deltas
-    queue, queued, visited = deque([13]), {13}, []
+    m = config.model
+    fov, r, d = m.fov_size, m.fov_radius, m.deltas
+    centre = len(offsets) // 2
+    queue, queued, visited = deque([centre]), {centre}, []
     while queue:
         p = queue.popleft()
         visited.append(p)
@@ -76,17 +81,25 @@ def _bfs_reference(image: np.ndarray, config: TrainConfig) -> list[int]:
         pred = image[s[0]:s[0] + fov[0], s[1]:s[1] + fov[1], s[2]:s[2] + fov[2]]
         for axis in range(3):
             for sign in (-1, 1):
-                face = np.take(pred, r[axis] + sign * d[axis], axis=axis)
+                sel = [slice(r[a] - d[a], r[a] + d[a] + 1) for a in range(3)]
+                sel[axis] = r[axis] + sign * d[axis]
+                face = pred[tuple(sel)]
                 q = list(offsets[p])
                 q[axis] += sign
-                if face.max() > THR and tuple(q) in offsets and offsets.index(tuple(q)) not in queued:
+                if face.max() >= THR and tuple(q) in offsets and offsets.index(tuple(q)) not in queued:
                     queued.add(offsets.index(tuple(q)))
                     queue.append(offsets.index(tuple(q)))
     return visited
 
 
-def test_max_pred_moves_follow_the_face_rule():
-    config = TrainConfig(model=TINY, fov_moves=1, move_policy="max_pred_moves")
+# The +-delta square is smaller than the FOV's plane: the face rule differs
+# from a whole-plane maximum here (with TINY the square is the whole plane).
+WIDE = ModelConfig(depth=1, features=4, fov_size=(7, 7, 7), deltas=(2, 2, 2))
+
+
+@pytest.mark.parametrize("model", [TINY, WIDE], ids=["square_is_plane", "square_inside_plane"])
+def test_max_pred_moves_follow_the_face_rule(model):
+    config = TrainConfig(model=model, fov_moves=1, move_policy="max_pred_moves")
     batch = _random_logit_batch(config, 6, seed=1, p_high=0.02)
     out = run_fovs(image_as_logits, None, batch, jnp.zeros((6, 27), jnp.int32), config,
                    with_grad=False)
@@ -98,6 +111,24 @@ def test_max_pred_moves_follow_the_face_rule():
         assert got == ref
         lengths.append(len(ref))
     assert min(lengths) < max(lengths)          # the batch exercises different move counts
+
+
+def test_max_pred_moves_ignore_the_plane_outside_the_delta_square():
+    """google/ffn's face is the +-delta square, not the whole plane: a high
+    voxel on the centre FOV's +x plane but 3 > delta voxels off in y queues no
+    move; one inside the -z face's square does."""
+    config = TrainConfig(model=WIDE, fov_moves=1, move_policy="max_pred_moves")
+    c = config.crop_size[0] // 2                                     # 5: crop 11^3
+    image = np.full((1, *config.crop_size, 1), -4.0, np.float32)
+    image[0, c, c + 3, c + 2, 0] = 4.0                               # +x plane, outside the square
+    image[0, c - 2, c + 1, c - 1, 0] = 4.0                           # -z face, inside the square
+    batch = dict(image=image, target=(image > 0).astype(np.float32), weight=np.ones_like(image))
+    out = run_fovs(image_as_logits, None, batch, jnp.zeros((1, 27), jnp.int32), config,
+                   with_grad=False)
+    taken, positions = np.asarray(out["taken"])[0], np.asarray(out["positions"])[0]
+    # Lattice index of offset (dz, dy, dx) is 9 * (dz + 1) + 3 * (dy + 1) + (dx + 1).
+    assert [int(p) for p, t in zip(positions, taken) if t] == [13, 4]
+    assert _bfs_reference(image[0, ..., 0], config) == [13, 4]
 
 
 def _moving_apply_fn(config: ModelConfig):
