@@ -24,8 +24,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ffnjax.config import ModelConfig, TrainConfig
-from ffnjax.train_loop import (AXIS, Prefetcher, init_state, load_training_volumes, make_mesh,
-                               make_sampler, make_sharded_step)
+from ffnjax.inputs import Prefetcher, load_training_volumes, make_sampler
+from ffnjax.step import AXIS, init_state, make_mesh, make_optimizer, make_sharded_step
 
 FIB25 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "fib25_training_sample2"
 
@@ -45,8 +45,9 @@ def bench(config: TrainConfig, steps: int, warmup: int) -> dict:
     setup_s = time.perf_counter() - t0
     mesh = make_mesh()
     by_example = NamedSharding(mesh, P(AXIS))
-    state = jax.device_put(init_state(config), NamedSharding(mesh, P()))
-    step = make_sharded_step(config, mesh)
+    optimizer = make_optimizer(config)
+    state = jax.device_put(init_state(config, optimizer[0]), NamedSharding(mesh, P()))
+    step = make_sharded_step(config, mesh, optimizer)
     prefetch = Prefetcher(sampler, config.batch_size, config.prefetch)
     try:
         def one(state):

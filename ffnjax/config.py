@@ -422,3 +422,20 @@ class TrainConfig(_JsonMixin):
                     image_every=10, min_object_size=20, prefetch=2)
         base.update(overrides)
         return cls(**base)
+
+
+# TrainConfig fields the compiled device step (the FOV moves, the loss, the
+# optimiser and its schedule) depends on; the rest (data, logging,
+# checkpoints, augmentation) only matter on the host. tests/test_step.py fails
+# when the step reads a field missing here: it would silently take its default.
+STEP_FIELDS = ("model", "fov_moves", "move_policy", "max_moves", "update_per_fov", "move_threshold",
+               "seed_prob", "pad_prob",
+               "steps", "learning_rate", "optimizer", "momentum", "warmup_steps",
+               "end_lr_fraction", "clip_norm")
+
+
+def step_config(config: TrainConfig) -> TrainConfig:
+    """`config` with every host-only field at its default (only `STEP_FIELDS`
+    kept): the static argument of the compiled step, so runs that differ only
+    in data or logging share one compilation."""
+    return TrainConfig(**{f: getattr(config, f) for f in STEP_FIELDS})

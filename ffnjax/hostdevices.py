@@ -4,7 +4,7 @@ XLA:CPU runs each 2D convolution of `ffnjax.conv`'s formulations on a single
 thread, so a process with one host device leaves every other core idle. With
 one host device per core, `jax.shard_map` over the devices gives each core its
 own share of a batch: training splits its batch over all devices
-(`ffnjax.train_loop.make_mesh`) and flood filling with `batch_size >= 2`
+(`ffnjax.step.make_mesh`) and flood filling with `batch_size >= 2`
 splits each batch of FOVs (`ffnjax.flood`).
 
 `import ffnjax` calls `configure_host_devices()` once, so every entry point

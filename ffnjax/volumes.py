@@ -21,6 +21,9 @@ Volume specs (`parse_spec` tells which one a string is):
   archive holds exactly one array.
 * a full TensorStore JSON spec, as a dict or a JSON string.
 
+Whole-array reads (`read_spec`, `read_all`) also take ``SPEC@z0:z1,y0:y1,x0:x1``
+(only that box) and ``SPEC1+SPEC2`` (stacked along z).
+
 Axis conventions. Inside ffnjax every array is z,y,x (with an optional trailing
 channel axis: z,y,x,c). neuroglancer_precomputed stores x,y,z,channel and N5 by
 convention lists its dimensions x,y,z (fastest first); this module transposes
@@ -41,6 +44,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
@@ -688,11 +692,82 @@ def create_volume(spec: str | os.PathLike | dict, shape: Sequence[int], dtype: A
 
 
 # ----------------------------------------------------------------------------
+# The read grammar: boxes and stacking
+
+_BOX = re.compile(r"^(.*)@(\d*:\d*),(\d*:\d*),(\d*:\d*)$")
+
+
+def read_spec(spec: str | os.PathLike | dict | VolumeSpec) -> np.ndarray:
+    """Reads a volume into memory, with a small grammar on top of `parse_spec`.
+
+    * ``SPEC`` -- the whole volume (anything `open_volume` opens).
+    * ``SPEC@z0:z1,y0:y1,x0:x1`` -- only that box, Python slice syntax per axis
+      with non-negative bounds (an empty bound is the volume's edge);
+      e.g. ``labels.npz:labels@0:100,:,:``.
+    * ``SPEC1+SPEC2+...`` -- the parts concatenated along z (e.g. a stack split
+      into files); each part may carry its own box, and their y,x(,c) shapes
+      must agree.
+
+    A TensorStore JSON spec (a dict, or a string starting with '{') is read
+    whole, without the grammar.
+
+    Raises:
+      FileNotFoundError / ValueError: naming the (part of the) spec that
+        cannot be read, an empty or outside box, or parts that do not stack.
+    """
+    text = os.fspath(spec) if isinstance(spec, os.PathLike) else spec
+    if not isinstance(text, str) or text.lstrip().startswith("{"):
+        return _read_box(text, None)
+    if "+" in text:
+        parts = [read_spec(part) for part in text.split("+")]
+        if len({p.shape[1:] for p in parts}) != 1:
+            raise ValueError(f"cannot stack {text!r} along z: y,x(,c) shapes differ "
+                             f"{[p.shape for p in parts]}")
+        return np.concatenate(parts, axis=0)
+    m = _BOX.match(text)
+    return _read_box(m.group(1), m.groups()[1:]) if m else _read_box(text, None)
+
+
+def _uses_grammar(spec: Any) -> bool:
+    """True for a string spec with a box suffix or '+' stacking (`read_spec`)."""
+    return (isinstance(spec, str) and not spec.lstrip().startswith("{")
+            and ("+" in spec or _BOX.match(spec) is not None))
+
+
+def _box_start_size(box: Sequence[str], shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(start, size) z,y,x of the box 'a:b' strings inside `shape` (slice rules).
+
+    Raises ValueError when the box is empty or outside the volume."""
+    sl = [slice(*[int(v) if v else None for v in r.split(":")]) for r in box]
+    rng = [range(n)[s] for s, n in zip(sl, shape)]
+    if any(len(r) == 0 or r.step != 1 for r in rng):
+        raise ValueError(f"box {tuple(box)} is empty or outside the volume of shape {tuple(shape)}")
+    return tuple(r.start for r in rng), tuple(len(r) for r in rng)
+
+
+def _read_box(spec: str | dict | VolumeSpec, box: Sequence[str] | None) -> np.ndarray:
+    """The whole volume `spec`, or its `box`; any failure names the spec."""
+    try:
+        with open_volume(spec) as vol:
+            shape = tuple(vol.shape[:3])
+            start, size = ((0, 0, 0), shape) if box is None else _box_start_size(box, shape)
+            return np.asarray(vol.read(start, size))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"cannot read volume spec {spec!r}: {e}") from e
+    except Exception as e:  # noqa: BLE001 -- any reader failure becomes a message naming the spec
+        raise ValueError(f"cannot read volume spec {spec!r}: {e}") from e
+
+
+# ----------------------------------------------------------------------------
 # Conveniences
 
 
 def read_all(spec: str | os.PathLike | dict | VolumeSpec) -> np.ndarray:
-    """The whole volume as a NumPy array (z,y,x[,c]); for small volumes."""
+    """The whole volume as a NumPy array (z,y,x[,c]); for small volumes. A
+    string spec may use `read_spec`'s box (``@z0:z1,y0:y1,x0:x1``) and
+    stacking (``A+B``) grammar."""
+    if _uses_grammar(spec):
+        return read_spec(spec)
     with open_volume(spec) as vol:
         return vol.read()
 

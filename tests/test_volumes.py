@@ -124,6 +124,22 @@ def test_imports_h5_npz_npy(tmp_path):
     np.testing.assert_array_equal(read_all(tmp_path / "f.npy"), IMAGE)
 
 
+
+def test_read_all_takes_boxes_and_stacking_in_any_format(tmp_path):
+    """`read_spec`'s grammar (`volumes.read_spec`, tested in test_train_cli too)
+    works through `read_all`, for TensorStore formats and imports alike."""
+    save_volume(tmp_path / "a.zarr", IMAGE)
+    np.savez(tmp_path / "b.npz", raw=IMAGE[:2])
+    np.testing.assert_array_equal(read_all(f"{tmp_path}/a.zarr@1:4,6:,:5"), IMAGE[1:4, 6:, :5])
+    np.testing.assert_array_equal(read_all(f"{tmp_path}/a.zarr@4:,:,:+{tmp_path}/b.npz:raw"),
+                                  np.concatenate([IMAGE[4:], IMAGE[:2]]))
+    with pytest.raises(FileNotFoundError, match="missing.zarr"):
+        read_all(f"{tmp_path}/missing.zarr@0:1,:,:")
+    # A JSON spec is read whole, never split at '+' or '@'.
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "a.zarr")}}
+    np.testing.assert_array_equal(volumes.read_spec(spec), IMAGE)
+    np.testing.assert_array_equal(read_all(json.dumps(spec)), IMAGE)
+
 def test_parse_spec_kinds():
     assert parse_spec("out/seg.zarr").kind == "zarr"
     assert parse_spec("out/seg.zarr/").path == "out/seg.zarr"
