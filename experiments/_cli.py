@@ -115,7 +115,7 @@ def numbers(text: Any, flag: str, n: int | None = 3, kind: type = int,
       minimum: smallest allowed value (with `strict`, values must exceed it).
 
     Raises:
-      ValueError: naming the flag and the text when it does not parse or fits not.
+      ValueError: naming the flag and the text when it does not parse or does not fit.
     """
     if text is None:
         return None
