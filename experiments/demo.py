@@ -30,15 +30,55 @@ from pathlib import Path
 
 import numpy as np
 
-from ffnjax.config import CONSENSUS_MODES, SEED_ORDERS, InferenceOptions, ModelConfig, TrainConfig
+from experiments import _cli
+from ffnjax.config import CONSENSUS_MODES, InferenceOptions, ModelConfig, TrainConfig
+
+# The demo's own defaults; every field below has a flag that starts from them.
+DEMO_MODEL = ModelConfig(depth=5, features=16, fov_size=(17, 17, 17), deltas=(4, 4, 4))
+DEMO_TRAINING = TrainConfig(model=DEMO_MODEL, steps=1200, batch_size=4, learning_rate=3e-3,
+                            max_moves=4, update_per_fov=True, seed=0)
+TRAIN_FIELDS = ("steps", "max_moves", "update_per_fov", "batch_size", "learning_rate", "seed")
+DEMO_OPTIONS = InferenceOptions(min_segment_size=200, min_boundary_dist=(0, 0, 0),
+                                seed_order="distance")
+# --consensus MODE|none stands for both consensus fields.
+OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(InferenceOptions)
+                      if f.name not in ("consensus", "consensus_mode"))
+
+MODEL_FLAGS = _cli.with_help(
+    _cli.MODEL_FLAGS,
+    depth="convstack depth (5: 10 convolutions, so the seed can reach the corners of a 17^3 "
+          "FOV in one pass)")
+TRAIN_FLAGS = _cli.with_help(
+    _cli.TRAIN_FLAGS,
+    steps="phase 1: steps on the centre FOV only",
+    max_moves="FOV moves per example beyond the centre in phase 2 (0 = every lattice neighbour "
+              "the policy takes, about 4x slower)",
+    update_per_fov="phases 2 and 3 take one optimiser step per FOV slot, as google/ffn trains "
+                   "(--no-update-per-fov: one step per batch on the summed losses of all its "
+                   "FOVs, the same compute, measured worse on every test volume)",
+    batch_size="examples per step",
+    learning_rate="peak learning rate",
+    seed="seed of data and training")
+OPTION_FLAGS = {
+    **_cli.with_help(
+        _cli.INFERENCE_FLAGS,
+        min_segment_size="objects smaller than this are dropped",
+        min_boundary_dist="skip seeds this close (z,y,x) to an existing object (0,0,0: a seed "
+                          "next to where an earlier fill stopped starts a new piece there; "
+                          "google/ffn's 1,1,1 leaves those parts unsegmented, which measured "
+                          "worse on every metric with the demo's small net)",
+        seed_order="order seeds are tried in ('distance': deepest first, so each object starts "
+                   "from its thickest part; google/ffn's 'zyx' measured worse with the demo's "
+                   "small net)"),
+    # --batch-size is the training batch here
+    "batch_size": dataclasses.replace(_cli.INFERENCE_FLAGS["batch_size"],
+                                      names=("--fill-batch-size",)),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _cli.make_parser("demo", __doc__)
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
-    p.add_argument("--steps", type=int, default=1200,
-                   help="phase 1: steps on the centre FOV only (default 1200)")
     p.add_argument("--move-steps", type=int, default=4800,
                    help="phase 2: steps with in-example FOV moves, starting from phase 1's "
                         "weights, so the net learns to read its own predictions as flood "
@@ -47,16 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine-steps", type=int, default=0,
                    help="phase 3: more FOV-move steps from phase 2's weights at a tenth of "
                         "phase 2's learning rate (default 0: no phase 3)")
-    p.add_argument("--max-moves", type=int, default=4,
-                   help="FOV moves per example beyond the centre in phase 2 (default 4; "
-                        "0 = every lattice neighbour the policy takes, about 4x slower)")
-    p.add_argument("--update-per-fov", action=argparse.BooleanOptionalAction, default=True,
-                   help="phases 2 and 3 take one optimiser step per FOV slot, as google/ffn "
-                        "trains (default; --no-update-per-fov: one step per batch on the summed "
-                        "losses of all its FOVs, the same compute, measured worse on every test "
-                        "volume)")
-    p.add_argument("--batch-size", type=int, default=4, help="examples per step (default 4)")
-    p.add_argument("--learning-rate", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     p.add_argument("--train-shape", default="80,128,128", help="synthetic training volume z,y,x")
     p.add_argument("--test-shape", default="48,96,96", help="synthetic test volume z,y,x")
     p.add_argument("--test-context", type=int, default=None,
@@ -64,50 +94,36 @@ def build_parser() -> argparse.ArgumentParser:
                         "both methods segment the larger volume and are scored on the inner "
                         "--test-shape (default: the FOV radius, so the FFN can place its FOV "
                         "and seeds everywhere in the scored region; 0 scores the whole volume)")
-    p.add_argument("--depth", type=int, default=5,
-                   help="convstack depth (default 5: 10 convolutions, so the seed can reach "
-                        "the corners of a 17^3 FOV in one pass)")
-    p.add_argument("--features", type=int, default=16, help="features per layer (default 16)")
-    p.add_argument("--fov", default="17,17,17", help="FOV z,y,x (default 17,17,17)")
-    p.add_argument("--deltas", default="4,4,4", help="FOV move z,y,x (default 4,4,4)")
-    p.add_argument("--min-segment-size", type=int, default=200,
-                   help="objects smaller than this are dropped (default 200)")
-    p.add_argument("--min-boundary-dist", default="0,0,0",
-                   help="skip seeds this close (z,y,x) to an existing object (default 0,0,0: a "
-                        "seed next to where an earlier fill stopped starts a new piece there; "
-                        "google/ffn's 1,1,1 leaves those parts unsegmented, which measured worse "
-                        "on every metric with the demo's small net)")
-    p.add_argument("--seed-order", choices=SEED_ORDERS, default="distance",
-                   help="order seeds are tried in (default 'distance': deepest first, so each "
-                        "object starts from its thickest part; google/ffn's 'zyx' measured worse "
-                        "with the demo's small net)")
     p.add_argument("--consensus", choices=("none",) + CONSENSUS_MODES, default="contested",
                    help="also segment in reverse seed order and combine the two passes "
                         "(default 'contested': keep the forward objects and unlabel voxels the "
                         "two orders give to different objects, which removes the order-dependent "
                         "contacts that make strict merges; 'split' is google/ffn's "
                         "oversegmentation consensus; 'none' segments once, in half the time)")
-    p.add_argument("--seed", type=int, default=0, help="seed of data and training (default 0)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _cli.add_common(p)
+    _cli.add_flags(p.add_argument_group("training (TrainConfig)"), TrainConfig, TRAIN_FLAGS,
+                   TRAIN_FIELDS, base=DEMO_TRAINING)
+    _cli.add_flags(p.add_argument_group("model (ModelConfig)"), ModelConfig, MODEL_FLAGS,
+                   base=DEMO_MODEL)
+    _cli.add_flags(p.add_argument_group("segmentation (InferenceOptions)"), InferenceOptions,
+                   OPTION_FLAGS, OPTION_FIELDS, base=DEMO_OPTIONS)
     return p
 
 
-def _zyx(text: str) -> tuple[int, int, int]:
-    return tuple(int(v) for v in text.split(","))  # type: ignore[return-value]
+def _zyx(text, flag: str) -> tuple[int, int, int]:
+    return _cli.numbers(text, flag, minimum=1)  # type: ignore[return-value]
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
     """The network the demo trains, from its flags."""
-    return ModelConfig(depth=args.depth, features=args.features, fov_size=_zyx(args.fov),
-                       deltas=_zyx(args.deltas))
+    return ModelConfig(**_cli.given(args, ModelConfig, MODEL_FLAGS))
 
 
 def inference_options(args: argparse.Namespace) -> InferenceOptions:
     """The flood-fill settings the demo segments its test volume with, from its flags."""
     consensus = {} if args.consensus == "none" else dict(consensus=True, consensus_mode=args.consensus)
-    return InferenceOptions(min_segment_size=args.min_segment_size,
-                            min_boundary_dist=_zyx(args.min_boundary_dist),
-                            seed_order=args.seed_order, **consensus)
+    return InferenceOptions(**_cli.given(args, InferenceOptions, OPTION_FLAGS, OPTION_FIELDS),
+                            **consensus)
 
 
 def test_context(args: argparse.Namespace, model: ModelConfig) -> int:
@@ -139,10 +155,10 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     # 1. Data --------------------------------------------------------------------
     t0 = time.perf_counter()
-    train_img, train_lab = synthetic.make_volume(_zyx(args.train_shape), seed=args.seed)
+    train_img, train_lab = synthetic.make_volume(_zyx(args.train_shape, "--train-shape"), seed=args.seed)
     model = model_config(args)
     context = test_context(args, model)
-    scored = _zyx(args.test_shape)
+    scored = _zyx(args.test_shape, "--test-shape")
     test_img, test_lab = synthetic.make_volume(tuple(s + 2 * context for s in scored),
                                                seed=args.seed + 1)
     inner = tuple(slice(context, context + n) for n in scored)
@@ -267,4 +283,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    _cli.run(main)

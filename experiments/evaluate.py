@@ -13,8 +13,8 @@
 Volumes are read through ffnjax.volumes (zarr, N5, precomputed://, file.h5:ds,
 file.npz:key, file.npy). The segmentation's region is found in the ground
 truth (and image) by the volumes' stored offsets (so a segmentation written by
-`experiments.segment --bbox` lines up by itself) plus --gt-offset/--image-offset
-for imports that store none; --bbox then crops that region further.
+`experiments.segment --box` lines up by itself) plus --gt-offset/--image-offset
+for imports that store none; --box then crops that region further.
 
 Skeletons come from kimimaro on the ground truth unless --skeletons names a
 folder of SWC files (physical x,y,z relative to the ground truth's voxel 0).
@@ -25,39 +25,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-
-def _numbers(text: str | None, n: int, flag: str, kind=int) -> tuple | None:
-    """`n` comma-separated numbers of type `kind` (floats must be positive), or None."""
-    if text is None:
-        return None
-    what = "integers" if kind is int else "positive numbers"
-    try:
-        vals = tuple(kind(v) for v in text.split(","))
-    except ValueError as e:
-        raise ValueError(f"{flag} must be {n} comma-separated {what}, got {text!r}") from e
-    if len(vals) != n or (kind is float and not all(v > 0 for v in vals)):
-        raise ValueError(f"{flag} must be {n} comma-separated {what}, got {text!r}")
-    return vals
-
-
-def _ints(text: str | None, n: int, flag: str) -> tuple[int, ...] | None:
-    return _numbers(text, n, flag, int)
-
-
-def _floats(text: str | None, n: int, flag: str) -> tuple[float, ...] | None:
-    return _numbers(text, n, flag, float)
+from experiments import _cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _cli.make_parser("evaluate", __doc__)
     p.add_argument("--segmentation", required=True, metavar="SPEC",
                    help="segmentation volume spec (x.zarr, f.npz:key, ...), or the word "
                         "'baseline' to score ffnjax.baseline on --image")
@@ -70,8 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of .swc files to use instead of skeletonizing the ground truth")
     p.add_argument("--voxel-size", metavar="Z,Y,X", default=None,
                    help="voxel size in nm (default: the ground truth's stored voxel size)")
-    p.add_argument("--bbox", metavar="Z0,Y0,X0,DZ,DY,DX", default=None,
-                   help="score only this box, in the segmentation's voxel coordinates")
+    _cli.add_box_flags(p, "score only this box, in the segmentation's voxel coordinates")
     p.add_argument("--gt-offset", metavar="Z,Y,X", default=None,
                    help="where the segmentation's voxel 0 lies in the ground truth, in "
                         "voxels (default: difference of the volumes' stored offsets)")
@@ -100,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", metavar="OUT", default=None,
                    help="write slices with ground-truth outlines, the segmentation and the "
                         "worst merges (magenta) here")
+    _cli.add_common(p, "accepted for uniformity (this command draws no progress bars)")
     return p
 
 
@@ -111,7 +89,7 @@ def _region(vol, offset: tuple[int, ...] | None, seg_offset, start, size, what: 
     end = tuple(b + n for b, n in zip(begin, size))
     if any(b < 0 for b in begin) or any(e > n for e, n in zip(end, vol.shape)):
         raise ValueError(f"the scored region {begin}..{end} (z,y,x) lies outside the {what} "
-                         f"{vol.spec.text!r} of shape {vol.shape}; check --gt-offset/--image-offset/--bbox")
+                         f"{vol.spec.text!r} of shape {vol.shape}; check --gt-offset/--image-offset/--box")
     return vol.read(begin, size)
 
 
@@ -119,7 +97,7 @@ def run(args: argparse.Namespace) -> dict:
     from ffnjax import erl
     from ffnjax.volumes import open_volume
 
-    thresholds = _ints(args.merge_thresholds, len(args.merge_thresholds.split(",")), "--merge-thresholds")
+    thresholds = _cli.numbers(args.merge_thresholds, "--merge-thresholds", n=None)
     gt_vol = open_volume(args.groundtruth)
     img_vol = open_volume(args.image) if args.image else None
     baseline = args.segmentation == "baseline"
@@ -129,18 +107,16 @@ def run(args: argparse.Namespace) -> dict:
     frame = img_vol if baseline else seg_vol
     # the frame the segmentation lives in; the baseline lives in the image's
     seg_offset, frame_shape = frame.offset, frame.shape
-    bbox = _ints(args.bbox, 6, "--bbox")
-    start, size = (bbox[:3], bbox[3:]) if bbox else ((0, 0, 0), frame_shape)
-    if any(s <= 0 for s in size) or any(a < 0 or a + s > n for a, s, n in zip(start, size, frame_shape)):
-        raise ValueError(f"--bbox {args.bbox!r} must lie inside the segmentation of shape {frame_shape}")
-    voxel_size = _floats(args.voxel_size, 3, "--voxel-size") or gt_vol.voxel_size
+    start, size = _cli.region(args, frame_shape, "segmentation")
+    voxel_size = (_cli.numbers(args.voxel_size, "--voxel-size", kind=float, minimum=0, strict=True)
+                  or gt_vol.voxel_size)
 
     t0 = time.perf_counter()
     image = None
     if img_vol is not None:
-        img_off = _ints(args.image_offset, 3, "--image-offset")
+        img_off = _cli.numbers(args.image_offset, "--image-offset")
         image = frame.read(start, size) if baseline else _region(img_vol, img_off, seg_offset, start, size, "image")
-    gt_off = _ints(args.gt_offset, 3, "--gt-offset")
+    gt_off = _cli.numbers(args.gt_offset, "--gt-offset")
     gt = _region(gt_vol, gt_off, seg_offset, start, size, "ground truth")
     if baseline:
         from ffnjax.baseline import baseline_segmentation
@@ -189,12 +165,12 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Scores; bad input prints one error line and returns 2."""
     args = build_parser().parse_args(argv)
     try:
         report = run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except _cli.BAD_INPUT as e:
+        return _cli.report_error(e, args.debug)
     from ffnjax.erl import format_table
     print(format_table(report))
     if "baseline_seconds" in report:
@@ -207,4 +183,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _cli.run(main)

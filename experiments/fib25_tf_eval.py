@@ -1,9 +1,10 @@
 """Segment a FIB-25 crop with google/ffn's published model and score it against the ground truth.
 
-    python -m experiments.fib25_tf_eval --offset 27,77,77 --size 96,96,96 --out out/fib25_tf_eval
+    python -m experiments.fib25_tf_eval --box 27:123,77:173,77:173 --out out/fib25_tf_eval
 
-Imports the TensorFlow checkpoint (no TensorFlow needed; or pass --workdir for
-a checkpoint already imported with `experiments.import_tf`), flood-fills a crop
+Imports the TensorFlow checkpoint (no TensorFlow needed; or pass --checkpoint
+WORKDIR for a checkpoint already imported with `experiments.import_tf`; the
+TF prefix is --tf-checkpoint), flood-fills a crop
 of `fib25_training_sample2` with the published inference settings (image mean
 128, std 33, init 0.95, pad 0.05, move 0.9, segment 0.6, min size 1000, min
 boundary distance 1,1,1, peaks seeds), segments the same crop with the
@@ -21,12 +22,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from experiments import _cli
 from ffnjax.config import InferenceOptions, ModelConfig
 
 DEFAULT_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
@@ -38,16 +39,8 @@ PUBLISHED_OPTIONS = dict(image_mean=128.0, image_stddev=33.0, init_activation=0.
                          min_segment_size=1000, min_boundary_dist=(1, 1, 1), seed_policy="peaks")
 RAW_FILES = ((0, "raw_z000-049.npz"), (50, "raw_z050-099.npz"), (100, "raw_z100-149.npz"))
 GT_FILE = "groundtruth_z000-149.npz"
-
-
-def _zyx(text: str, name: str) -> tuple[int, int, int]:
-    try:
-        v = tuple(int(t) for t in text.split(","))
-    except ValueError:
-        v = ()
-    if len(v) != 3:
-        raise argparse.ArgumentTypeError(f"{name} must be three integers z,y,x, got {text!r}")
-    return v  # type: ignore[return-value]
+FIB25_SHAPE = (150, 250, 250)  # z,y,x of fib25_training_sample2
+DEFAULT_BOX = "27:123,77:173,77:173"  # offset 27,77,77, size 96,96,96
 
 
 def load_fib25_crop(data_dir: str | Path, offset, size) -> tuple[np.ndarray, np.ndarray]:
@@ -74,30 +67,14 @@ def load_fib25_crop(data_dir: str | Path, offset, size) -> tuple[np.ndarray, np.
     return raw, gt[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
 
 
-def metrics_source() -> str:
-    """'ffnjax.erl' when present, else 'skimage.metrics' (same definitions, GT 0 ignored)."""
-    try:
-        from ffnjax import erl  # noqa: F401
-    except ImportError:
-        return "skimage.metrics"
-    return "ffnjax.erl"
-
-
 def score(seg: np.ndarray, gt: np.ndarray) -> dict[str, float]:
-    """VOI split/merge and adapted Rand error of `seg` against `gt` (GT label 0 ignored).
-
-    Uses `ffnjax.erl` where it exists; otherwise scikit-image's implementations
-    (`variation_of_information` returns H(seg|gt) = split, H(gt|seg) = merge).
-    Unsegmented voxels (seg 0) count as one more object, as in google/ffn's evaluation.
+    """VOI split/merge and adapted Rand error of `seg` against `gt` (GT label 0 ignored),
+    by `ffnjax.erl`. Unsegmented voxels (seg 0) count as one more object, as in
+    google/ffn's evaluation.
     """
-    if metrics_source() == "ffnjax.erl":
-        from ffnjax import erl
-        split, merge = erl.voi(seg, gt)
-        arand = erl.adapted_rand(seg, gt)
-    else:
-        from skimage.metrics import adapted_rand_error, variation_of_information
-        split, merge = variation_of_information(gt, seg, ignore_labels=(0,))
-        arand = adapted_rand_error(gt, seg, ignore_labels=(0,))[0]
+    from ffnjax import erl
+    split, merge = erl.voi(seg, gt)
+    arand = erl.adapted_rand(seg, gt)
     return {"voi_split": float(split), "voi_merge": float(merge),
             "voi_sum": float(split) + float(merge),
             "adapted_rand": float(arand),
@@ -111,19 +88,28 @@ def interior(volume: np.ndarray, radius) -> np.ndarray:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.fib25_tf_eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _cli.make_parser("fib25_tf_eval", __doc__)
     p.add_argument("--data", default=str(DEFAULT_DATA),
                    help="shared data folder holding fib25_training_sample2/ and "
                         "ffn_fib25_checkpoint/ (default ../shared/data)")
-    p.add_argument("--checkpoint", default=None,
+    p.add_argument("--tf-checkpoint", default=None, metavar="PREFIX",
                    help=f"TensorFlow checkpoint prefix (default DATA/{DEFAULT_CHECKPOINT})")
-    p.add_argument("--workdir", default=None,
-                   help="use an ffnjax workdir (from experiments.import_tf) instead of --checkpoint")
-    p.add_argument("--offset", type=lambda s: _zyx(s, "--offset"), default=(27, 77, 77),
-                   help="crop start z,y,x in the 150x250x250 volume (default 27,77,77)")
-    p.add_argument("--size", type=lambda s: _zyx(s, "--size"), default=(96, 96, 96),
-                   help="crop size z,y,x (default 96,96,96, ~13 min on 2 busy CPU cores; at least the 33^3 FOV)")
+    p.add_argument("--checkpoint", default=None, metavar="WORKDIR",
+                   help="use an ffnjax workdir (from experiments.import_tf) instead of importing "
+                        "the TF checkpoint. A path that is no ffnjax workdir is still taken as a "
+                        "TF prefix, as --checkpoint meant here before (deprecated: use "
+                        "--tf-checkpoint)")
+    p.add_argument("--workdir", default=None, metavar="WORKDIR",
+                   help="an ffnjax workdir, as --checkpoint (the older spelling, still accepted)")
+    box = p.add_argument_group("crop (default offset 27,77,77, size 96,96,96: ~13 min on 2 busy "
+                               "CPU cores; at least the 33^3 FOV)")
+    box.add_argument("--box", default=None, metavar="Z0:Z1,Y0:Y1,X0:X1",
+                     help="the crop of the 150x250x250 volume, as slices z,y,x (an end may be "
+                          f"left open; default {DEFAULT_BOX})")
+    box.add_argument("--offset", type=_cli.zyx_arg(minimum=0), default=None, metavar="Z,Y,X",
+                     help="crop start z,y,x (with --size: the older spelling of --box)")
+    box.add_argument("--size", type=_cli.zyx_arg(minimum=1), default=None, metavar="Z,Y,X",
+                     help="crop size z,y,x (with --offset: the older spelling of --box)")
     p.add_argument("--min-size", type=int, default=1000,
                    help="min_segment_size for FFN (published: 1000)")
     p.add_argument("--batch-size", type=int, default=1,
@@ -136,36 +122,55 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "segmentation instead of flood filling again")
     p.add_argument("--out", default="out/fib25_tf_eval",
                    help="folder for segmentations.npz, metrics.json and slices.png")
+    _cli.add_common(p)
     return p.parse_args(argv)
+
+
+def crop(args: argparse.Namespace) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(offset, size) z,y,x of the crop: --box, or the older --offset/--size, or the default.
+
+    Raises:
+      ValueError: naming the flags when both spellings are given or the box is bad.
+    """
+    if args.box is not None and (args.offset is not None or args.size is not None):
+        raise ValueError(f"give --box or --offset/--size, not both (got --box {args.box!r})")
+    if args.box is None and (args.offset is not None or args.size is not None):
+        offset = tuple(args.offset) if args.offset is not None else (27, 77, 77)
+        size = tuple(args.size) if args.size is not None else (96, 96, 96)
+        return offset, size
+    return _cli.box_start_size(args.box or DEFAULT_BOX, FIB25_SHAPE, "--box",
+                               "fib25_training_sample2 volume")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from ffnjax import segmentation
 
-    if args.workdir:
+    offset, size = crop(args)
+    ckpt = args.workdir or args.checkpoint
+    if args.workdir or (ckpt and (Path(ckpt) / "checkpoints").is_dir()):
         from ffnjax.checkpoints import load_checkpoint
-        config, params = load_checkpoint(args.workdir)
-        source = str(Path(args.workdir).resolve())
+        config, params = load_checkpoint(ckpt)
+        source = str(Path(ckpt).resolve())
     else:
         from ffnjax.tf_import import import_ffn_checkpoint
         config = ModelConfig(**PUBLISHED_MODEL)
-        prefix = args.checkpoint or str(Path(args.data) / DEFAULT_CHECKPOINT)
+        prefix = args.tf_checkpoint or ckpt or str(Path(args.data) / DEFAULT_CHECKPOINT)
         params, provenance = import_ffn_checkpoint(prefix, config)
         source = provenance["checkpoint"]
     config = dataclasses.replace(config, compute_dtype=args.compute_dtype)
     options = InferenceOptions(**{**PUBLISHED_OPTIONS, "min_segment_size": args.min_size,
                                   "batch_size": args.batch_size})
-    raw, gt = load_fib25_crop(args.data, args.offset, args.size)
+    raw, gt = load_fib25_crop(args.data, offset, size)
     print(f"model {source}: {config}")
-    print(f"crop offset {args.offset} size {raw.shape} of fib25_training_sample2; "
+    print(f"crop offset {offset} size {raw.shape} of fib25_training_sample2; "
           f"{len(np.unique(gt[gt != 0]))} GT objects")
 
     if args.reuse:
         previous = np.load(args.reuse)
         if previous["ffn"].shape != raw.shape or not np.array_equal(previous["raw"], raw):
-            raise SystemExit(f"error: {args.reuse} holds a different crop than offset "
-                             f"{args.offset} size {args.size}")
+            raise ValueError(f"--reuse {args.reuse} holds a different crop than offset "
+                             f"{offset} size {size}")
         seg = previous["ffn"]
         t_ffn = float(previous["ffn_seconds"]) if "ffn_seconds" in previous else None
         t_ffn = t_ffn if t_ffn is not None and np.isfinite(t_ffn) else None
@@ -173,7 +178,7 @@ def main(argv=None) -> int:
         print(f"FFN: reusing the segmentation in {args.reuse}")
     else:
         t0 = time.perf_counter()
-        seg, info = segmentation.segment(raw, params, config, options)
+        seg, info = segmentation.segment(raw, params, config, options, progress=not args.quiet)
         t_ffn = time.perf_counter() - t0
         steps = int(info.counters.get("fov_steps", -1))
         print(f"FFN: {info.summary()}")
@@ -185,9 +190,9 @@ def main(argv=None) -> int:
         segs["baseline"] = baseline_segmentation(raw)
         timings["baseline"] = time.perf_counter() - t0
 
-    results = {"crop_offset": list(args.offset), "crop_size": list(raw.shape), "compute_dtype": config.compute_dtype,
+    results = {"crop_offset": list(offset), "crop_size": list(raw.shape), "compute_dtype": config.compute_dtype,
                "batch_size": options.batch_size,
-               "model": source, "options": options.to_dict(), "metrics": metrics_source(),
+               "model": source, "options": options.to_dict(), "metrics": "ffnjax.erl",
                "ffn_fov_steps": steps}
     radius = config.fov_radius
     for name in ("ffn", "baseline"):
@@ -220,4 +225,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _cli.run(main)

@@ -1,7 +1,7 @@
 """Import a google/ffn TensorFlow convstack checkpoint as an ffnjax Orbax checkpoint.
 
     python -m experiments.import_tf \\
-        --checkpoint ../shared/data/ffn_fib25_checkpoint/model.ckpt-27465036 \\
+        --tf-checkpoint ../shared/data/ffn_fib25_checkpoint/model.ckpt-27465036 \\
         --depth 12 --fov 33,33,33 --deltas 8,8,8 --out out/fib25_tf
 
 TensorFlow is not needed. google/ffn's `model_args` give the depth and its
@@ -9,49 +9,49 @@ TensorFlow is not needed. google/ffn's `model_args` give the depth and its
 does not matter, otherwise pass them here as z,y,x. The result loads with
 `ffnjax.checkpoints.load_checkpoint(OUT)` like any trained checkpoint; the
 provenance (source path, global step, ignored variables) is in its meta.
+
+`--tf-checkpoint` was called `--checkpoint` before; that spelling still works
+but is deprecated: in every other command --checkpoint is an ffnjax workdir.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
+from experiments import _cli
 from ffnjax.checkpoints import save_model
 from ffnjax.config import ModelConfig
 from ffnjax.nets import param_count
 from ffnjax.tf_import import import_ffn_checkpoint
 
 
+IMPORT_MODEL = ModelConfig(depth=12, features=32, fov_size=(33, 33, 33), deltas=(8, 8, 8))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.import_tf", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True,
-                   help="TensorFlow checkpoint prefix (PREFIX.index and PREFIX.data-* must exist)")
-    p.add_argument("--depth", type=int, default=12,
-                   help="convstack depth (google/ffn model_args 'depth'; default 12)")
-    p.add_argument("--features", type=int, default=32,
-                   help="channels of each hidden convolution (google/ffn uses 32; default 32)")
-    p.add_argument("--fov", default="33,33,33", help="field of view z,y,x (default 33,33,33)")
-    p.add_argument("--deltas", default="8,8,8", help="FOV move step z,y,x (default 8,8,8)")
+    p = _cli.make_parser("import_tf", __doc__)
+    p.add_argument("--tf-checkpoint", "--checkpoint", dest="tf_checkpoint", required=True,
+                   metavar="PREFIX",
+                   help="TensorFlow checkpoint prefix (PREFIX.index and PREFIX.data-* must "
+                        "exist); --checkpoint is the old, deprecated spelling")
+    _cli.add_flags(p, ModelConfig, _cli.with_help(
+        _cli.MODEL_FLAGS, features="channels of each hidden convolution (google/ffn uses 32)"),
+        base=IMPORT_MODEL)
     p.add_argument("--out", required=True, help="ffnjax workdir to write the Orbax checkpoint into")
     p.add_argument("--step", type=int, default=None,
                    help="checkpoint step to save under (default: the TF global_step, else 0)")
+    _cli.add_common(p, "accepted for uniformity (this command draws no progress bars)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
+    """Imports; bad input prints one error line and returns 2."""
     args = parse_args(argv)
     try:
-        config = ModelConfig(depth=args.depth, features=args.features, fov_size=args.fov,
-                             deltas=args.deltas)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        params, provenance = import_ffn_checkpoint(args.checkpoint, config)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        config = ModelConfig(**_cli.given(args, ModelConfig, _cli.MODEL_FLAGS))
+        params, provenance = import_ffn_checkpoint(args.tf_checkpoint, config)
+    except _cli.BAD_INPUT as e:
+        return _cli.report_error(e, args.debug)
     step = args.step if args.step is not None else (provenance["global_step"] or 0)
     path = save_model(args.out, config, params, step=step, meta={"provenance": provenance})
     print(f"imported {provenance['tensors_imported']} of {provenance['tensors_in_checkpoint']} "
@@ -63,4 +63,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _cli.run(main)

@@ -2,13 +2,13 @@
 
     python -m experiments.segment --checkpoint runs/fib25 \\
         --image ../shared/data/fib25_training_sample2/raw_z100-149.npz:raw \\
-        --output out/fib25_seg.zarr --bbox 0,0,0,50,128,128 --prob-output out/fib25_prob.zarr
+        --output out/fib25_seg.zarr --box 0:50,0:128,0:128 --prob-output out/fib25_prob.zarr
 
 Reads the image through ffnjax.volumes (zarr, N5, precomputed://, file.h5:ds,
 file.npz:key, file.npy), flood-fills from every seed of the seed policy, and
 writes the segmentation (uint64, 0 = background) and optionally the object
 probability map (uint8, 0..255) as new volumes with the image's voxel size and
-the bbox's offset.
+the box's offset.
 
 Resumable: the run's state (segmentation so far, next seed, counters) is saved
 atomically every --checkpoint-every seconds to --state (by default beside the
@@ -16,14 +16,15 @@ output: OUTPUT.segment-state.npz). Re-running the same command after a crash
 or kill continues from there and produces exactly the result of an
 uninterrupted run; the state file is removed once the outputs are written.
 
-Every InferenceOptions field has a flag below; flags left out keep FFN's usual
+Every InferenceOptions field has a flag below. Flags left out keep the values
+the checkpoint's model was trained with (image normalisation, seed and pad
+probabilities: `ffnjax.checkpoints.inference_defaults`), else FFN's usual
 defaults (google/ffn's FIB-25 settings use --min-segment-size 1000).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -32,67 +33,25 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ffnjax.config import CONSENSUS_MODES, SEED_ORDERS, SEED_POLICIES, InferenceOptions
-
-OPTION_HELP = {
-    "image_mean": "image normalisation mean: net input is (x - mean) / stddev",
-    "image_stddev": "image normalisation standard deviation",
-    "init_activation": "probability written at the seed voxel",
-    "pad_value": "probability of canvas voxels not visited yet",
-    "move_threshold": "a FOV face maximum must reach this probability for a move",
-    "segment_threshold": "voxels at or above this probability join the object",
-    "min_segment_size": "objects with fewer voxels are dropped (their seed is not retried)",
-    "min_boundary_dist": "z,y,x: a seed this close to an existing object is skipped",
-    "disconnected_seeds": "a voxel once driven below 0.5 is not revived (google/ffn disco_seeds)",
-    "max_steps": "FOV evaluations allowed per object (0: bounded only by the volume)",
-    "seed_policy": "'peaks' (maxima of the distance to image edges) or 'grid'",
-    "seed_grid_step": "z,y,x spacing of the 'grid' seed policy",
-    "seed_order": "'zyx' (ascending z,y,x: google/ffn's order) or 'distance' (deepest seeds "
-                  "first: descending distance to the nearest image edge)",
-    "batch_size": "FOV positions evaluated per network call (1 = google/ffn's exact order)",
-    "consensus": "also segment in reverse seed order and combine both passes (--consensus-mode)",
-    "consensus_mode": "'split' (one object per overlapping pair, google/ffn's oversegmentation "
-                      "consensus) or 'contested' (keep the forward objects, unlabel voxels the "
-                      "reverse pass gives to a non-corresponding object)",
-}
-
-CHOICES = {"seed_policy": SEED_POLICIES, "seed_order": SEED_ORDERS,
-           "consensus_mode": CONSENSUS_MODES}
+from experiments import _cli
+from ffnjax.config import InferenceOptions
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def add_option_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per InferenceOptions field (default None = keep the dataclass default)."""
+def add_option_flags(parser, table=_cli.INFERENCE_FLAGS_FROM_CHECKPOINT) -> None:
+    """One flag per InferenceOptions field (default None: keep the checkpoint's or dataclass's)."""
     g = parser.add_argument_group("inference options (InferenceOptions)")
-    defaults = InferenceOptions()
-    for f in dataclasses.fields(InferenceOptions):
-        default = getattr(defaults, f.name)
-        help_text = f"{OPTION_HELP.get(f.name, f.name)} (default {default if not isinstance(default, tuple) else ','.join(map(str, default))})"
-        if isinstance(default, bool):
-            g.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=None, help=help_text)
-        elif isinstance(default, tuple):
-            g.add_argument(_flag(f.name), dest=f.name, metavar="Z,Y,X", default=None, help=help_text)
-        elif f.name in CHOICES:
-            g.add_argument(_flag(f.name), dest=f.name, choices=CHOICES[f.name], default=None,
-                           help=help_text)
-        else:
-            g.add_argument(_flag(f.name), dest=f.name, type=type(default), default=None,
-                           help=help_text)
+    _cli.add_flags(g, InferenceOptions, table)
 
 
-def options_from_args(args: argparse.Namespace) -> InferenceOptions:
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(InferenceOptions)
-             if getattr(args, f.name, None) is not None}
-    return InferenceOptions(**given)
+def options_from_args(args: argparse.Namespace, defaults: dict | None = None) -> InferenceOptions:
+    """InferenceOptions of the flags given, over `defaults` (e.g. the checkpoint's
+    `ffnjax.checkpoints.inference_defaults`), over the dataclass defaults."""
+    return InferenceOptions(**{**(defaults or {}),
+                               **_cli.given(args, InferenceOptions, _cli.INFERENCE_FLAGS)})
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.segment", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _cli.make_parser("segment", __doc__)
     g = p.add_argument_group("run")
     g.add_argument("--checkpoint", required=True, metavar="WORKDIR",
                    help="workdir holding checkpoints/ (from experiments.train or experiments.import_tf)")
@@ -102,12 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image volume: x.zarr, x.n5, precomputed://x, file.h5:ds, file.npz:key, file.npy")
     g.add_argument("--output", required=True, metavar="SPEC",
                    help="segmentation to create (uint64): x.zarr, x.n5, precomputed://x or a JSON spec")
-    g.add_argument("--bbox", metavar="Z0,Y0,X0,DZ,DY,DX", default=None,
-                   help="segment only this box of the image: start and size, z,y,x (default: all)")
+    _cli.add_box_flags(g, "segment only this box of the image")
     g.add_argument("--prob-output", metavar="SPEC", default=None,
                    help="also write the probability of each committed voxel (uint8, 255 = 1.0)")
-    g.add_argument("--fov-size", metavar="Z,Y,X", default=None,
-                   help="expected FOV of the checkpoint; a mismatch is an error (a guard for scripts)")
+    g.add_argument("--fov-size", "--fov", dest="fov_size", metavar="Z,Y,X", default=None,
+                   type=_cli.zyx_arg(),
+                   help="expected FOV of the checkpoint; a mismatch is an error (a guard for "
+                        "scripts; both spellings accepted)")
     g.add_argument("--state", metavar="PATH", default=None,
                    help="resume state file (default: OUTPUT.segment-state.npz beside a local output)")
     g.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
@@ -117,33 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "unless a resume state for it exists)")
     g.add_argument("--info-json", metavar="PATH", default=None,
                    help="write counters, timings and per-object records as JSON")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    _cli.add_common(g)
     add_option_flags(p)
     return p
-
-
-def parse_bbox(text: str | None, shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(start, size) z,y,x from 'z0,y0,x0,dz,dy,dx' (None: the whole volume).
-
-    Raises:
-      ValueError: naming the bbox when it is malformed or leaves the volume.
-    """
-    shape = tuple(int(s) for s in shape)[:3]
-    if text is None:
-        return (0, 0, 0), shape
-    try:
-        vals = [int(v) for v in text.replace(" ", "").split(",")]
-    except ValueError as e:
-        raise ValueError(f"--bbox must be six integers z0,y0,x0,dz,dy,dx, got {text!r}") from e
-    if len(vals) != 6:
-        raise ValueError(f"--bbox must be six integers z0,y0,x0,dz,dy,dx, got {text!r}")
-    start, size = tuple(vals[:3]), tuple(vals[3:])
-    if any(s < 0 for s in start) or any(s <= 0 for s in size):
-        raise ValueError(f"--bbox {text!r}: start must be >= 0 and size > 0")
-    if any(a + b > n for a, b, n in zip(start, size, shape)):
-        raise ValueError(f"--bbox {text!r} (start {start}, size {size}) reaches outside the "
-                         f"image of shape {shape} (z,y,x)")
-    return start, size
 
 
 def default_state_path(output: str) -> Path:
@@ -167,21 +103,20 @@ def _output_exists(spec: str) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    options = options_from_args(args)
+    options_from_args(args)  # bad option values fail before the checkpoint is read
 
     from ffnjax import flood, segmentation
-    from ffnjax.checkpoints import load_checkpoint
+    from ffnjax.checkpoints import inference_defaults, load_checkpoint
     from ffnjax.volumes import create_volume, open_volume
 
     model_config, params = load_checkpoint(args.checkpoint, args.step)
-    if args.fov_size is not None:
-        want = tuple(int(v) for v in args.fov_size.split(","))
-        if want != tuple(model_config.fov_size):
-            raise ValueError(f"checkpoint {args.checkpoint} has FOV {model_config.fov_size} (z,y,x) "
-                             f"but --fov-size asks for {want}")
+    options = options_from_args(args, inference_defaults(args.checkpoint, args.step))
+    if args.fov_size is not None and tuple(args.fov_size) != tuple(model_config.fov_size):
+        raise ValueError(f"checkpoint {args.checkpoint} has FOV {model_config.fov_size} (z,y,x) "
+                         f"but --fov-size asks for {tuple(args.fov_size)}")
 
     image = open_volume(args.image)
-    start, size = parse_bbox(args.bbox, image.shape)
+    start, size = _cli.region(args, image.shape, "image")
     raw = np.asarray(image.read(start, size))
     if raw.ndim == 4 and raw.shape[-1] == 1:
         raw = raw[..., 0]
@@ -243,4 +178,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    _cli.run(main)

@@ -7,32 +7,49 @@ Volumes are any `ffnjax.volumes` spec: 'x.zarr', 'x.n5', 'precomputed://x'
 (also 'f.h5:dataset', 'f.npz:key' for the input). Rerunning the same command
 resumes: finished blocks are kept in '<output>.blocks/'. See
 `ffnjax.blockwise.segment_volume`.
+
+Inference options come, each overriding the one before, from: the values the
+checkpoint was trained with (normalisation, seed and pad probabilities:
+`ffnjax.checkpoints.inference_defaults`), else InferenceOptions' defaults;
+--options (JSON); one flag per InferenceOptions field, as in experiments.segment.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from experiments import _cli
 from ffnjax.blockwise import save_montage, segment_volume
 from ffnjax.config import InferenceOptions, ModelConfig
 
+ORACLE_MODEL = ModelConfig(depth=1, features=1, fov_size=(9, 9, 9), deltas=(3, 3, 3))
+
 
 def _options(text: str | None, base: InferenceOptions) -> InferenceOptions:
+    """`base` with the fields of --options (a JSON object or a JSON file) replaced."""
     if not text:
         return base
     p = Path(text)
     raw = p.read_text() if not text.lstrip().startswith("{") and p.exists() else text
     if not raw.lstrip().startswith("{"):
         raise ValueError(f"--options must be a JSON object or a JSON file, got {text!r}")
-    return InferenceOptions.from_dict({**base.to_dict(), **json.loads(raw)})
+    try:
+        return InferenceOptions.from_dict({**base.to_dict(), **json.loads(raw)})
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--options is not valid JSON ({e}), got {text!r}") from None
+
+
+def options_from_args(args: argparse.Namespace, base: InferenceOptions) -> InferenceOptions:
+    """`base`, then --options, then the InferenceOptions flags given."""
+    with_json = _options(args.options, base)
+    return InferenceOptions(**{**with_json.to_dict(),
+                               **_cli.given(args, InferenceOptions, _cli.INFERENCE_FLAGS)})
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m experiments.segment_volume", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _cli.make_parser("segment_volume", __doc__)
     ap.add_argument("--checkpoint", help="training/import workdir holding the model "
                     "(ffnjax.checkpoints layout); not needed with --oracle")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
@@ -40,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--output", required=True,
                     help="output segmentation spec: x.zarr, x.n5 or precomputed://x (uint64; created "
                          "when absent, reused when resuming)")
-    ap.add_argument("--block", default="128,256,256", help="block size z,y,x (default 128,256,256)")
-    ap.add_argument("--overlap", default="16,32,32",
+    ap.add_argument("--block", default="128,256,256", type=_cli.zyx_arg(minimum=1),
+                    help="block size z,y,x (default 128,256,256)")
+    ap.add_argument("--overlap", default="16,32,32", type=_cli.zyx_arg(minimum=0),
                     help="voxels shared by neighbouring blocks z,y,x (default 16,32,32; at least "
                          "the FOV is wise)")
     ap.add_argument("--scheduler", default=None,
@@ -58,41 +76,48 @@ def build_parser() -> argparse.ArgumentParser:
                          "<output>.blocks)")
     ap.add_argument("--options", default=None,
                     help="InferenceOptions overrides as a JSON object or a JSON file, e.g. "
-                         "'{\"segment_threshold\": 0.6, \"min_segment_size\": 1000}'")
-    ap.add_argument("--chunks", default=None, help="chunk shape z,y,x of a new output volume")
+                         "'{\"segment_threshold\": 0.6, \"min_segment_size\": 1000}' (the "
+                         "option flags below override it in turn)")
+    ap.add_argument("--chunks", default=None, type=_cli.zyx_arg(minimum=1),
+                    help="chunk shape z,y,x of a new output volume")
     ap.add_argument("--retries", type=int, default=1, help="Dask retries per task (default 1)")
     ap.add_argument("--png", default=None, help="also write a PNG montage of z slices here")
     ap.add_argument("--summary", default=None, help="also write the run summary as JSON here")
     ap.add_argument("--oracle", action="store_true",
                     help="check the pipeline without a model: the image is a label volume and "
                          "the oracle network (ffnjax.testing) fills its objects")
-    ap.add_argument("--fov", default="9,9,9", help="with --oracle: FOV size z,y,x (default 9,9,9)")
-    ap.add_argument("--deltas", default="3,3,3", help="with --oracle: FOV moves z,y,x (default 3,3,3)")
-    ap.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    _cli.add_flags(ap, ModelConfig, _cli.with_help(
+        _cli.MODEL_FLAGS, fov_size="with --oracle: FOV size z,y,x",
+        deltas="with --oracle: FOV moves z,y,x"), ("fov_size", "deltas"), base=ORACLE_MODEL)
+    _cli.add_common(ap, "hide the progress bars", quiet_aliases=("--no-progress",))
+    g = ap.add_argument_group("inference options (InferenceOptions)")
+    _cli.add_flags(g, InferenceOptions, _cli.INFERENCE_FLAGS_FROM_CHECKPOINT)
     return ap
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.oracle:
         from ffnjax.testing import oracle_apply_fn, oracle_options
         model_config = ModelConfig(depth=1, features=1, fov_size=args.fov, deltas=args.deltas)
         params, apply_fn = None, oracle_apply_fn
-        options = _options(args.options, oracle_options(seed_policy="grid",
+        options = options_from_args(args, oracle_options(seed_policy="grid",
                                                          seed_grid_step=model_config.deltas))
     else:
         if not args.checkpoint:
-            raise SystemExit("--checkpoint is required (or --oracle to check the pipeline)")
-        from ffnjax.checkpoints import load_checkpoint
+            parser.error("--checkpoint is required (or --oracle to check the pipeline)")
+        options_from_args(args, InferenceOptions())  # bad options fail before the model loads
+        from ffnjax.checkpoints import inference_defaults, load_checkpoint
         model_config, params = load_checkpoint(args.checkpoint, args.step)
         apply_fn = None
-        options = _options(args.options, InferenceOptions())
+        options = options_from_args(
+            args, InferenceOptions(**inference_defaults(args.checkpoint, args.step)))
     summary = segment_volume(
         args.image, args.output, params, model_config, options, block=args.block,
         overlap=args.overlap, client=args.scheduler, apply_fn=apply_fn,
         min_overlap=args.min_overlap, workdir=args.workdir, n_workers=args.workers,
-        chunks=tuple(int(c) for c in args.chunks.split(",")) if args.chunks else None,
-        retries=args.retries, progress=not args.no_progress)
+        chunks=args.chunks, retries=args.retries, progress=not args.quiet)
     print(summary)
     if summary.weak_contacts:
         print(f"{len(summary.weak_contacts)} possible cuts (objects touching across an overlap with "
@@ -106,4 +131,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    _cli.run(main)

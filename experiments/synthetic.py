@@ -8,30 +8,20 @@ and prints their paths with a short summary.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import numpy as np
 
+from experiments import _cli
 from ffnjax import synthetic
 from ffnjax.volumes import save_volume
 
 
-def _shape(text: str) -> tuple[int, int, int]:
-    try:
-        shape = tuple(int(v) for v in text.split(","))
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"--shape must be z,y,x integers, got {text!r}") from e
-    if len(shape) != 3:
-        raise argparse.ArgumentTypeError(f"--shape must be three integers z,y,x, got {text!r}")
-    return shape  # type: ignore[return-value]
-
-
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _cli.make_parser("synthetic", __doc__)
     p.add_argument("--out", required=True, help="output directory (created if missing)")
-    p.add_argument("--shape", type=_shape, default=(128, 128, 128),
+    p.add_argument("--shape", type=_cli.zyx_arg(minimum=1), default=(128, 128, 128),
                    help="volume size z,y,x in voxels (default 128,128,128)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same volume (default 0)")
     p.add_argument("--anisotropy", type=float, default=1.0,
@@ -42,6 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--mean-radius", type=float, default=synthetic.SyntheticConfig.mean_radius,
                    help="median neurite radius in x/y voxels (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace existing volumes in --out")
+    _cli.add_common(p, "accepted for uniformity (this command draws no progress bars)")
     args = p.parse_args(argv)
 
     out = Path(args.out)
@@ -70,4 +61,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    _cli.run(main)

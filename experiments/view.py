@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
+from experiments import _cli
 from ffnjax.blockwise import make_viewer, save_montage
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m experiments.view", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _cli.make_parser("view", __doc__)
     ap.add_argument("--image", default=None, help="image volume spec (z,y,x)")
     ap.add_argument("--segmentation", default=None, help="segmentation volume spec (z,y,x)")
     ap.add_argument("--bind", default="127.0.0.1",
@@ -33,16 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-block", action="store_true",
                     help="build the viewer, print its URL and state JSON, and exit")
     ap.add_argument("--no-viewer", action="store_true", help="only write --png, start no server")
+    _cli.add_common(ap, "accepted for uniformity (this command draws no progress bars)")
     return ap
 
 
 def main(argv: list[str] | None = None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.image is None and args.segmentation is None:
-        raise SystemExit("give --image, --segmentation or both")
+        parser.error("give --image, --segmentation or both")
     if args.png:
         if args.image is None or args.segmentation is None:
-            raise SystemExit("--png needs both --image and --segmentation")
+            parser.error("--png needs both --image and --segmentation")
         print("montage:", save_montage(args.png, args.image, args.segmentation, n_slices=args.slices))
     if args.no_viewer:
         return None
@@ -61,4 +62,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    _cli.run(main)

@@ -8,22 +8,28 @@ Layout of a workdir (one Orbax `CheckpointManager` under `workdir/checkpoints`):
     checkpoints/<step>/model_config/  ModelConfig as JSON
     checkpoints/<step>/meta/          free-form JSON (sampler state, provenance)
 
-`load_checkpoint(workdir)` is the one call a notebook or the segmenter needs.
+`load_checkpoint(workdir)` is the one call a notebook or the segmenter needs;
+`inference_defaults(workdir)` gives the flood-fill settings the model was
+trained with (meta['inference']), which the segmenters start from.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ffnjax.config import ModelConfig
+from ffnjax.config import InferenceOptions, ModelConfig
 
 ITEMS = ("state", "model_config", "meta")
+# The InferenceOptions fields fixed by training: the normalisation of the
+# image and the initial mask (training's seed_prob / pad_prob). Inference with
+# other values shows the network inputs it never saw.
+INFERENCE_FACTS = ("image_mean", "image_stddev", "init_activation", "pad_value")
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> Path:
@@ -38,17 +44,74 @@ def make_manager(workdir: str | os.PathLike, *, max_to_keep: int | None = 3,
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
+def inference_facts(meta: Mapping[str, Any]) -> dict[str, float]:
+    """The INFERENCE_FACTS a checkpoint's meta records, as InferenceOptions fields.
+
+    Args:
+      meta: a checkpoint's free-form JSON. Its 'inference' entry is used when
+        present. Otherwise the facts are derived from what training has always
+        saved: the first training volume's normalisation ('image_means',
+        'image_stddevs'; validation normalises the same way) and the training
+        config's seed_prob / pad_prob ('train_config'), so older training runs
+        give them too.
+
+    Returns:
+      {field: value} for the facts found; empty for a checkpoint that records
+      none (an imported TensorFlow model), whose users keep InferenceOptions'
+      defaults (google/ffn's 128 / 33 and 0.95 / 0.05).
+    """
+    if "inference" in meta:
+        return {k: float(v) for k, v in dict(meta["inference"]).items() if k in INFERENCE_FACTS}
+    facts: dict[str, float] = {}
+    for key, field in (("image_means", "image_mean"), ("image_stddevs", "image_stddev")):
+        if meta.get(key):
+            facts[field] = float(meta[key][0])
+    train = meta.get("train_config") or {}
+    for key, field in (("seed_prob", "init_activation"), ("pad_prob", "pad_value")):
+        if key in train:
+            facts[field] = float(train[key])
+    return facts
+
+
 def save_args(state: Any, model_config: ModelConfig, meta: dict | None = None) -> ocp.args.Composite:
-    """The composite save arguments for one checkpoint."""
+    """The composite save arguments for one checkpoint.
+
+    A training meta (with 'train_config') gets its inference facts recorded
+    under 'inference' (see `inference_facts`) unless it carries them already.
+    """
+    meta = dict(meta or {})
+    if "inference" not in meta and inference_facts(meta):
+        meta["inference"] = inference_facts(meta)
     return ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         model_config=ocp.args.JsonSave(model_config.to_dict()),
-        meta=ocp.args.JsonSave(dict(meta or {})))
+        meta=ocp.args.JsonSave(meta))
 
 
 def save_model(workdir: str | os.PathLike, model_config: ModelConfig, params: Any,
-               step: int = 0, meta: dict | None = None) -> Path:
-    """Writes `params` (and the config) as a checkpoint at `step`; returns its folder."""
+               step: int = 0, meta: dict | None = None,
+               inference: InferenceOptions | Mapping[str, float] | None = None) -> Path:
+    """Writes `params` (and the config) as a checkpoint at `step`; returns its folder.
+
+    Args:
+      inference: the settings the model was trained with; its INFERENCE_FACTS
+        (normalisation, seed / pad probabilities) are recorded in the meta for
+        `inference_defaults`. None records none (segmenters then use
+        InferenceOptions' defaults).
+
+    Raises:
+      ValueError: naming an `inference` key that is not one of INFERENCE_FACTS.
+    """
+    meta = dict(meta or {})
+    if inference is not None:
+        facts = inference.to_dict() if isinstance(inference, InferenceOptions) else dict(inference)
+        if isinstance(inference, InferenceOptions):
+            facts = {k: facts[k] for k in INFERENCE_FACTS}
+        unknown = sorted(set(facts) - set(INFERENCE_FACTS))
+        if unknown:
+            raise ValueError(f"inference facts {unknown} are not recorded in a checkpoint; "
+                             f"known: {list(INFERENCE_FACTS)}")
+        meta["inference"] = {k: float(v) for k, v in facts.items()}
     mngr = make_manager(workdir, max_to_keep=None)
     mngr.save(step, args=save_args({"params": params}, model_config, meta), force=True)
     mngr.wait_until_finished()
@@ -124,6 +187,20 @@ def load_meta(workdir: str | os.PathLike, step: int | None = None) -> dict:
         return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
     finally:
         mngr.close()
+
+
+def inference_defaults(workdir: str | os.PathLike, step: int | None = None) -> dict[str, float]:
+    """The InferenceOptions fields the checkpoint's model was trained with.
+
+    One call for a segmenter: `InferenceOptions(**{**inference_defaults(w), **flags})`.
+    Keys are among INFERENCE_FACTS (image_mean, image_stddev, init_activation,
+    pad_value); a checkpoint recording none (an imported TensorFlow model)
+    gives {}.
+
+    Raises:
+      FileNotFoundError: naming the workdir (or step) that holds no checkpoint.
+    """
+    return inference_facts(load_meta(workdir, step))
 
 
 def _open_existing(workdir) -> ocp.CheckpointManager:

@@ -146,3 +146,46 @@ def test_segment_accepts_a_volume_object(setup):
     b, _ = segmentation.segment(img, params, CFG, opts, progress=False)
     np.testing.assert_array_equal(a, b)
     assert a.max() > 0
+
+
+class Captured(Exception):
+    pass
+
+
+def test_options_default_to_the_checkpoints_training_facts(setup, tmp_path, monkeypatch):
+    root, params, _ = setup
+    save_model(tmp_path / "ckpt", CFG, params, inference={"image_mean": 100.0, "pad_value": 0.1})
+    seen = []
+
+    def capture(raw, params, model_config, options, **kw):
+        seen.append(options)
+        raise Captured
+
+    monkeypatch.setattr(flood, "segment_state", capture)
+    argv = ["--checkpoint", str(tmp_path / "ckpt"), "--image", f"{root}/img.npz:raw",
+            "--output", str(tmp_path / "a.zarr"), "--quiet"]
+    for extra in ([], ["--image-mean", "90"]):
+        with pytest.raises(Captured):
+            cli.main([*argv, *extra])
+    assert (seen[0].image_mean, seen[0].pad_value, seen[0].image_stddev) == (100.0, 0.1, 33.0)
+    assert (seen[1].image_mean, seen[1].pad_value) == (90.0, 0.1)  # a flag overrides
+
+
+def test_segment_volume_defaults_to_the_checkpoints_training_facts(setup, tmp_path, monkeypatch):
+    from experiments import segment_volume
+
+    root, params, _ = setup
+    save_model(tmp_path / "ckpt", CFG, params, inference={"image_stddev": 20.0})
+    seen = []
+
+    def capture(image, output, params, model_config, options, **kw):
+        seen.append(options)
+        raise Captured
+
+    monkeypatch.setattr(segment_volume, "segment_volume", capture)
+    argv = ["--checkpoint", str(tmp_path / "ckpt"), "--image", "i.zarr", "--output", "o.zarr"]
+    for extra in ([], ["--options", '{"image_stddev": 25}'], ["--image-stddev", "30"]):
+        with pytest.raises(Captured):
+            segment_volume.main([*argv, *extra])
+    assert [o.image_stddev for o in seen] == [20.0, 25.0, 30.0]
+    assert seen[0] == InferenceOptions(image_stddev=20.0)
