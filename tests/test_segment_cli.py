@@ -161,7 +161,7 @@ def test_options_default_to_the_checkpoints_training_facts(setup, tmp_path, monk
         seen.append(options)
         raise Captured
 
-    monkeypatch.setattr(flood, "segment_state", capture)
+    monkeypatch.setattr(segmentation, "segment_state", capture)
     argv = ["--checkpoint", str(tmp_path / "ckpt"), "--image", f"{root}/img.npz:raw",
             "--output", str(tmp_path / "a.zarr"), "--quiet"]
     for extra in ([], ["--image-mean", "90"]):
