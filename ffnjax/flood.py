@@ -65,7 +65,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from scipy.special import expit
 
-from ffnjax import platform
+from ffnjax import devices as platform
 from ffnjax.config import InferenceOptions, ModelConfig, logit
 from ffnjax.nets import make_apply_fn, normalize_image
 

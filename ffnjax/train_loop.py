@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
-from ffnjax import checkpoints, platform, viz
+from ffnjax import checkpoints, devices, viz
 from ffnjax.checkpoints import load_checkpoint  # noqa: F401  (re-exported for notebooks)
 from ffnjax.config import ModelConfig, TrainConfig
 from ffnjax.inputs import (Prefetcher, load_training_volumes, load_validation_batch, make_sampler,
@@ -64,7 +64,7 @@ def _training_mesh(batch_size: int, process_count: int) -> Mesh:
         if process_count > 1:
             raise ValueError(f"batch_size {batch_size} must be a multiple of the device "
                              f"count {mesh.size}")
-        mesh = make_mesh(platform.devices_for_batch(batch_size, jax.devices()))
+        mesh = make_mesh(devices.devices_for_batch(batch_size, jax.devices()))
     return mesh
 
 

@@ -7,14 +7,17 @@ own share of the batch (measured in benchmarks/forward_bench.py).
 
 Usage (before anything touches a JAX array)::
 
-    from ffnjax import platform
-    platform.configure_host_devices()           # n = number of usable cores
+    from ffnjax import devices
+    devices.configure_host_devices()           # n = number of usable cores
     ...
-    logits = platform.sharded_forward(apply_fn, params, image_fovs, mask_fovs)
+    logits = devices.sharded_forward(apply_fn, params, image_fovs, mask_fovs)
 
 `configure_host_devices` must run before JAX initialises its backends (the
 first `jax.devices()`, array creation or jit call); afterwards the device count
 is fixed for the life of the process.
+
+(This module was `ffnjax/platform.py`, a name that shadowed the standard
+library's `platform`.)
 """
 
 from __future__ import annotations
