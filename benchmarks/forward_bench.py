@@ -8,7 +8,7 @@ TensorFlow on the same CPU, measured in one run with interleaved repeats.
 Each measured configuration lives in a worker subprocess that compiles once
 and then answers "time one call of case i" requests: one JAX worker per host
 device count (XLA_FLAGS=--xla_force_host_platform_device_count=D, work spread
-over the devices by `ffnjax.devices.sharded_forward`: the batch when it has a
+over the devices by `benchmarks.sharded_forward`: the batch when it has a
 FOV per device, else each layer's output channels, split='channels') and, when a Python
 with TensorFlow is available, one TensorFlow worker running the same network
 with the same weights (checked: outputs are compared). The parent walks all
@@ -66,7 +66,8 @@ def jax_worker(args) -> None:
     import numpy as np
     import jax
     sys.path.insert(0, str(REPO))
-    from ffnjax import devices, nets
+    from benchmarks.sharded_forward import sharded_forward
+    from ffnjax import nets
     from ffnjax.config import ModelConfig
     from ffnjax.tf_import import ffn_tensors_from_params
 
@@ -82,7 +83,7 @@ def jax_worker(args) -> None:
         img, msk = jax.device_put(img), jax.device_put(msk)
         if jax.device_count() > 1:
             split = "batch" if case["batch"] >= jax.device_count() else "channels"
-            fn = lambda p=params, a=apply_fn, i=img, m=msk, s=split: devices.sharded_forward(  # noqa: E731
+            fn = lambda p=params, a=apply_fn, i=img, m=msk, s=split: sharded_forward(  # noqa: E731
                 a, p, i, m, split=s)
         else:
             jitted = jax.jit(apply_fn)

@@ -32,7 +32,7 @@ on GPU/TPU, whose libraries (cuDNN, the TPU compiler) already handle 3D
 convolutions well.
 
 Inside `channel_parallel(axis_name, size)` (used by
-`ffnjax.devices.sharded_forward` for batches smaller than the device count)
+`benchmarks.sharded_forward` for batches smaller than the device count)
 each device computes a slice of every convolution's output channels.
 
 Mixed precision: with bfloat16 inputs every formulation multiplies in bfloat16

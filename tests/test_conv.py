@@ -120,12 +120,13 @@ def test_bad_shapes_raise():
         conv.conv3d(x[0], k, "depth_split")
 
 
-_PLATFORM_SCRIPT = r"""
+_SHARDED_SCRIPT = r"""
 import json, os, sys
 import numpy as np
-from ffnjax import devices
-n = devices.configure_host_devices(int(sys.argv[1]) if len(sys.argv) > 1 else None)
+from ffnjax import hostdevices
+n = hostdevices.configure_host_devices(int(sys.argv[1]) if len(sys.argv) > 1 else None)
 import jax, jax.numpy as jnp
+from benchmarks.sharded_forward import make_sharded_apply, sharded_forward
 from ffnjax import nets
 from ffnjax.config import ModelConfig
 cfg = ModelConfig(depth=1, features=4, fov_size=(5, 5, 5), deltas=(1, 1, 1))
@@ -133,12 +134,12 @@ params = nets.init_params(cfg, 0)
 apply_fn = nets.make_apply_fn(cfg)
 img = jax.random.normal(jax.random.PRNGKey(0), nets.fov_shape(cfg, 3))
 msk = jax.random.normal(jax.random.PRNGKey(1), nets.fov_shape(cfg, 3))
-got = devices.sharded_forward(apply_fn, params, img, msk)
+got = sharded_forward(apply_fn, params, img, msk)
 want = jax.jit(apply_fn)(params, img, msk)
 # One FOV: split each layer's output channels over the devices, values and gradients.
-one = devices.sharded_forward(apply_fn, params, img[:1], msk[:1], split="channels")
-none = devices.sharded_forward(apply_fn, params, img[:1], msk[:1])
-chan = devices.make_sharded_apply(apply_fn, split="channels")
+one = sharded_forward(apply_fn, params, img[:1], msk[:1], split="channels")
+none = sharded_forward(apply_fn, params, img[:1], msk[:1])
+chan = make_sharded_apply(apply_fn, split="channels")
 hlo = chan.lower(params, img[:1], msk[:1]).compile().as_text()
 loss = lambda f: (lambda p: jnp.sum(f(p, img[:1], msk[:1]) ** 2))
 g1 = jax.tree_util.tree_leaves(jax.grad(loss(chan))(params))
@@ -149,11 +150,11 @@ print(json.dumps(dict(returned=n, devices=jax.device_count(), shape=list(got.sha
                       err_none=float(jnp.max(jnp.abs(none - want[:1]))),
                       gathers=hlo.count("all-gather"),
                       grad_rel=max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(g1, g2)),
-                      again=devices.configure_host_devices(5))))
+                      again=hostdevices.configure_host_devices(5))))
 """
 
 
-def _run_platform(args=(), xla_flags=None):
+def _run_sharded(args=(), xla_flags=None):
     import json
     import os
     import subprocess
@@ -163,7 +164,7 @@ def _run_platform(args=(), xla_flags=None):
     env["JAX_PLATFORMS"] = "cpu"
     if xla_flags:
         env["XLA_FLAGS"] = xla_flags
-    r = subprocess.run([sys.executable, "-c", _PLATFORM_SCRIPT, *args], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT, *args], capture_output=True, text=True,
                        env=env, cwd=str(Path(__file__).resolve().parents[1]), timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -176,7 +177,7 @@ def test_host_devices_and_sharded_forward():
     count in force is what it returns."""
     import os
     cores = len(os.sched_getaffinity(0))
-    out = _run_platform()
+    out = _run_sharded()
     assert out["returned"] == cores and out["devices"] == cores
     assert out["shape"] == [3, 5, 5, 5, 1]
     assert out["err"] < 1e-5
@@ -195,7 +196,7 @@ def test_host_devices_respect_user_xla_flags():
     from pathlib import Path
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=3")
-    script = ("from ffnjax import devices; n = devices.configure_host_devices(2); "
+    script = ("from ffnjax import hostdevices; n = hostdevices.configure_host_devices(2); "
               "import jax; print(n, jax.device_count())")
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                        cwd=str(Path(__file__).resolve().parents[1]), timeout=300)
@@ -205,14 +206,15 @@ def test_host_devices_respect_user_xla_flags():
 
 def test_pad_batch():
     import jax.numpy as jnp
-    from ffnjax import devices
+    from benchmarks.sharded_forward import pad_batch
+    from ffnjax import hostdevices
     x = jnp.arange(3 * 2).reshape(3, 2)
-    y, n = devices.pad_batch(x, 4)
+    y, n = pad_batch(x, 4)
     assert n == 3 and y.shape == (4, 2)
     np.testing.assert_array_equal(np.asarray(y), [[0, 1], [2, 3], [4, 5], [4, 5]])
-    assert devices.pad_batch(x, 3)[0] is x
+    assert pad_batch(x, 3)[0] is x
     with pytest.raises(ValueError, match="n must be"):
-        devices.configure_host_devices(0)
+        hostdevices.configure_host_devices(0)
 
 
 def test_channel_parallel_outside_shard_map_needs_axis():
