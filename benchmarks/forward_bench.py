@@ -109,8 +109,8 @@ def tf_worker(args) -> None:
     """The same convstack in TensorFlow (tf.nn.conv3d under tf.function, oneDNN)."""
     import numpy as np
     import tensorflow as tf
-
-    from ffnjax.tf_import import tensorflow_forward
+    sys.path.insert(0, str(REPO))
+    from benchmarks.tf_reference import tensorflow_forward
 
     spec = json.loads(args.worker_spec)
     fns = []

@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.tf_reference import tensorflow_forward
 from ffnjax.config import ModelConfig, logit
 from ffnjax.nets import forward_flops, init_params, make_apply_fn, param_count
-from ffnjax.tf_import import (CheckpointReader, ffn_params_from_tensors, ffn_tensors_from_params,
-                              tensorflow_forward)
+from ffnjax.tf_import import CheckpointReader, ffn_params_from_tensors, ffn_tensors_from_params
 
 DEFAULT_CKPT = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
                 / "ffn_fib25_checkpoint").resolve() / "model.ckpt-27465036"

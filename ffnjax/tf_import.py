@@ -19,8 +19,9 @@ checked against its checksum. TensorFlow is not needed (a test compares the
 result with ``tf.train.load_checkpoint`` where TensorFlow happens to be
 installed).
 
-It also writes the same format (`write_checkpoint`), so tests can round-trip
-small checkpoints and ffnjax parameters can be exported for google/ffn.
+Writing the format (to round-trip small checkpoints in tests, or to export
+ffnjax parameters for google/ffn) and google/ffn's forward pass in TensorFlow
+ops are references, not part of the library: `benchmarks/tf_reference.py`.
 
 google/ffn's ``convstack_3d`` keeps its weights under the ``seed_update`` scope
 as ``conv0_a``, ``conv0_b``, ``conv{i}_a``/``conv{i}_b`` (i = 1 .. depth-1) and
@@ -46,28 +47,24 @@ import numpy as np
 from ffnjax.config import ModelConfig
 
 # ----------------------------------------------------------------------------
-# Low-level encodings: varints, masked CRC32C, protobuf wire format.
+# Low-level decodings: varints, masked CRC32C, protobuf wire format.
 # ----------------------------------------------------------------------------
 
 TABLE_MAGIC = 0xDB4775248B80FB57  # LevelDB / TensorFlow table footer magic number.
 FOOTER_SIZE = 48                  # two block handles padded to 40 bytes + 8-byte magic.
 BLOCK_TRAILER_SIZE = 5            # compression type byte + masked crc32c.
-_MASK_DELTA = 0xA282EAD8
-
-
-def mask_crc(crc: int) -> int:
-    """LevelDB/TensorFlow's checksum masking: rotate right by 15 and add a constant.
-
-    Stored checksums are masked so that a checksum of data containing
-    checksums is still well distributed.
-    """
-    crc &= 0xFFFFFFFF
-    return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
+MASK_DELTA = 0xA282EAD8           # added to a rotated CRC32C when it is stored.
 
 
 def unmask_crc(masked: int) -> int:
-    """Inverse of `mask_crc`."""
-    rot = (masked - _MASK_DELTA) & 0xFFFFFFFF
+    """The CRC32C behind a stored (masked) checksum.
+
+    LevelDB/TensorFlow store a checksum rotated right by 15 bits plus
+    `MASK_DELTA`, so that a checksum of data containing checksums is still
+    well distributed; this undoes that (`benchmarks.tf_reference.mask_crc`
+    applies it).
+    """
+    rot = (masked - MASK_DELTA) & 0xFFFFFFFF
     return ((rot >> 17) | (rot << 15)) & 0xFFFFFFFF
 
 
@@ -90,21 +87,6 @@ def _read_varint(buf: bytes | memoryview, pos: int, what: str) -> tuple[int, int
         shift += 7
         if shift > 63:
             raise ValueError(f"varint longer than 10 bytes while reading {what}")
-
-
-def _varint(value: int) -> bytes:
-    """Encodes a non-negative int as a base-128 varint."""
-    if value < 0:
-        value &= (1 << 64) - 1  # protobuf encodes negative int64 as 10-byte two's complement
-    out = bytearray()
-    while True:
-        b = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
 
 
 def _proto_fields(buf: bytes | memoryview, what: str) -> Iterator[tuple[int, int, Any]]:
@@ -141,18 +123,6 @@ def _proto_fields(buf: bytes | memoryview, what: str) -> Iterator[tuple[int, int
         yield field, wire, value
 
 
-def _pb_varint(field: int, value: int) -> bytes:
-    return _varint(field << 3 | 0) + _varint(value)
-
-
-def _pb_bytes(field: int, value: bytes) -> bytes:
-    return _varint(field << 3 | 2) + _varint(len(value)) + value
-
-
-def _pb_fixed32(field: int, value: int) -> bytes:
-    return _varint(field << 3 | 5) + struct.pack("<I", value)
-
-
 # ----------------------------------------------------------------------------
 # The protobuf messages: BundleHeaderProto and BundleEntryProto.
 # ----------------------------------------------------------------------------
@@ -176,7 +146,6 @@ TF_DTYPES: dict[int, np.dtype] = {
 }
 DT_STRING = 7
 DT_BFLOAT16 = 14
-_DTYPE_CODES = {dt: code for code, dt in TF_DTYPES.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,19 +228,6 @@ def parse_entry(name: str, buf: bytes) -> TensorEntry:
     return TensorEntry(name=name, **d)
 
 
-def encode_entry(entry: TensorEntry) -> bytes:
-    """Serialises a `TensorEntry` as a ``BundleEntryProto`` (inverse of `parse_entry`)."""
-    shape = b"".join(_pb_bytes(2, _pb_varint(1, int(s))) for s in entry.shape)
-    out = _pb_varint(1, entry.dtype_code) + _pb_bytes(2, shape)
-    if entry.shard_id:
-        out += _pb_varint(3, entry.shard_id)
-    if entry.offset:
-        out += _pb_varint(4, entry.offset)
-    if entry.size:
-        out += _pb_varint(5, entry.size)
-    return out + _pb_fixed32(6, entry.crc32c)
-
-
 def parse_header(buf: bytes) -> BundleHeader:
     """Decodes ``BundleHeaderProto``: num_shards = 1, endianness = 2, version = 3 (VersionDef)."""
     d = dict(num_shards=1, endianness=0, version_producer=0)
@@ -285,13 +241,6 @@ def parse_header(buf: bytes) -> BundleHeader:
                 if f2 == 1:
                     d["version_producer"] = v2
     return BundleHeader(**d)
-
-
-def encode_header(header: BundleHeader) -> bytes:
-    out = _pb_varint(1, header.num_shards)
-    if header.endianness:
-        out += _pb_varint(2, header.endianness)
-    return out + _pb_bytes(3, _pb_varint(1, header.version_producer))
 
 
 # ----------------------------------------------------------------------------
@@ -381,65 +330,11 @@ def read_table(path: str | os.PathLike) -> list[tuple[bytes, bytes]]:
     return entries
 
 
-def _build_block(items: list[tuple[bytes, bytes]], restart_interval: int = 16) -> bytes:
-    """A table block with prefix-compressed keys (restart every `restart_interval`)."""
-    out, restarts, prev = bytearray(), [0], b""
-    for i, (key, value) in enumerate(items):
-        if i and i % restart_interval == 0:
-            restarts.append(len(out))
-            prev = b""
-        shared = 0
-        while shared < min(len(prev), len(key)) and prev[shared] == key[shared]:
-            shared += 1
-        out += _varint(shared) + _varint(len(key) - shared) + _varint(len(value))
-        out += key[shared:] + value
-        prev = key
-    out += b"".join(struct.pack("<I", r) for r in restarts) + struct.pack("<I", len(restarts))
-    return bytes(out)
-
-
-def write_table(path: str | os.PathLike, items: Iterable[tuple[bytes, bytes]],
-                block_size: int = 4096) -> None:
-    """Writes sorted (key, value) pairs as an uncompressed LevelDB/TensorFlow SSTable.
-
-    Data blocks are cut once they exceed `block_size` bytes (TensorFlow's
-    default); each index entry's key is the last key of its block.
-    """
-    items = list(items)
-    keys = [k for k, _ in items]
-    if keys != sorted(keys) or len(set(keys)) != len(keys):
-        raise ValueError("table keys must be unique and sorted")
-    out = bytearray()
-
-    def emit(contents: bytes) -> bytes:
-        handle = _varint(len(out)) + _varint(len(contents))
-        trailer_type = b"\x00"
-        crc = mask_crc(crc32c(trailer_type, crc32c(contents)))
-        out.extend(contents + trailer_type + struct.pack("<I", crc))
-        return handle
-
-    index_items, current, current_size = [], [], 0
-    for key, value in items:
-        current.append((key, value))
-        current_size += len(key) + len(value) + 3
-        if current_size >= block_size:
-            index_items.append((key, emit(_build_block(current))))
-            current, current_size = [], 0
-    if current or not index_items:
-        index_items.append((current[-1][0] if current else b"", emit(_build_block(current))))
-    meta_handle = emit(_build_block([]))
-    index_handle = emit(_build_block(index_items, restart_interval=1))
-    footer = meta_handle + index_handle
-    footer += b"\x00" * (FOOTER_SIZE - 8 - len(footer))
-    footer += struct.pack("<II", TABLE_MAGIC & 0xFFFFFFFF, TABLE_MAGIC >> 32)
-    Path(path).write_bytes(bytes(out) + footer)
-
-
 # ----------------------------------------------------------------------------
-# Checkpoint reading and writing.
+# Checkpoint reading.
 # ----------------------------------------------------------------------------
 
-def _prefix(prefix: str | os.PathLike) -> Path:
+def checkpoint_prefix(prefix: str | os.PathLike) -> Path:
     """Accepts a checkpoint prefix, or the path of its .index / .data file."""
     p = str(prefix)
     if p.endswith(".index"):
@@ -451,7 +346,7 @@ def _prefix(prefix: str | os.PathLike) -> Path:
 
 def data_path(prefix: str | os.PathLike, shard: int, num_shards: int) -> Path:
     """The data file of shard `shard`: PREFIX.data-SSSSS-of-NNNNN."""
-    return Path(f"{_prefix(prefix)}.data-{shard:05d}-of-{num_shards:05d}")
+    return Path(f"{checkpoint_prefix(prefix)}.data-{shard:05d}-of-{num_shards:05d}")
 
 
 class CheckpointReader:
@@ -475,7 +370,7 @@ class CheckpointReader:
     """
 
     def __init__(self, prefix: str | os.PathLike, verify: bool = True):
-        self.prefix = _prefix(prefix)
+        self.prefix = checkpoint_prefix(prefix)
         self.verify = verify
         self.index_path = Path(f"{self.prefix}.index")
         table = read_table(self.index_path)
@@ -564,41 +459,6 @@ def read_checkpoint(prefix: str | os.PathLike, names: Iterable[str] | None = Non
     if names is None:
         return reader.read_all()
     return {n: reader.read(n) for n in names}
-
-
-def write_checkpoint(prefix: str | os.PathLike, tensors: Mapping[str, Any],
-                     block_size: int = 4096) -> Path:
-    """Writes `tensors` as a single-shard TensorFlow checkpoint (PREFIX.index + data).
-
-    The layout is TensorFlow's own (`tf.train.load_checkpoint` reads it), so
-    ffnjax parameters exported with `ffn_tensors_from_params` can be restored by
-    google/ffn's Saver. `block_size` is the table's data block size (small
-    values exercise multi-block indexes in tests).
-
-    Returns:
-      The prefix written.
-    """
-    prefix = _prefix(prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    entries, blobs, offset = [], [], 0
-    for name in sorted(tensors, key=lambda n: n.encode("utf-8")):
-        if not name:
-            raise ValueError("tensor names must be non-empty (the empty key holds the header)")
-        arr = np.asarray(tensors[name], order="C")
-        dtype = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
-        code = _DTYPE_CODES.get(np.dtype(dtype))
-        if code is None:
-            raise ValueError(f"tensor {name!r}: dtype {arr.dtype} has no TensorFlow equivalent here")
-        raw = arr.astype(dtype, copy=False).tobytes()
-        entries.append(TensorEntry(name=name, dtype_code=code, shape=tuple(arr.shape), shard_id=0,
-                                   offset=offset, size=len(raw), crc32c=mask_crc(crc32c(raw))))
-        blobs.append(raw)
-        offset += len(raw)
-    data_path(prefix, 0, 1).write_bytes(b"".join(blobs))
-    items = [(b"", encode_header(BundleHeader()))]
-    items += [(e.name.encode("utf-8"), encode_entry(e)) for e in entries]
-    write_table(f"{prefix}.index", items, block_size=block_size)
-    return prefix
 
 
 # ----------------------------------------------------------------------------
@@ -744,45 +604,3 @@ def import_ffn_checkpoint(prefix: str | os.PathLike, config: ModelConfig
         "ignored": sorted(n for n in reader.names() if n not in wanted),
     }
     return params, provenance
-
-
-def tensorflow_forward(tensors: Mapping[str, np.ndarray], depth: int, image: np.ndarray,
-                       mask_logits: np.ndarray, *, jit: bool = False):
-    """google/ffn's ``convstack_3d`` forward pass written with TensorFlow ops.
-
-    A reference for tests and benchmarks only: it needs ``tensorflow``, which
-    ffnjax never depends on (the import happens here, inside the call).
-
-    Args:
-      tensors: google/ffn variable name -> array (`CheckpointReader.read_all()`
-        or `ffn_tensors_from_params`).
-      depth: the convstack depth.
-      image, mask_logits: float32 [batch, z, y, x, 1] arrays, FFN's layout.
-      jit: return a compiled ``tf.function`` of (image, mask_logits) instead of
-        evaluating once (for timing).
-
-    Returns:
-      The logits as a NumPy array, or the ``tf.function`` when `jit` is True.
-    """
-    import tensorflow as tf  # noqa: PLC0415  (optional, reference only)
-
-    weights = {n: tf.constant(np.asarray(t, np.float32)) for n, t in tensors.items()
-               if n.startswith(f"{FFN_SCOPE}/")}
-
-    def conv(x, layer):
-        w, b = weights[f"{FFN_SCOPE}/{layer}/weights"], weights[f"{FFN_SCOPE}/{layer}/biases"]
-        return tf.nn.conv3d(x, w, strides=[1, 1, 1, 1, 1], padding="SAME") + b
-
-    def forward(image, mask):
-        net = tf.concat([image, mask], axis=4)
-        net = tf.nn.relu(conv(net, "conv0_a"))
-        net = conv(net, "conv0_b")
-        for i in range(1, depth):
-            skip = net
-            net = tf.nn.relu(conv(tf.nn.relu(net), f"conv{i}_a"))
-            net = conv(net, f"conv{i}_b") + skip
-        return mask + conv(tf.nn.relu(net), "conv_lom")
-
-    if jit:
-        return tf.function(forward, jit_compile=False)
-    return forward(tf.constant(image, tf.float32), tf.constant(mask_logits, tf.float32)).numpy()

@@ -1,6 +1,7 @@
-"""TensorFlow checkpoint import: format round trips, checksums, errors, the
-published FIB-25 model on real data, and (where TensorFlow is installed) equality
-with TensorFlow's own reader and a TensorFlow forward pass."""
+"""TensorFlow checkpoint import: format round trips (written by
+benchmarks/tf_reference.py), checksums, errors, the published FIB-25 model on
+real data, and (where TensorFlow is installed) equality with TensorFlow's own
+reader and a TensorFlow forward pass."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks import tf_reference as tfw
 from ffnjax import tf_import as ti
 from ffnjax.checkpoints import load_checkpoint, load_meta
 from ffnjax.config import ModelConfig, logit
@@ -43,20 +45,20 @@ def test_crc32c_and_mask():
     # The CRC32C check value of RFC 3720 and the masking round trip.
     assert ti.crc32c(b"123456789") == 0xE3069283
     for v in (0, 1, 0xE3069283, 0xFFFFFFFF, 0x12345678):
-        assert ti.unmask_crc(ti.mask_crc(v)) == v
-        assert ti.mask_crc(v) != v
+        assert ti.unmask_crc(tfw.mask_crc(v)) == v
+        assert tfw.mask_crc(v) != v
 
 
 @pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 2**32 + 5, 2**63 - 1])
 def test_varint_round_trip(value):
-    encoded = ti._varint(value)
+    encoded = tfw._varint(value)
     assert ti._read_varint(encoded, 0, "test") == (value, len(encoded))
 
 
 @pytest.mark.parametrize("block_size", [4096, 48])
 def test_write_read_round_trip(tmp_path, block_size):
     tensors = small_tensors()
-    prefix = ti.write_checkpoint(tmp_path / "model.ckpt-1234", tensors, block_size=block_size)
+    prefix = tfw.write_checkpoint(tmp_path / "model.ckpt-1234", tensors, block_size=block_size)
     reader = ti.CheckpointReader(prefix)
     assert reader.names() == sorted(tensors)
     assert reader.header.num_shards == 1
@@ -71,7 +73,7 @@ def test_write_read_round_trip(tmp_path, block_size):
 
 def test_import_small_checkpoint_and_orbax(tmp_path):
     tensors = small_tensors()
-    prefix = ti.write_checkpoint(tmp_path / "model.ckpt-1234", tensors)
+    prefix = tfw.write_checkpoint(tmp_path / "model.ckpt-1234", tensors)
     params, provenance = ti.import_ffn_checkpoint(str(prefix) + ".index", SMALL)
     assert provenance["global_step"] == 1234
     assert provenance["tensors_imported"] == 10
@@ -98,7 +100,7 @@ def test_import_small_checkpoint_and_orbax(tmp_path):
 
 def test_wrong_depth_missing_and_misshaped(tmp_path):
     tensors = small_tensors()
-    prefix = ti.write_checkpoint(tmp_path / "ckpt", tensors)
+    prefix = tfw.write_checkpoint(tmp_path / "ckpt", tensors)
     deeper = ModelConfig(depth=3, features=4, fov_size=(9, 9, 9), deltas=(2, 2, 2))
     with pytest.raises(ValueError, match=r"depth 2 .*but depth 3 was requested") as e:
         ti.import_ffn_checkpoint(prefix, deeper)
@@ -121,7 +123,7 @@ def test_wrong_depth_missing_and_misshaped(tmp_path):
 
 def test_corrupted_bytes_fail_checksums(tmp_path):
     tensors = small_tensors()
-    prefix = ti.write_checkpoint(tmp_path / "ckpt", tensors)
+    prefix = tfw.write_checkpoint(tmp_path / "ckpt", tensors)
     entry = ti.CheckpointReader(prefix).entries["seed_update/conv0_b/weights"]
     data = ti.data_path(prefix, 0, 1)
     raw = bytearray(data.read_bytes())
@@ -205,7 +207,7 @@ def test_fib25_forward_deterministic_and_follows_neuron(shared_data):
 def test_reader_matches_tensorflow_on_written_checkpoint(tmp_path):
     import tensorflow as tf
     tensors = small_tensors()
-    prefix = ti.write_checkpoint(tmp_path / "model.ckpt-1234", tensors, block_size=48)
+    prefix = tfw.write_checkpoint(tmp_path / "model.ckpt-1234", tensors, block_size=48)
     tf_reader = tf.train.load_checkpoint(str(prefix))
     shapes = tf_reader.get_variable_to_shape_map()
     assert sorted(shapes) == sorted(tensors)
@@ -230,7 +232,7 @@ def test_reader_and_forward_match_tensorflow(shared_data):
     raw, _ = fib25_fov(shared_data)
     image = np.asarray(normalize_image(raw, 128.0, 33.0))[None, ..., None]
     mask = seeded_mask()
-    ref = ti.tensorflow_forward(ours, 12, image, mask)
+    ref = tfw.tensorflow_forward(ours, 12, image, mask)
     got = np.asarray(jax.jit(make_apply_fn(FIB25_CONFIG))(params, image, mask))
     print(f"max |JAX - TF| logits on a FIB-25 FOV: {np.abs(got - ref).max():.3g} "
           f"(logit range {ref.min():.2f}..{ref.max():.2f})")
