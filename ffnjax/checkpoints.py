@@ -142,17 +142,6 @@ def _resolve_step(mngr: ocp.CheckpointManager, workdir, step: int | None) -> int
     return step
 
 
-def load_model_config(workdir: str | os.PathLike, step: int | None = None) -> ModelConfig:
-    """Only the ModelConfig of a checkpoint (cheap)."""
-    mngr = _open_existing(workdir)
-    try:
-        step = _resolve_step(mngr, workdir, step)
-        restored = mngr.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
-    finally:
-        mngr.close()
-    return ModelConfig.from_dict(restored["model_config"])
-
-
 def load_checkpoint(workdir: str | os.PathLike, step: int | None = None
                     ) -> tuple[ModelConfig, Any]:
     """Restores `(model_config, params)` from a workdir, the latest step by default.

@@ -177,8 +177,3 @@ def make_apply_fn(config: ModelConfig):
 def fov_shape(config: ModelConfig, batch: int = 1) -> tuple[int, ...]:
     """N,z,y,x,1 shape the network expects."""
     return (batch, *config.fov_size, 1)
-
-
-def numpy_params(params: Any) -> Any:
-    """Parameters as a nested dict of NumPy arrays (for saving or comparison)."""
-    return jax.tree_util.tree_map(np.asarray, params)
