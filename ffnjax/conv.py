@@ -45,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -338,13 +338,3 @@ def conv3d(x: Array, kernel: Array, impl: str = "auto") -> Array:
         fn = functools.partial(_conv_with_forward_form_vjp, impl=impl)
         return _channel_split(lambda a, k: fn(a, k), x, kernel)
     return _channel_split(_FORMULATIONS[impl], x, kernel)
-
-
-def conv3d_fn(impl: str) -> "functools.partial[Array]":
-    """`conv3d` with `impl` bound (resolved now, so the choice is fixed at trace time)."""
-    return functools.partial(conv3d, impl=resolve_impl(impl))
-
-
-def available_impls() -> Sequence[str]:
-    """All concrete formulations, for benchmarks and tests."""
-    return IMPLS

@@ -452,15 +452,6 @@ def _is_slice_key(key: bytes) -> bool:
     return key[:1] == b"\x00"
 
 
-def read_checkpoint(prefix: str | os.PathLike, names: Iterable[str] | None = None,
-                    verify: bool = True) -> dict[str, np.ndarray]:
-    """Tensors of a TensorFlow checkpoint by name (all readable ones by default)."""
-    reader = CheckpointReader(prefix, verify=verify)
-    if names is None:
-        return reader.read_all()
-    return {n: reader.read(n) for n in names}
-
-
 # ----------------------------------------------------------------------------
 # google/ffn convstack_3d <-> ffnjax.nets.ConvStack3D.
 # ----------------------------------------------------------------------------
@@ -474,12 +465,6 @@ def ffn_layer_names(depth: int) -> list[str]:
     for i in range(1, depth):
         names += [f"conv{i}_a", f"conv{i}_b"]
     return names + ["conv_lom"]
-
-
-def ffn_variable_names(depth: int, scope: str = FFN_SCOPE) -> list[str]:
-    """Every TensorFlow variable name a google/ffn convstack of `depth` holds."""
-    return [f"{scope}/{layer}/{kind}" for layer in ffn_layer_names(depth)
-            for kind in ("weights", "biases")]
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
