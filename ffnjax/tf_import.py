@@ -452,6 +452,15 @@ def _is_slice_key(key: bytes) -> bool:
     return key[:1] == b"\x00"
 
 
+def read_checkpoint(prefix: str | os.PathLike, names: Iterable[str] | None = None,
+                    verify: bool = True) -> dict[str, np.ndarray]:
+    """Tensors of a TensorFlow checkpoint by name (all readable ones by default)."""
+    reader = CheckpointReader(prefix, verify=verify)
+    if names is None:
+        return reader.read_all()
+    return {n: reader.read(n) for n in names}
+
+
 # ----------------------------------------------------------------------------
 # google/ffn convstack_3d <-> ffnjax.nets.ConvStack3D.
 # ----------------------------------------------------------------------------

@@ -66,6 +66,13 @@ def test_write_read_round_trip(tmp_path, block_size):
         got = reader.read(name)
         assert got.dtype == np.asarray(t).dtype and got.shape == np.shape(t), name
         np.testing.assert_array_equal(got, t)
+    # The one-call reader: every tensor, or just the names asked for.
+    every = ti.read_checkpoint(prefix)
+    assert sorted(every) == sorted(tensors)
+    some = sorted(tensors)[:2]
+    assert sorted(ti.read_checkpoint(prefix, names=some)) == some
+    for name in some:
+        np.testing.assert_array_equal(every[name], tensors[name])
     # Many small blocks: each restart/prefix compression path has been walked.
     if block_size < 100:
         assert len(ti.read_table(f"{prefix}.index")) == len(tensors) + 1
