@@ -6,7 +6,7 @@ its users; ffnjax does it in three phases, each a set of independent Dask
 tasks whose memory is bounded by the block size, never by the volume:
 
 1. **Segment.** The volume is cut into blocks of size `block` on a regular
-   grid; neighbouring blocks share `overlap` voxels along each axis (the last
+   grid (`ffnjax.blockgrid`); neighbouring blocks share `overlap` voxels along each axis (the last
    block on an axis is shifted back to end at the volume edge, so every block
    has the full size and one compiled network serves all of them). A task
    reads its block, segments it on its own and writes its labels atomically
@@ -29,7 +29,7 @@ Diagonal neighbours need no matching: on a regular grid the overlap of two
 diagonal blocks lies inside a face-adjacent block, so their objects are joined
 through it.
 
-Engine: `dask.distributed`. `client=None` starts a `LocalCluster` sized to the
+Engine (`ffnjax.dask_tasks`): `dask.distributed`. `client=None` starts a `LocalCluster` sized to the
 machine; a `Client` (or a scheduler address string such as
 ``tcp://host:8786``) runs on an existing cluster; the strings ``'sync'`` and
 ``'threads'`` use Dask's local schedulers (handy for tests and debugging). The
@@ -43,32 +43,26 @@ Everything is z,y,x.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import glob
 import json
-import logging
 import math
 import os
 import resource
 import socket
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import dask
 import fastremap
 import jax
 import numpy as np
-from dask.callbacks import Callback
-from distributed import Client, LocalCluster, as_completed
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-from tqdm.auto import tqdm
 
-from ffnjax.config import InferenceOptions, ModelConfig, _as_zyx
+from ffnjax import dask_tasks
+from ffnjax.blockgrid import Block, BlockGrid, axis_starts, overlap_box  # noqa: F401  (old home)
+from ffnjax.config import InferenceOptions, ModelConfig
+from ffnjax.dask_tasks import LOCAL_SCHEDULERS  # noqa: F401  (its old home)
 from ffnjax.files import digest, save_npz, write_json
 from ffnjax.handles import as_volume, spec_text
 from ffnjax.segmentation import segment
@@ -76,146 +70,7 @@ from ffnjax.view import make_viewer, read_slices, save_montage  # noqa: F401  (t
 from ffnjax.volumes import create_volume, open_volume
 
 SegmentFn = Callable[[np.ndarray], np.ndarray]
-LOCAL_SCHEDULERS = ("sync", "synchronous", "single-threaded", "threads", "threading",
-                    "processes", "multiprocessing")
 FORMAT_VERSION = 1
-
-
-# ----------------------------------------------------------------------------
-# The block grid
-
-
-def axis_starts(size: int, block: int, overlap: int) -> list[int]:
-    """Block starts along one axis.
-
-    Blocks have length `min(block, size)`, consecutive starts are
-    `block - overlap` apart, and the last block is shifted back to end exactly
-    at `size` (so it overlaps its neighbour by at least `overlap`).
-
-    Raises:
-      ValueError: when overlap >= block on an axis that needs several blocks.
-    """
-    if block >= size:
-        return [0]
-    stride = block - overlap
-    if stride <= 0:
-        raise ValueError(f"overlap {overlap} must be smaller than the block size {block}")
-    n = math.ceil((size - block) / stride) + 1
-    return [min(i * stride, size - block) for i in range(n)]
-
-
-@dataclasses.dataclass(frozen=True)
-class Block:
-    """One subvolume of the grid (all z,y,x, end-exclusive).
-
-    Attributes:
-      index: grid position.
-      start, stop: the voxels the block reads and segments.
-      core_start, core_stop: the voxels this block writes to the output; the
-        cores of all blocks partition the volume.
-    """
-
-    index: tuple[int, int, int]
-    start: tuple[int, int, int]
-    stop: tuple[int, int, int]
-    core_start: tuple[int, int, int]
-    core_stop: tuple[int, int, int]
-
-    @property
-    def name(self) -> str:
-        return "_".join(f"{i:03d}" for i in self.index)
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(b - a for a, b in zip(self.start, self.stop))  # type: ignore[return-value]
-
-    @property
-    def core_slices(self) -> tuple[slice, slice, slice]:
-        """The core as slices into the block's own array."""
-        return tuple(slice(c0 - s, c1 - s) for s, c0, c1 in
-                     zip(self.start, self.core_start, self.core_stop))  # type: ignore[return-value]
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockGrid:
-    """A regular grid of overlapping blocks over a volume of `shape`.
-
-    Args:
-      shape: volume size z,y,x.
-      block: block size z,y,x (clipped to the volume).
-      overlap: voxels shared by neighbouring blocks, z,y,x. It is also each
-        block's context: objects are matched across it, and its middle is where
-        one block's output hands over to the next. Use at least the FOV size.
-    """
-
-    shape: tuple[int, int, int]
-    block: tuple[int, int, int]
-    overlap: tuple[int, int, int]
-
-    def __post_init__(self):
-        object.__setattr__(self, "shape", _as_zyx("shape", self.shape))
-        object.__setattr__(self, "block", _as_zyx("block", self.block))
-        object.__setattr__(self, "overlap", _as_zyx("overlap", self.overlap, positive=False))
-        for ax, (s, b, o) in enumerate(zip(self.shape, self.block, self.overlap)):
-            if b < s and o >= b:
-                raise ValueError(f"overlap {self.overlap} must be smaller than block {self.block} "
-                                 f"along axis {'zyx'[ax]} (volume shape {self.shape})")
-
-    @functools.cached_property
-    def starts(self) -> tuple[list[int], list[int], list[int]]:
-        return tuple(axis_starts(s, b, o) for s, b, o in
-                     zip(self.shape, self.block, self.overlap))  # type: ignore[return-value]
-
-    @property
-    def grid_shape(self) -> tuple[int, int, int]:
-        return tuple(len(s) for s in self.starts)  # type: ignore[return-value]
-
-    def _axis_blocks(self, ax: int) -> list[tuple[int, int, int, int]]:
-        """(start, stop, core_start, core_stop) per block along axis `ax`."""
-        size, length = self.shape[ax], min(self.block[ax], self.shape[ax])
-        starts = self.starts[ax]
-        stops = [s + length for s in starts]
-        # Split each overlap [starts[i], stops[i-1]) at its middle.
-        cuts = [0] + [(starts[i] + stops[i - 1]) // 2 for i in range(1, len(starts))] + [size]
-        return [(a, b, cuts[i], cuts[i + 1]) for i, (a, b) in enumerate(zip(starts, stops))]
-
-    @functools.cached_property
-    def blocks(self) -> list[Block]:
-        """All blocks in z,y,x raster order."""
-        axes = [self._axis_blocks(ax) for ax in range(3)]
-        out = []
-        for i, bz in enumerate(axes[0]):
-            for j, by in enumerate(axes[1]):
-                for k, bx in enumerate(axes[2]):
-                    out.append(Block((i, j, k), (bz[0], by[0], bx[0]), (bz[1], by[1], bx[1]),
-                                     (bz[2], by[2], bx[2]), (bz[3], by[3], bx[3])))
-        return out
-
-    def __len__(self) -> int:
-        return math.prod(self.grid_shape)
-
-    def block_at(self, index: Sequence[int]) -> Block:
-        gz, gy, gx = self.grid_shape
-        i, j, k = index
-        return self.blocks[(i * gy + j) * gx + k]
-
-    def neighbour_pairs(self) -> list[tuple[Block, Block]]:
-        """Face-adjacent block pairs (lower, upper), each once."""
-        pairs = []
-        for b in self.blocks:
-            for ax in range(3):
-                nxt = list(b.index)
-                nxt[ax] += 1
-                if nxt[ax] < self.grid_shape[ax]:
-                    pairs.append((b, self.block_at(nxt)))
-        return pairs
-
-
-def overlap_box(a: Block, b: Block) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The intersection [start, stop) of two blocks (empty if stop <= start on an axis)."""
-    start = tuple(max(x, y) for x, y in zip(a.start, b.start))
-    stop = tuple(min(x, y) for x, y in zip(a.stop, b.stop))
-    return start, stop
 
 
 # ----------------------------------------------------------------------------
@@ -392,99 +247,6 @@ def write_block(output: Any, workdir: str, block: Block, lut: np.ndarray) -> int
     out = lut[labels]
     as_volume(output, "r+").write(block.core_start, out)
     return int(out.size)
-
-
-# ----------------------------------------------------------------------------
-# Running tasks on Dask
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    return tqdm(total=total, desc=desc, unit="block" if desc != "match" else "pair",
-                disable=not enabled, dynamic_ncols=True)
-
-
-def _run_tasks(engine: Any, fn: Callable, args_list: list[tuple], *, desc: str, progress: bool,
-               shared: dict | None = None, retries: int = 0) -> list:
-    """Runs fn(*args, **shared) for every args tuple on the Dask engine, with a
-    progress bar; returns the results in order. Failures propagate (tasks
-    already finished have written their results)."""
-    shared = dict(shared or {})
-    if not args_list:
-        return []
-    with _progress(len(args_list), desc, progress) as bar:
-        if isinstance(engine, str):
-            class _Bar(Callback):
-                def _posttask(self, key, result, dsk, state, worker_id):
-                    bar.update(1)
-
-            # _Call keeps the arguments opaque to dask.delayed (which would
-            # otherwise take dataclasses such as Block apart).
-            tasks = [dask.delayed(_Call(fn, args, shared), pure=False, traverse=False)()
-                     for args in args_list]
-            with _Bar():
-                return list(dask.compute(*tasks, scheduler=engine))
-        if shared:
-            shared = {k: engine.scatter(v, broadcast=True, hash=False) for k, v in shared.items()}
-        token = uuid.uuid4().hex[:8]
-        futures = [engine.submit(fn, *args, **shared, key=f"{desc}-{token}-{i}", retries=retries,
-                                 pure=False) for i, args in enumerate(args_list)]
-        try:
-            for fut in as_completed(futures):
-                if fut.status == "error":
-                    fut.result()  # raises the task's exception
-                bar.update(1)
-            return engine.gather(futures)
-        finally:
-            for f in futures:
-                f.release()
-
-
-class _Call:
-    """fn(*args, **kwargs) as an opaque zero-argument callable."""
-
-    def __init__(self, fn: Callable, args: tuple, kwargs: dict):
-        self.fn, self.args, self.kwargs = fn, args, kwargs
-
-    def __call__(self):
-        return self.fn(*self.args, **self.kwargs)
-
-
-@contextlib.contextmanager
-def _engine(client: Any, n_blocks: int, n_workers: int | None):
-    """Yields a Dask Client or a local scheduler name.
-
-    client: None -> a LocalCluster we start and stop; a `distributed.Client` ->
-    used as is; 'sync'/'threads'/'processes' -> Dask's local schedulers; any
-    other string -> a scheduler address to connect to.
-    """
-    if client is None:
-        workers = n_workers or _default_workers(n_blocks)
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                          dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
-                Client(cluster) as c:
-            yield c
-    elif isinstance(client, str) and client in LOCAL_SCHEDULERS:
-        yield client
-    elif isinstance(client, str):
-        with Client(client) as c:
-            yield c
-    else:
-        yield client
-
-
-def _default_workers(n_blocks: int) -> int:
-    """One single-threaded worker process per CPU core on a CPU machine; one per
-    GPU/TPU device otherwise (processes sharing an accelerator would compete for
-    its memory). Devices are counted from /dev so that the driver process does
-    not initialise JAX (and claim accelerator memory) itself."""
-    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
-        devices = 0
-    elif os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
-        devices = len([d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()])
-    else:
-        devices = len(glob.glob("/dev/nvidia[0-9]*")) or len(glob.glob("/dev/accel[0-9]*"))
-    per = devices or (os.cpu_count() or 1)
-    return max(1, min(per, n_blocks))
 
 
 # ----------------------------------------------------------------------------
@@ -733,19 +495,20 @@ def segment_volume(image_spec: Any, output_spec: Any, params: Any = None,
     output = _prepare_output(output_spec, shape, getattr(image, "voxel_size", (1, 1, 1)), chunks)
     wd = str(workdir)
     seconds = {}
-    with _engine(client, len(grid), n_workers) as engine:
+    with dask_tasks.engine(client, len(grid), n_workers) as engine:
         t = time.perf_counter()
         done = {b.name: m for b in grid.blocks if (m := load_block_meta(wd, b)) is not None}
         todo = [b for b in grid.blocks if b.name not in done]
-        new = _run_tasks(engine, segment_block, [(image_spec, wd, b) for b in todo], desc="segment",
-                         progress=progress, shared={"segment_fn": segment_fn}, retries=retries)
+        new = dask_tasks.run_tasks(engine, segment_block, [(image_spec, wd, b) for b in todo],
+                                   desc="segment", progress=progress,
+                                   shared={"segment_fn": segment_fn}, retries=retries)
         metas = {**done, **{m["block"]: m for m in new}}
         seconds["segment"] = time.perf_counter() - t
 
         t = time.perf_counter()
         pairs = grid.neighbour_pairs()
-        matches = _run_tasks(engine, match_pair, [(wd, a, b) for a, b in pairs], desc="match",
-                             progress=progress, retries=retries)
+        matches = dask_tasks.run_tasks(engine, match_pair, [(wd, a, b) for a, b in pairs],
+                                       desc="match", progress=progress, retries=retries)
         seconds["match"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -756,8 +519,9 @@ def segment_volume(image_spec: Any, output_spec: Any, params: Any = None,
         seconds["reconcile"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        _run_tasks(engine, write_block, [(output, wd, b, rec.luts[b.name]) for b in grid.blocks],
-                   desc="write", progress=progress, retries=retries)
+        dask_tasks.run_tasks(engine, write_block,
+                             [(output, wd, b, rec.luts[b.name]) for b in grid.blocks],
+                             desc="write", progress=progress, retries=retries)
         seconds["write"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t_start
     computed = [m for m in new if not m.get("skipped")]
