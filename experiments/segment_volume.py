@@ -21,7 +21,8 @@ import json
 from pathlib import Path
 
 from experiments import _cli
-from ffnjax.blockwise import save_montage, segment_volume
+from ffnjax.blockwise import segment_volume
+from ffnjax.view import save_montage
 from ffnjax.config import InferenceOptions, ModelConfig
 
 ORACLE_MODEL = ModelConfig(depth=1, features=1, fov_size=(9, 9, 9), deltas=(3, 3, 3))

@@ -16,7 +16,7 @@ import json
 import time
 
 from experiments import _cli
-from ffnjax.blockwise import make_viewer, save_montage
+from ffnjax.view import make_viewer, save_montage
 
 
 def build_parser() -> argparse.ArgumentParser:

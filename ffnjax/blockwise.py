@@ -6,11 +6,11 @@ its users; ffnjax does it in three phases, each a set of independent Dask
 tasks whose memory is bounded by the block size, never by the volume:
 
 1. **Segment.** The volume is cut into blocks of size `block` on a regular
-   grid; neighbouring blocks share `overlap` voxels along each axis (the last
+   grid (`ffnjax.blockgrid`); neighbouring blocks share `overlap` voxels along each axis (the last
    block on an axis is shifted back to end at the volume edge, so every block
    has the full size and one compiled network serves all of them). A task
    reads its block, segments it on its own and writes its labels atomically
-   (temporary file + `os.replace`) to ``<workdir>/blocks/ZZZ_YYY_XXX.npz`` plus
+   (`ffnjax.files`) to ``<workdir>/blocks/ZZZ_YYY_XXX.npz`` plus
    a small JSON with its object ids and sizes. A block whose JSON exists is
    skipped, so rerunning after a crash resumes where it stopped.
 2. **Match.** For every pair of face-adjacent blocks, a task counts the voxels
@@ -29,177 +29,48 @@ Diagonal neighbours need no matching: on a regular grid the overlap of two
 diagonal blocks lies inside a face-adjacent block, so their objects are joined
 through it.
 
-Engine: `dask.distributed`. `client=None` starts a `LocalCluster` sized to the
+Engine (`ffnjax.dask_tasks`): `dask.distributed`. `client=None` starts a `LocalCluster` sized to the
 machine; a `Client` (or a scheduler address string such as
 ``tcp://host:8786``) runs on an existing cluster; the strings ``'sync'`` and
 ``'threads'`` use Dask's local schedulers (handy for tests and debugging). The
 model travels to each worker once (`Client.scatter(..., broadcast=True)`).
+
+Looking at the result (a slice montage, a Neuroglancer viewer) is `ffnjax.view`;
+`save_montage`, `read_slices` and `make_viewer` stay importable from here.
 
 Everything is z,y,x.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import hashlib
-import io
 import json
 import math
 import os
 import resource
 import socket
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import fastremap
+import jax
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
-from ffnjax.config import InferenceOptions, ModelConfig, _as_zyx
+from ffnjax import dask_tasks
+from ffnjax.blockgrid import Block, BlockGrid, axis_starts, overlap_box  # noqa: F401  (old home)
+from ffnjax.config import InferenceOptions, ModelConfig
+from ffnjax.dask_tasks import LOCAL_SCHEDULERS  # noqa: F401  (its old home)
+from ffnjax.files import digest, save_npz, write_json
+from ffnjax.handles import as_volume, spec_text
+from ffnjax.segmentation import segment
+from ffnjax.view import make_viewer, read_slices, save_montage  # noqa: F401  (their old home)
+from ffnjax.volumes import create_volume, open_volume
 
 SegmentFn = Callable[[np.ndarray], np.ndarray]
-LOCAL_SCHEDULERS = ("sync", "synchronous", "single-threaded", "threads", "threading",
-                    "processes", "multiprocessing")
 FORMAT_VERSION = 1
-
-
-# ----------------------------------------------------------------------------
-# The block grid
-
-
-def axis_starts(size: int, block: int, overlap: int) -> list[int]:
-    """Block starts along one axis.
-
-    Blocks have length `min(block, size)`, consecutive starts are
-    `block - overlap` apart, and the last block is shifted back to end exactly
-    at `size` (so it overlaps its neighbour by at least `overlap`).
-
-    Raises:
-      ValueError: when overlap >= block on an axis that needs several blocks.
-    """
-    if block >= size:
-        return [0]
-    stride = block - overlap
-    if stride <= 0:
-        raise ValueError(f"overlap {overlap} must be smaller than the block size {block}")
-    n = math.ceil((size - block) / stride) + 1
-    return [min(i * stride, size - block) for i in range(n)]
-
-
-@dataclasses.dataclass(frozen=True)
-class Block:
-    """One subvolume of the grid (all z,y,x, end-exclusive).
-
-    Attributes:
-      index: grid position.
-      start, stop: the voxels the block reads and segments.
-      core_start, core_stop: the voxels this block writes to the output; the
-        cores of all blocks partition the volume.
-    """
-
-    index: tuple[int, int, int]
-    start: tuple[int, int, int]
-    stop: tuple[int, int, int]
-    core_start: tuple[int, int, int]
-    core_stop: tuple[int, int, int]
-
-    @property
-    def name(self) -> str:
-        return "_".join(f"{i:03d}" for i in self.index)
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(b - a for a, b in zip(self.start, self.stop))  # type: ignore[return-value]
-
-    @property
-    def core_slices(self) -> tuple[slice, slice, slice]:
-        """The core as slices into the block's own array."""
-        return tuple(slice(c0 - s, c1 - s) for s, c0, c1 in
-                     zip(self.start, self.core_start, self.core_stop))  # type: ignore[return-value]
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockGrid:
-    """A regular grid of overlapping blocks over a volume of `shape`.
-
-    Args:
-      shape: volume size z,y,x.
-      block: block size z,y,x (clipped to the volume).
-      overlap: voxels shared by neighbouring blocks, z,y,x. It is also each
-        block's context: objects are matched across it, and its middle is where
-        one block's output hands over to the next. Use at least the FOV size.
-    """
-
-    shape: tuple[int, int, int]
-    block: tuple[int, int, int]
-    overlap: tuple[int, int, int]
-
-    def __post_init__(self):
-        object.__setattr__(self, "shape", _as_zyx("shape", self.shape))
-        object.__setattr__(self, "block", _as_zyx("block", self.block))
-        object.__setattr__(self, "overlap", _as_zyx("overlap", self.overlap, positive=False))
-        for ax, (s, b, o) in enumerate(zip(self.shape, self.block, self.overlap)):
-            if b < s and o >= b:
-                raise ValueError(f"overlap {self.overlap} must be smaller than block {self.block} "
-                                 f"along axis {'zyx'[ax]} (volume shape {self.shape})")
-
-    @functools.cached_property
-    def starts(self) -> tuple[list[int], list[int], list[int]]:
-        return tuple(axis_starts(s, b, o) for s, b, o in
-                     zip(self.shape, self.block, self.overlap))  # type: ignore[return-value]
-
-    @property
-    def grid_shape(self) -> tuple[int, int, int]:
-        return tuple(len(s) for s in self.starts)  # type: ignore[return-value]
-
-    def _axis_blocks(self, ax: int) -> list[tuple[int, int, int, int]]:
-        """(start, stop, core_start, core_stop) per block along axis `ax`."""
-        size, length = self.shape[ax], min(self.block[ax], self.shape[ax])
-        starts = self.starts[ax]
-        stops = [s + length for s in starts]
-        # Split each overlap [starts[i], stops[i-1]) at its middle.
-        cuts = [0] + [(starts[i] + stops[i - 1]) // 2 for i in range(1, len(starts))] + [size]
-        return [(a, b, cuts[i], cuts[i + 1]) for i, (a, b) in enumerate(zip(starts, stops))]
-
-    @functools.cached_property
-    def blocks(self) -> list[Block]:
-        """All blocks in z,y,x raster order."""
-        axes = [self._axis_blocks(ax) for ax in range(3)]
-        out = []
-        for i, bz in enumerate(axes[0]):
-            for j, by in enumerate(axes[1]):
-                for k, bx in enumerate(axes[2]):
-                    out.append(Block((i, j, k), (bz[0], by[0], bx[0]), (bz[1], by[1], bx[1]),
-                                     (bz[2], by[2], bx[2]), (bz[3], by[3], bx[3])))
-        return out
-
-    def __len__(self) -> int:
-        return math.prod(self.grid_shape)
-
-    def block_at(self, index: Sequence[int]) -> Block:
-        gz, gy, gx = self.grid_shape
-        i, j, k = index
-        return self.blocks[(i * gy + j) * gx + k]
-
-    def neighbour_pairs(self) -> list[tuple[Block, Block]]:
-        """Face-adjacent block pairs (lower, upper), each once."""
-        pairs = []
-        for b in self.blocks:
-            for ax in range(3):
-                nxt = list(b.index)
-                nxt[ax] += 1
-                if nxt[ax] < self.grid_shape[ax]:
-                    pairs.append((b, self.block_at(nxt)))
-        return pairs
-
-
-def overlap_box(a: Block, b: Block) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The intersection [start, stop) of two blocks (empty if stop <= start on an axis)."""
-    start = tuple(max(x, y) for x, y in zip(a.start, b.start))
-    stop = tuple(min(x, y) for x, y in zip(a.stop, b.stop))
-    return start, stop
 
 
 # ----------------------------------------------------------------------------
@@ -223,7 +94,6 @@ class FFNSegmenter:
     apply_fn: Callable | None = None
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        from ffnjax.segmentation import segment
         seg, _ = segment(image, self.params, self.model_config, self.options, apply_fn=self.apply_fn,
                          progress=False)
         return np.asarray(seg)
@@ -238,14 +108,11 @@ class FFNSegmenter:
 def params_digest(params: Any) -> str:
     """sha256 over every parameter array (tree order), so a resumed run can
     tell whether the model changed."""
-    import jax
-    h = hashlib.sha256()
+    pieces = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         arr = np.ascontiguousarray(np.asarray(leaf))
-        h.update(jax.tree_util.keystr(path).encode())
-        h.update(arr.dtype.str.encode() + str(arr.shape).encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()
+        pieces += [jax.tree_util.keystr(path), arr.dtype.str + str(arr.shape), arr]
+    return digest(pieces)
 
 
 def _qualname(fn: Any) -> str:
@@ -259,41 +126,7 @@ def _fingerprint(segment_fn: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------
-# Volumes (opened once per worker process)
-
-
-@functools.lru_cache(maxsize=8)
-def _open_cached(spec: str, mode: str, stamp: tuple):
-    del stamp  # part of the cache key only
-    from ffnjax.volumes import open_volume
-    return open_volume(spec, mode)
-
-
-def _local_stamp(spec: str) -> tuple:
-    """(inode, mtime) of a local volume path, so a volume replaced on disk is reopened."""
-    from ffnjax.volumes import parse_spec
-    try:
-        path = parse_spec(spec).path
-        st = os.stat(path) if path and "://" not in path else None
-    except (ValueError, OSError):
-        st = None
-    return (st.st_ino, st.st_mtime_ns) if st else ()
-
-
-def _open(vol: Any, mode: str = "r"):
-    """A Volume from a spec string (opened once per process and kept while the
-    file is unchanged) or a Volume-like object as is."""
-    if isinstance(vol, (str, os.PathLike)):
-        spec = os.fspath(vol)
-        return _open_cached(spec, mode, _local_stamp(spec))
-    return vol
-
-
-def _spec_text(vol: Any) -> str:
-    if isinstance(vol, (str, os.PathLike)):
-        return os.fspath(vol)
-    spec = getattr(vol, "spec", None)
-    return getattr(spec, "text", None) or repr(vol)
+# The work folder
 
 
 def default_workdir(output_spec: Any) -> Path:
@@ -303,7 +136,7 @@ def default_workdir(output_spec: Any) -> Path:
       ValueError: for a remote output (gs://, s3://, ...) or an in-memory one,
         where a shared work folder must be named explicitly.
     """
-    text = _spec_text(output_spec)
+    text = spec_text(output_spec)
     for prefix in ("precomputed://", "file://"):
         if text.startswith(prefix):
             text = text[len(prefix):]
@@ -314,20 +147,7 @@ def default_workdir(output_spec: Any) -> Path:
 
 
 # ----------------------------------------------------------------------------
-# Atomic files
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
+# Block result files
 
 
 def _peak_rss_mb() -> float:
@@ -374,9 +194,8 @@ def segment_block(image: Any, workdir: str, block: Block, segment_fn: SegmentFn)
     meta = load_block_meta(workdir, block)
     if meta is not None:
         return {**meta, "skipped": True}
-    import fastremap
     t0 = time.perf_counter()
-    data = _open(image).read(block.start, block.shape)
+    data = as_volume(image).read(block.start, block.shape)
     labels = np.asarray(segment_fn(data))
     if labels.shape != block.shape:
         raise ValueError(f"segmenter returned shape {labels.shape} for block {block.name} "
@@ -390,16 +209,14 @@ def segment_block(image: Any, workdir: str, block: Block, segment_fn: SegmentFn)
     keep = ids != 0
     seconds = time.perf_counter() - t0
     npz_path, meta_path = block_paths(workdir, block)
-    buf = io.BytesIO()
-    np.savez_compressed(buf, labels=labels)
-    _atomic_write_bytes(npz_path, buf.getvalue())
+    save_npz(npz_path, {"labels": labels}, compressed=True)
     meta = {"block": block.name, "index": list(block.index), "start": list(block.start),
             "stop": list(block.stop), "n_objects": n_objects,
             "core_ids": ids[keep].astype(np.int64).tolist(),
             "core_sizes": sizes[keep].astype(np.int64).tolist(),
             "seconds": seconds, "peak_rss_mb": _peak_rss_mb(), "host": socket.gethostname(),
             "pid": os.getpid(), "finished": time.time()}
-    _atomic_write_json(meta_path, meta)
+    write_json(meta_path, meta)
     return {**meta, "skipped": False}
 
 
@@ -428,110 +245,8 @@ def write_block(output: Any, workdir: str, block: Block, lut: np.ndarray) -> int
     and writes it into the output volume. Returns the voxels written."""
     labels = load_block_labels(workdir, block)[block.core_slices]
     out = lut[labels]
-    _open(output, "r+").write(block.core_start, out)
+    as_volume(output, "r+").write(block.core_start, out)
     return int(out.size)
-
-
-# ----------------------------------------------------------------------------
-# Running tasks on Dask
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="block" if desc != "match" else "pair",
-                disable=not enabled, dynamic_ncols=True)
-
-
-def _run_tasks(engine: Any, fn: Callable, args_list: list[tuple], *, desc: str, progress: bool,
-               shared: dict | None = None, retries: int = 0) -> list:
-    """Runs fn(*args, **shared) for every args tuple on the Dask engine, with a
-    progress bar; returns the results in order. Failures propagate (tasks
-    already finished have written their results)."""
-    shared = dict(shared or {})
-    if not args_list:
-        return []
-    with _progress(len(args_list), desc, progress) as bar:
-        if isinstance(engine, str):
-            import dask
-            from dask.callbacks import Callback
-
-            class _Bar(Callback):
-                def _posttask(self, key, result, dsk, state, worker_id):
-                    bar.update(1)
-
-            # _Call keeps the arguments opaque to dask.delayed (which would
-            # otherwise take dataclasses such as Block apart).
-            tasks = [dask.delayed(_Call(fn, args, shared), pure=False, traverse=False)()
-                     for args in args_list]
-            with _Bar():
-                return list(dask.compute(*tasks, scheduler=engine))
-        from distributed import as_completed
-        if shared:
-            shared = {k: engine.scatter(v, broadcast=True, hash=False) for k, v in shared.items()}
-        token = uuid.uuid4().hex[:8]
-        futures = [engine.submit(fn, *args, **shared, key=f"{desc}-{token}-{i}", retries=retries,
-                                 pure=False) for i, args in enumerate(args_list)]
-        try:
-            for fut in as_completed(futures):
-                if fut.status == "error":
-                    fut.result()  # raises the task's exception
-                bar.update(1)
-            return engine.gather(futures)
-        finally:
-            for f in futures:
-                f.release()
-
-
-class _Call:
-    """fn(*args, **kwargs) as an opaque zero-argument callable."""
-
-    def __init__(self, fn: Callable, args: tuple, kwargs: dict):
-        self.fn, self.args, self.kwargs = fn, args, kwargs
-
-    def __call__(self):
-        return self.fn(*self.args, **self.kwargs)
-
-
-@contextlib.contextmanager
-def _engine(client: Any, n_blocks: int, n_workers: int | None):
-    """Yields a Dask Client or a local scheduler name.
-
-    client: None -> a LocalCluster we start and stop; a `distributed.Client` ->
-    used as is; 'sync'/'threads'/'processes' -> Dask's local schedulers; any
-    other string -> a scheduler address to connect to.
-    """
-    if client is None:
-        from distributed import Client, LocalCluster
-        workers = n_workers or _default_workers(n_blocks)
-        import logging
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                          dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
-                Client(cluster) as c:
-            yield c
-    elif isinstance(client, str) and client in LOCAL_SCHEDULERS:
-        yield client
-    elif isinstance(client, str):
-        from distributed import Client
-        with Client(client) as c:
-            yield c
-    else:
-        yield client
-
-
-def _default_workers(n_blocks: int) -> int:
-    """One single-threaded worker process per CPU core on a CPU machine; one per
-    GPU/TPU device otherwise (processes sharing an accelerator would compete for
-    its memory). Devices are counted from /dev so that the driver process does
-    not initialise JAX (and claim accelerator memory) itself."""
-    import glob
-    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
-        devices = 0
-    elif os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
-        devices = len([d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()])
-    else:
-        devices = len(glob.glob("/dev/nvidia[0-9]*")) or len(glob.glob("/dev/accel[0-9]*"))
-    per = devices or (os.cpu_count() or 1)
-    return max(1, min(per, n_blocks))
 
 
 # ----------------------------------------------------------------------------
@@ -578,9 +293,6 @@ def reconcile(grid: BlockGrid, metas: dict[str, dict], matches: list[np.ndarray]
       (block raster position, local id) of each object, so the numbering is
       deterministic.
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     if int(min_overlap) < 1:
         raise ValueError(f"min_overlap must be >= 1 voxel, got {min_overlap}")
     offsets, total = {}, 0
@@ -698,7 +410,7 @@ def _check_run_file(workdir: Path, record: dict) -> None:
             raise ValueError(f"work folder {workdir} holds blocks of a different run (differs in "
                              f"{diff}); delete it or pass another workdir")
     else:
-        _atomic_write_json(path, record)
+        write_json(path, record)
 
 
 def _prepare_output(output: Any, shape, voxel_size, chunks) -> Any:
@@ -707,14 +419,13 @@ def _prepare_output(output: Any, shape, voxel_size, chunks) -> Any:
         if tuple(output.shape) != tuple(shape):
             raise ValueError(f"output volume has shape {tuple(output.shape)}, image has {tuple(shape)}")
         return output
-    from ffnjax.volumes import create_volume, open_volume
     try:
         vol = open_volume(output, "r+")
     except FileNotFoundError:
         create_volume(output, shape, "uint64", chunks=chunks, voxel_size=voxel_size)
         return output
     if tuple(vol.shape) != tuple(shape) or vol.dtype.kind not in "iu":
-        raise ValueError(f"existing output {_spec_text(output)!r} has shape {vol.shape} and dtype "
+        raise ValueError(f"existing output {spec_text(output)!r} has shape {vol.shape} and dtype "
                          f"{vol.dtype}; the image needs shape {tuple(shape)} with an integer dtype")
     return output
 
@@ -767,10 +478,10 @@ def segment_volume(image_spec: Any, output_spec: Any, params: Any = None,
         if model_config is None:
             raise ValueError("segment_volume needs model_config (and params) or a segment_fn")
         segment_fn = FFNSegmenter(params, model_config, options, apply_fn)
-    image = _open(image_spec)
+    image = as_volume(image_spec)
     shape = tuple(int(s) for s in image.shape)
     if len(shape) != 3:
-        raise ValueError(f"image {_spec_text(image_spec)!r} must be 3D z,y,x, got shape {shape}")
+        raise ValueError(f"image {spec_text(image_spec)!r} must be 3D z,y,x, got shape {shape}")
     grid = BlockGrid(shape, block, overlap)
     min_overlap = int(min_overlap)
     if min_overlap < 1:
@@ -778,117 +489,46 @@ def segment_volume(image_spec: Any, output_spec: Any, params: Any = None,
     workdir = Path(workdir) if workdir is not None else default_workdir(output_spec)
     (workdir / "blocks").mkdir(parents=True, exist_ok=True)
     _check_run_file(workdir, {
-        "format": FORMAT_VERSION, "image": _spec_text(image_spec), "shape": list(shape),
+        "format": FORMAT_VERSION, "image": spec_text(image_spec), "shape": list(shape),
         "block": list(grid.block), "overlap": list(grid.overlap),
         "segmenter": json.loads(json.dumps(_fingerprint(segment_fn)))})
     output = _prepare_output(output_spec, shape, getattr(image, "voxel_size", (1, 1, 1)), chunks)
     wd = str(workdir)
     seconds = {}
-    with _engine(client, len(grid), n_workers) as engine:
+    with dask_tasks.engine(client, len(grid), n_workers) as engine:
         t = time.perf_counter()
         done = {b.name: m for b in grid.blocks if (m := load_block_meta(wd, b)) is not None}
         todo = [b for b in grid.blocks if b.name not in done]
-        new = _run_tasks(engine, segment_block, [(image_spec, wd, b) for b in todo], desc="segment",
-                         progress=progress, shared={"segment_fn": segment_fn}, retries=retries)
+        new = dask_tasks.run_tasks(engine, segment_block, [(image_spec, wd, b) for b in todo],
+                                   desc="segment", progress=progress,
+                                   shared={"segment_fn": segment_fn}, retries=retries)
         metas = {**done, **{m["block"]: m for m in new}}
         seconds["segment"] = time.perf_counter() - t
 
         t = time.perf_counter()
         pairs = grid.neighbour_pairs()
-        matches = _run_tasks(engine, match_pair, [(wd, a, b) for a, b in pairs], desc="match",
-                             progress=progress, retries=retries)
+        matches = dask_tasks.run_tasks(engine, match_pair, [(wd, a, b) for a, b in pairs],
+                                       desc="match", progress=progress, retries=retries)
         seconds["match"] = time.perf_counter() - t
 
         t = time.perf_counter()
         rec = reconcile(grid, metas, matches, min_overlap)
-        _atomic_write_json(workdir / "reconcile.json", {
+        write_json(workdir / "reconcile.json", {
             "n_objects": rec.n_objects, "n_joins": rec.n_joins, "min_overlap": min_overlap,
             "weak_contacts": rec.weak_contacts})
         seconds["reconcile"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        _run_tasks(engine, write_block, [(output, wd, b, rec.luts[b.name]) for b in grid.blocks],
-                   desc="write", progress=progress, retries=retries)
+        dask_tasks.run_tasks(engine, write_block,
+                             [(output, wd, b, rec.luts[b.name]) for b in grid.blocks],
+                             desc="write", progress=progress, retries=retries)
         seconds["write"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t_start
     computed = [m for m in new if not m.get("skipped")]
     return BlockwiseSummary(
-        output=_spec_text(output_spec), workdir=wd, shape=shape, block=grid.block,
+        output=spec_text(output_spec), workdir=wd, shape=shape, block=grid.block,
         overlap=grid.overlap, grid_shape=grid.grid_shape, n_blocks=len(grid),
         blocks_computed=len(computed), blocks_skipped=len(grid) - len(computed),
         n_objects=rec.n_objects, n_joins=rec.n_joins, weak_contacts=rec.weak_contacts,
         seconds=seconds, voxels_per_second=math.prod(shape) / max(seconds["total"], 1e-9),
         peak_worker_rss_mb=max([m["peak_rss_mb"] for m in computed], default=0.0))
-
-
-# ----------------------------------------------------------------------------
-# Looking at the result
-
-
-def read_slices(spec: Any, z_slices: Sequence[int]) -> np.ndarray:
-    """Whole z slices of a volume stacked as (len(z_slices), y, x); memory is
-    bounded by the slices, not the volume."""
-    vol = _open(spec)
-    _, ny, nx = vol.shape
-    return np.stack([vol.read((int(z), 0, 0), (1, ny, nx))[0] for z in z_slices])
-
-
-def save_montage(path: str | os.PathLike, image_spec: Any, segmentation_spec: Any,
-                 n_slices: int = 4, z_slices: Sequence[int] | None = None) -> Path:
-    """A PNG of a few z slices: each image slice beside it with the
-    segmentation's objects in colour (`ffnjax.viz`). Returns the path."""
-    from ffnjax import viz
-    shape = _open(segmentation_spec).shape
-    if tuple(_open(image_spec).shape[:3]) != tuple(shape):
-        raise ValueError(f"image {_spec_text(image_spec)!r} and segmentation "
-                         f"{_spec_text(segmentation_spec)!r} differ in shape")
-    zs = list(z_slices) if z_slices is not None else viz.default_slices(shape[0], n_slices)
-    bad = [z for z in zs if not 0 <= z < shape[0]]
-    if bad:
-        raise ValueError(f"z slices {bad} outside the volume depth {shape[0]}")
-    image = read_slices(image_spec, zs)
-    seg = read_slices(segmentation_spec, zs)
-    return viz.save_slices_png(path, image, segmentation=seg, z_slices=range(len(zs)))
-
-
-def _ng_source(vol: Any, coords: Any, segmentation: bool):
-    import neuroglancer
-    data = getattr(vol, "store", None)
-    if data is None:  # h5/npz/npy imports and in-memory volumes: read into memory
-        data = vol.read()
-    return neuroglancer.LocalVolume(data, dimensions=coords,
-                                    volume_type="segmentation" if segmentation else "image")
-
-
-def make_viewer(image_spec: Any = None, segmentation_spec: Any = None, *,
-                bind_address: str = "127.0.0.1", port: int = 0):
-    """A local Neuroglancer viewer showing the image and the segmentation.
-
-    Volumes are served lazily from their TensorStore (zarr/N5/precomputed),
-    chunk by chunk as the browser asks; import formats (h5/npz/npy) are read
-    into memory. The viewer's web server binds to `bind_address` (loopback by
-    default, so only this machine can see the data).
-
-    Returns:
-      a `neuroglancer.Viewer`; `viewer.get_viewer_url()` is the address to open.
-    """
-    import neuroglancer
-    if image_spec is None and segmentation_spec is None:
-        raise ValueError("make_viewer needs an image, a segmentation, or both")
-    neuroglancer.set_server_bind_address(bind_address, port)
-    viewer = neuroglancer.Viewer()
-    first = _open(image_spec if image_spec is not None else segmentation_spec)
-    coords = neuroglancer.CoordinateSpace(names=["z", "y", "x"], units="nm",
-                                          scales=list(getattr(first, "voxel_size", (1, 1, 1))))
-    with viewer.txn() as s:
-        s.dimensions = coords
-        if image_spec is not None:
-            s.layers["image"] = neuroglancer.ImageLayer(source=_ng_source(_open(image_spec), coords, False))
-        if segmentation_spec is not None:
-            seg = _open(segmentation_spec)
-            if image_spec is not None and tuple(seg.shape) != tuple(first.shape[:3]):
-                raise ValueError(f"segmentation {_spec_text(segmentation_spec)!r} has shape {seg.shape}, "
-                                 f"image {_spec_text(image_spec)!r} has {first.shape[:3]}")
-            s.layers["segmentation"] = neuroglancer.SegmentationLayer(source=_ng_source(seg, coords, True))
-        s.position = [n / 2 for n in first.shape[:3]]
-    return viewer

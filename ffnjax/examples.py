@@ -26,7 +26,6 @@ partitions count out-of-volume voxels as "other object" rather than padding.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,6 +34,7 @@ import numpy as np
 from scipy import ndimage
 
 from ffnjax.config import DEFAULT_PARTITION_THRESHOLDS
+from ffnjax.files import digest, save_npy
 
 EXCLUDED = 255  # partition value of voxels that are never used as centres
 
@@ -133,20 +133,17 @@ def cached_partitions(labels: np.ndarray, radius: Sequence[int], thresholds: Seq
     """`compute_partitions`, cached on disk under `cache_dir` by a hash of its inputs."""
     if not cache_dir:
         return compute_partitions(labels, radius, thresholds, min_size, mask)
-    h = hashlib.sha1()
+    pieces = []
     for part in (np.ascontiguousarray(labels), np.asarray(radius), np.asarray(thresholds),
                  np.asarray([min_size]), np.ascontiguousarray(mask) if mask is not None else None):
         if part is not None:
-            h.update(str(part.shape).encode() + str(part.dtype).encode())
-            h.update(part.tobytes())
-    path = Path(cache_dir) / f"partitions_{h.hexdigest()[:16]}.npy"
+            pieces += [str(part.shape) + str(part.dtype), part]
+    path = Path(cache_dir) / f"partitions_{digest(pieces, 'sha1')[:16]}.npy"
     if path.exists():
         return np.load(path)
     partitions = compute_partitions(labels, radius, thresholds, min_size, mask)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, partitions)
-    os.replace(tmp, path)
+    save_npy(path, partitions)
     return partitions
 
 

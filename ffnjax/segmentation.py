@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from ffnjax import seeds as seeds_lib
 from ffnjax.config import InferenceOptions, ModelConfig
 from ffnjax.consensus import split_by_intersection, unlabel_contested
+from ffnjax.files import save_npz
 from ffnjax.flood import (ApplyFn, FillSpec, as_image_array, check_apply_fn, default_apply_fn,
                           fill_mesh, place_fill_inputs, run_fill)
 from ffnjax.nets import normalize_image
@@ -189,7 +190,8 @@ class SegmentState:
 
 
 def save_state(path: str | os.PathLike, state: SegmentState) -> Path:
-    """Writes `state` to `path` (.npz) atomically: a temporary file beside it, then os.replace."""
+    """Writes `state` to `path` (.npz) atomically (`ffnjax.files.save_npz`), so an
+    interrupted save leaves the previous state readable."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"seed_index": state.seed_index, "next_id": state.next_id,
@@ -201,13 +203,7 @@ def save_state(path: str | os.PathLike, state: SegmentState) -> Path:
         arrays["probabilities"] = state.probabilities
     if state.forward is not None:
         arrays["forward"] = state.forward
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return save_npz(path, arrays)
 
 
 def load_state(path: str | os.PathLike) -> SegmentState:

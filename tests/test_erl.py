@@ -1,5 +1,6 @@
-"""Metrics: hand-checked ERL cases, VOI/ARAND against scikit-image, kimimaro
-skeletons of a known tube, SWC round trip and a real-data figure."""
+"""Metrics: hand-checked ERL cases, VOI/ARAND against scikit-image, a
+real-data figure and the evaluate CLI. (Skeletons: test_skeletons.py; the
+table and PNG: test_report.py.)"""
 
 from __future__ import annotations
 
@@ -159,71 +160,7 @@ def test_voi_split_merge_directions_and_invariance():
     assert erl.adapted_rand(gt.astype(np.uint64) << 40, gt) == 0.0
 
 
-# ------------------------------------------------------------- skeletons, SWC
-
-
-def test_kimimaro_tube_length_and_axis_order():
-    labels = np.zeros((24, 20, 110), np.uint32)
-    zz, yy = np.mgrid[:24, :20]
-    disk = (zz - 12) ** 2 + (yy - 10) ** 2 <= 9  # radius 3 voxels around z=12, y=10
-    labels[:, :, 5:105][disk] = 3  # tube along x, 100 voxels long
-    # anisotropy along x doubles the physical length: a swapped axis order
-    # (kimimaro is x,y,z) would leave it at 100
-    for vs in [(1, 1, 1), (1, 1, 2), (3, 3, 3)]:
-        sks = erl.skeletonize(labels, vs, dust_threshold=10)
-        assert [s.label for s in sks] == [3]
-        sk = sks[0]
-        assert sk.nodes[:, 2].min() <= 6 and sk.nodes[:, 2].max() >= 103
-        inner = (sk.nodes[:, 2] > 12) & (sk.nodes[:, 2] < 97)  # ends may bend to a corner
-        assert np.abs(sk.nodes[inner, 0] - 12).max() <= 1.5
-        assert np.abs(sk.nodes[inner, 1] - 10).max() <= 1.5
-        assert sk.length(vs) == pytest.approx(100 * vs[2], rel=0.03)
-        r = erl.expected_run_length(sks, labels, vs)
-        assert r.nerl == pytest.approx(1.0)
-
-
-def test_swc_round_trip(tmp_path):
-    sk = erl.Skeleton([[0, 0, 0], [1, 2, 3], [2, 2, 5], [4, 1, 3]], [[0, 1], [1, 2], [1, 3]], 42)
-    vs = (40, 8, 8)
-    paths = erl.save_swc_dir(tmp_path, [sk], vs)
-    text = paths[0].read_text().splitlines()
-    # physical x,y,z in the file: node 1 lies at x=3*8, y=2*8, z=1*40
-    assert any(line.split()[2:5] == ["24", "16", "40"] for line in text if not line.startswith("#"))
-    back = erl.load_swc_dir(tmp_path, vs)[0]
-    assert back.label == 42
-    assert back.length(vs) == pytest.approx(sk.length(vs))
-    order = [np.flatnonzero((sk.nodes == n).all(1))[0] for n in back.nodes]
-    got = {frozenset((order[a], order[b])) for a, b in back.edges}
-    assert got == {frozenset(map(int, e)) for e in sk.edges}
-    (tmp_path / "bad.swc").write_text("1 0 0 0 0 1 7\n")
-    with pytest.raises(ValueError, match="parent 7"):
-        erl.load_swc(tmp_path / "bad.swc")
-    with pytest.raises(FileNotFoundError):
-        erl.load_swc(tmp_path / "missing.swc")
-
-
-# ---------------------------------------------------------------- evaluate
-
-
-def test_evaluate_report_and_png(tmp_path):
-    labels = np.zeros((8, 16, 40), np.uint32)
-    labels[1:7, 1:7, 2:38] = 1
-    labels[1:7, 9:15, 2:38] = 2
-    merged = labels.copy()
-    merged[1:7, 1:15, 20:38] = np.where(labels[1:7, 1:15, 20:38] > 0, 9, 0)  # joins both halves
-    rep = erl.evaluate(merged, labels, (1, 1, 1), skeleton_options={"dust_threshold": 10})
-    assert set(rep["erl"]) == {"1", "50"}
-    strict = rep["erl"]["1"]
-    assert strict["merges"] == 1 and strict["worst_merges"] == [9] and strict["nerl"] < 0.5
-    assert rep["voi_merge"] > 0 and rep["voi_split"] > 0 and 0 < rep["adapted_rand"] < 1
-    json.dumps(rep)  # JSON-ready
-    assert "NERL" in erl.format_table(rep)
-    png = erl.save_merge_png(tmp_path / "m.png", merged, labels, merging_segments=[9])
-    from PIL import Image
-    rgb = np.asarray(Image.open(png))
-    assert (rgb == (255, 0, 255)).all(-1).any()  # the merger is marked
-    perfect = erl.evaluate(labels, labels, (1, 1, 1), skeleton_options={"dust_threshold": 10})
-    assert perfect["erl"]["1"]["nerl"] == pytest.approx(1) and perfect["voi"] == 0
+# ---------------------------------------------------------------- real data
 
 
 def test_fib25_groundtruth_against_itself():

@@ -70,6 +70,22 @@ def test_partition_cache_round_trip(tmp_path, synth):
     np.testing.assert_array_equal(a, compute_partitions(labels, (3, 4, 4), min_size=10))
 
 
+def test_partition_cache_name_unchanged_and_no_temporary_left(tmp_path, synth):
+    # the key is the sha1 the cache has always used, so caches written before
+    # ffnjax.files took over are still found
+    import hashlib
+
+    _, labels = synth
+    mask = labels == 0
+    cached_partitions(labels, (3, 4, 4), DEFAULT_PARTITION_THRESHOLDS, 10, mask, tmp_path)
+    h = hashlib.sha1()
+    for part in (np.ascontiguousarray(labels), np.asarray((3, 4, 4)),
+                 np.asarray(DEFAULT_PARTITION_THRESHOLDS), np.asarray([10]), mask):
+        h.update(str(part.shape).encode() + str(part.dtype).encode())
+        h.update(part.tobytes())
+    assert [p.name for p in tmp_path.iterdir()] == [f"partitions_{h.hexdigest()[:16]}.npy"]
+
+
 def test_sampler_balances_partitions_and_respects_margin(synth):
     image, labels = synth
     vol = TrainingVolume(image, labels)

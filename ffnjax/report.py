@@ -1,0 +1,65 @@
+"""Reporting an evaluation: a plain-text table and a PNG of the worst merges.
+
+`ffnjax.erl.evaluate` computes the figures as one JSON-ready dict;
+`format_table` prints it for people and `save_merge_png` shows where the
+segmentation merged ground-truth objects (pictures come from `ffnjax.view`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ffnjax import view
+
+
+def format_table(report: dict) -> str:
+    """A plain-text table of an `evaluate` report."""
+    lines = [f"{'merge threshold':>16} {'ERL (um)':>10} {'max ERL (um)':>13} {'NERL':>7} "
+             f"{'merges':>7} {'splits':>7}"]
+    for t, r in report["erl"].items():
+        lines.append(f"{t:>16} {r['erl_um']:>10.3f} {r['max_erl_um']:>13.3f} {r['nerl']:>7.3f} "
+                     f"{r['merges']:>7d} {r['splits']:>7d}")
+    lines.append(f"VOI split {report['voi_split']:.3f}  merge {report['voi_merge']:.3f}  "
+                 f"total {report['voi']:.3f} bits   adapted Rand error {report['adapted_rand']:.4f}")
+    lines.append(f"{report['n_skeletons']} skeletons, {report['skeleton_length'] / 1000:.2f} um; "
+                 f"{report['n_segments']} segments vs {report['n_gt_objects']} GT objects; "
+                 f"shape {tuple(report['shape'])}, voxel {tuple(report['voxel_size'])}")
+    return "\n".join(lines)
+
+
+def save_merge_png(path: str | os.PathLike, segmentation: np.ndarray, groundtruth: np.ndarray,
+                   image: np.ndarray | None = None, merging_segments: Sequence[int] = (),
+                   n_worst: int = 3, n_slices: int = 3) -> Path:
+    """Writes a PNG: per chosen z slice, the image with ground-truth outlines,
+    the segmentation in colour, and the worst merges filled in magenta.
+
+    Slices are those where the worst merging segments have the most voxels
+    (evenly spread slices when there is no merger). ``merging_segments`` is
+    `ERLResult.merging_segments` (worst first).
+    """
+    # Imported here: ffnjax.erl imports this module to re-export its names
+    # (ffnjax.erl.save_merge_png is public API), so a top-level import of
+    # ffnjax.erl would be a cycle.
+    from ffnjax.erl import _check_pair
+
+    seg, gt = _check_pair(segmentation, groundtruth)
+    worst = [int(s) for s in merging_segments[:n_worst]]
+    if worst:
+        per_z = np.isin(seg, worst).sum(axis=(1, 2))
+        zs = sorted(int(z) for z in np.argsort(-per_z, kind="stable")[:n_slices] if per_z[z] > 0)
+    else:
+        zs = view.default_slices(seg.shape[0], n_slices)
+    panels = []
+    for z in zs:
+        img = image[z] if image is not None else None
+        panels.append(view.overlay(img, gt[z], outline=True))
+        panels.append(view.overlay(img, seg[z], outline=False))
+        m = view.overlay(img, seg[z], outline=True, outline_color=(255, 255, 0))
+        m[np.isin(seg[z], worst)] = (255, 0, 255)
+        m[view.boundaries(gt[z])] = (255, 60, 60)
+        panels.append(m)
+    return view.save_png(path, view.montage(panels, ncols=3))

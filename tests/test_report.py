@@ -1,0 +1,48 @@
+"""The evaluation report: the text table and the worst-merge PNG of an
+`erl.evaluate` result, and their old import path ffnjax.erl."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ffnjax import erl, report
+
+
+def test_old_import_path_is_the_same():
+    assert erl.format_table is report.format_table
+    assert erl.save_merge_png is report.save_merge_png
+
+
+def test_report_imports_first_without_a_cycle(tmp_path):
+    # erl imports report for its re-exports; report reaches erl only inside
+    # save_merge_png, so either module can be imported first.
+    code = ("import numpy as np, ffnjax.report as r; g = np.zeros((2, 4, 4), np.uint8); g[:, :2] = 1; "
+            f"r.save_merge_png({str(tmp_path / 'a.png')!r}, g, g)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert (tmp_path / "a.png").exists()
+
+
+def test_evaluate_report_and_png(tmp_path):
+    labels = np.zeros((8, 16, 40), np.uint32)
+    labels[1:7, 1:7, 2:38] = 1
+    labels[1:7, 9:15, 2:38] = 2
+    merged = labels.copy()
+    merged[1:7, 1:15, 20:38] = np.where(labels[1:7, 1:15, 20:38] > 0, 9, 0)  # joins both halves
+    rep = erl.evaluate(merged, labels, (1, 1, 1), skeleton_options={"dust_threshold": 10})
+    assert set(rep["erl"]) == {"1", "50"}
+    strict = rep["erl"]["1"]
+    assert strict["merges"] == 1 and strict["worst_merges"] == [9] and strict["nerl"] < 0.5
+    assert rep["voi_merge"] > 0 and rep["voi_split"] > 0 and 0 < rep["adapted_rand"] < 1
+    json.dumps(rep)  # JSON-ready
+    assert "NERL" in report.format_table(rep)
+    png = report.save_merge_png(tmp_path / "m.png", merged, labels, merging_segments=[9])
+    rgb = np.asarray(Image.open(png))
+    assert (rgb == (255, 0, 255)).all(-1).any()  # the merger is marked
+    perfect = erl.evaluate(labels, labels, (1, 1, 1), skeleton_options={"dust_threshold": 10})
+    assert perfect["erl"]["1"]["nerl"] == pytest.approx(1) and perfect["voi"] == 0
