@@ -1,23 +1,29 @@
 """The main job end to end (what `make demo` runs), on synthetic EM data.
 
-    python -m experiments.demo                  # about 80 minutes on a 2-core CPU
-    python -m experiments.demo --steps 600 --move-steps 300 --out out/quick   # ~10 min, weaker
+    python -m experiments.demo                  # about 10 minutes on a 2-core CPU
+    python -m experiments.demo --from-scratch   # trains the full recipe: about 80 minutes
 
 1. makes a synthetic training volume and a separate test volume (different seed;
    the scored --test-shape plus --test-context voxels of context on every side),
-2. trains a small FFN on the first (progress bar, checkpoints, TensorBoard, PNGs):
-   first on the centre FOV only, then with FOV moves from those weights, so the
-   net learns to read its own predictions as flood filling makes it, then
-   (with --refine-steps) more FOV-move steps at a lower learning rate,
-3. flood-fills the test volume with the trained checkpoint,
+2. trains a small FFN from scratch for --quick-steps on the centre FOV (a couple of
+   minutes: progress bar, falling loss, checkpoints, TensorBoard, PNGs), so you see
+   the loop work and where its outputs land; with --from-scratch it trains the full
+   recipe instead: first on the centre FOV only, then with FOV moves from those
+   weights, so the net learns to read its own predictions as flood filling makes
+   it, then (with --refine-steps) more FOV-move steps at a lower learning rate,
+3. flood-fills the test volume with the shipped demo model (--model, default
+   models/demo_synthetic, which --from-scratch made; a quick model is far too
+   weak to segment well) or, with --from-scratch, with the model just trained,
 4. segments the same volume with the non-learned watershed baseline,
 5. scores both on the inner --test-shape against the ground truth (ERL/NERL at
    merge thresholds 1 and 50, VOI, adapted Rand) and prints one summary.
 
-Everything lands under --out: data/*.zarr, train_centre/, train/ and train_refine/
-(the phases' checkpoints, tensorboard, images), ffn_seg.zarr, baseline_seg.zarr
-(both of the whole test volume), report.json and PNG overlays (of the scored region).
-A rerun with the same --out reuses finished phases.
+Everything lands under --out (default out/demo, or out/demo_full with
+--from-scratch, so the two never resume each other): data/*.zarr, train_quick/
+or train_centre/, train/ and train_refine/ (checkpoints, tensorboard, images),
+ffn_seg.zarr, baseline_seg.zarr (both of the whole test volume), report.json and
+PNG overlays (of the scored region). A rerun with the same --out reuses finished
+training phases.
 """
 
 from __future__ import annotations
@@ -25,12 +31,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from experiments import _cli
+from ffnjax import (baseline, checkpoints, erl, files, segmentation, synthetic, train_loop,
+                    view, volumes)
 from ffnjax.config import CONSENSUS_MODES, InferenceOptions, ModelConfig, TrainConfig
 
 # The demo's own defaults; every field below has a flag that starts from them.
@@ -40,6 +49,10 @@ DEMO_TRAINING = TrainConfig(model=DEMO_MODEL, steps=1200, batch_size=4, learning
 TRAIN_FIELDS = ("steps", "max_moves", "update_per_fov", "batch_size", "learning_rate", "seed")
 DEMO_OPTIONS = InferenceOptions(min_segment_size=200, min_boundary_dist=(0, 0, 0),
                                 seed_order="distance")
+# The model `make demo` segments with: trained by `python -m experiments.demo --from-scratch`
+# (its README says how, when and with what scores).
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo_synthetic"
+QUICK_STEPS = 300
 # --consensus MODE|none stands for both consensus fields.
 OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(InferenceOptions)
                       if f.name not in ("consensus", "consensus_mode"))
@@ -78,7 +91,19 @@ OPTION_FLAGS = {
 
 def build_parser() -> argparse.ArgumentParser:
     p = _cli.make_parser("demo", __doc__)
-    p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default out/demo; out/demo_full with --from-scratch)")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="train the full recipe (phases 1-3 below, about 75 minutes on 2 cores) "
+                        "and segment with it, instead of a quick training run and the shipped "
+                        "model")
+    p.add_argument("--model", default=str(SHIPPED_MODEL),
+                   help="checkpoint (workdir or shipped model folder) that segments the test "
+                        "volume without --from-scratch (default: the shipped demo model, "
+                        "models/demo_synthetic)")
+    p.add_argument("--quick-steps", type=int, default=QUICK_STEPS,
+                   help=f"steps of the quick from-scratch training shown without "
+                        f"--from-scratch (default {QUICK_STEPS}, a couple of minutes; 0 skips it)")
     p.add_argument("--move-steps", type=int, default=4800,
                    help="phase 2: steps with in-example FOV moves, starting from phase 1's "
                         "weights, so the net learns to read its own predictions as flood "
@@ -141,14 +166,60 @@ def test_context(args: argparse.Namespace, model: ModelConfig) -> int:
     return int(args.test_context)
 
 
+def output_folder(args: argparse.Namespace) -> Path:
+    """--out, or the default for the run kind (the quick demo and the full recipe
+    never share a folder, so neither resumes the other's checkpoints)."""
+    if args.out:
+        return Path(args.out)
+    return Path("out/demo_full" if args.from_scratch else "out/demo")
+
+
+def training_phases(args: argparse.Namespace, out: Path, model: ModelConfig,
+                    specs: dict[str, str]) -> list[tuple[str, Path, TrainConfig]]:
+    """(name, workdir, config) of each training phase, in order.
+
+    Without --from-scratch: one quick centre-FOV run of --quick-steps (none for 0).
+    With it: the full recipe (centre FOV, FOV moves, optional refinement).
+    """
+    base = TrainConfig(model=model, images=(specs["train_image"],),
+                       labels=(specs["train_labels"],), batch_size=args.batch_size,
+                       seed=args.seed, steps=args.steps, learning_rate=args.learning_rate,
+                       warmup_steps=min(20, args.steps // 10), fov_moves=0)
+    if not args.from_scratch:
+        if args.quick_steps <= 0:
+            return []
+        return [("quick start (centre FOV)", out / "train_quick",
+                 dataclasses.replace(base, steps=args.quick_steps,
+                                     warmup_steps=min(20, args.quick_steps // 10)))]
+    phases = [("centre FOV", out / "train_centre" if args.move_steps else out / "train", base)]
+    if args.move_steps:
+        moves = dataclasses.replace(
+            base, steps=args.move_steps, fov_moves=1, max_moves=args.max_moves,
+            update_per_fov=args.update_per_fov,
+            learning_rate=args.learning_rate / 3, warmup_steps=min(10, args.move_steps // 10),
+            init_from=str(phases[0][1]))
+        phases.append(("FOV moves", out / "train", moves))
+        if args.refine_steps:
+            phases.append(("refinement", out / "train_refine", dataclasses.replace(
+                moves, steps=args.refine_steps, learning_rate=moves.learning_rate / 10,
+                warmup_steps=min(10, args.refine_steps // 10), init_from=str(out / "train"))))
+    return phases
+
+
 def run_demo(args: argparse.Namespace) -> dict:
     """Runs the five steps; returns the report written to report.json."""
-    from ffnjax import baseline, checkpoints, erl, segmentation, synthetic, train_loop, viz, volumes
-
     if args.refine_steps and not args.move_steps:
         raise ValueError(f"--refine-steps {args.refine_steps} refines phase 2's weights, but "
                          f"--move-steps is 0 (no phase 2)")
-    out = Path(args.out)
+    if args.quick_steps < 0:
+        raise ValueError(f"--quick-steps must be >= 0, got {args.quick_steps}")
+    if not args.from_scratch and checkpoints.latest_step(args.model) is None:
+        raise FileNotFoundError(f"--model {args.model}: no ffnjax checkpoint there (the shipped "
+                                f"demo model is models/demo_synthetic; --from-scratch trains one)")
+    # The model that segments: the shipped one (read first, so that the test volume's
+    # context fits its FOV), or the last training phase's with --from-scratch.
+    given = None if args.from_scratch else checkpoints.load_checkpoint(args.model)
+    out = output_folder(args)
     (out / "data").mkdir(parents=True, exist_ok=True)
     progress = not args.quiet
     report: dict = {"settings": vars(args).copy()}
@@ -157,7 +228,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     train_img, train_lab = synthetic.make_volume(_zyx(args.train_shape, "--train-shape"), seed=args.seed)
     model = model_config(args)
-    context = test_context(args, model)
+    context = test_context(args, model if given is None else given[0])
     scored = _zyx(args.test_shape, "--test-shape")
     test_img, test_lab = synthetic.make_volume(tuple(s + 2 * context for s in scored),
                                                seed=args.seed + 1)
@@ -175,54 +246,49 @@ def run_demo(args: argparse.Namespace) -> dict:
           f"in {time.perf_counter() - t0:.1f} s -> {out / 'data'}")
 
     # 2. Training ------------------------------------------------------------------
-    base = TrainConfig(model=model, images=(specs["train_image"],),
-                       labels=(specs["train_labels"],), batch_size=args.batch_size,
-                       seed=args.seed, steps=args.steps, learning_rate=args.learning_rate,
-                       warmup_steps=min(20, args.steps // 10), fov_moves=0)
-    phases = [("centre FOV", out / "train_centre" if args.move_steps else out / "train", base)]
-    if args.move_steps:
-        moves = dataclasses.replace(
-            base, steps=args.move_steps, fov_moves=1, max_moves=args.max_moves,
-            update_per_fov=args.update_per_fov,
-            learning_rate=args.learning_rate / 3, warmup_steps=min(10, args.move_steps // 10),
-            init_from=str(phases[0][1]))
-        phases.append(("FOV moves", out / "train", moves))
-        if args.refine_steps:
-            phases.append(("refinement", out / "train_refine", dataclasses.replace(
-                moves, steps=args.refine_steps, learning_rate=moves.learning_rate / 10,
-                warmup_steps=min(10, args.refine_steps // 10), init_from=str(out / "train"))))
-    t0 = time.perf_counter()
+    phases = training_phases(args, out, model, specs)
     report["training"] = {}
+    trained_s = 0.0
     for name, workdir, config in phases:
         config = dataclasses.replace(config, log_every=max(1, config.steps // 6),
                                      checkpoint_every=max(1, config.steps // 3),
                                      image_every=max(1, config.steps // 3))
         t1 = time.perf_counter()
         metrics = train_loop.train(config, workdir, progress=progress)
-        report["training"][name] = dict(metrics, seconds=time.perf_counter() - t1)
+        seconds = time.perf_counter() - t1
+        report["training"][name] = dict(metrics, seconds=seconds, reused="loss" not in metrics)
         if "loss" in metrics:
-            print(f"[2/5] {name}: trained to step {metrics['step']} in "
-                  f"{time.perf_counter() - t1:.0f} s: loss {metrics['loss']:.3f}, "
-                  f"F1@0.9 {metrics['f1']:.3f}, {metrics['moves']:.1f} moves/example -> {workdir}")
+            trained_s += seconds
+            print(f"[2/5] {name}: trained to step {metrics['step']} in {seconds:.0f} s: "
+                  f"loss {metrics['loss']:.3f}, F1@0.9 {metrics['f1']:.3f}, "
+                  f"{metrics['moves']:.1f} moves/example -> {workdir} "
+                  f"(checkpoints/, tensorboard/, images/)")
         else:  # a rerun: the checkpoint in workdir had already reached its steps
             print(f"[2/5] {name}: {workdir} already holds step {metrics['step']}; nothing left to "
                   f"train (use a new --out or more steps to train further)")
-    train_s = time.perf_counter() - t0
-    report["training"]["seconds"] = train_s
+    report["training"]["seconds"] = trained_s
+    report["training"]["reused"] = bool(phases) and all(
+        report["training"][name]["reused"] for name, _, _ in phases)
     report["training"]["step"] = sum(c.steps for _, _, c in phases)
 
     # 3. Flood fill ------------------------------------------------------------------
-    workdir = phases[-1][1]
-    trained_config, params = checkpoints.load_checkpoint(workdir)
+    segment_with = phases[-1][1] if args.from_scratch else Path(args.model)
+    trained_config, params = checkpoints.load_checkpoint(segment_with) if given is None else given
+    report["model"] = {"path": str(segment_with), "shipped": not args.from_scratch,
+                       "config": trained_config.to_dict()}
     options = inference_options(args)
     t0 = time.perf_counter()
     seg, info = segmentation.segment(test_img, params, trained_config, options, progress=progress)
     seg_s = time.perf_counter() - t0
     volumes.save_volume(str(out / "ffn_seg.zarr"), seg, overwrite=True)
-    report["segmentation"] = dict(options=options.to_dict(), seconds=seg_s,
-                                  objects=len(np.unique(seg[seg > 0])),
-                                  voxels_per_s=seg.size / seg_s, summary=info.summary())
-    print(f"[3/5] FFN segmented {seg.shape} in {seg_s:.0f} s: {info.summary()}")
+    objects = int(len(np.unique(seg[seg > 0])))
+    report["segmentation"] = dict(options=options.to_dict(), seconds=seg_s, objects=objects,
+                                  voxels=int(np.count_nonzero(seg)), volume_voxels=int(seg.size),
+                                  voxels_per_s=seg.size / seg_s, summary=info.summary(),
+                                  timings=info.timings)
+    print(f"[3/5] FFN ({segment_with}) segmented {seg.shape} in {seg_s:.0f} s: {objects} objects, "
+          f"{np.count_nonzero(seg):,} of {seg.size:,} voxels labelled "
+          f"({info.summary()})")
 
     # 4. Baseline -------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -239,28 +305,51 @@ def run_demo(args: argparse.Namespace) -> dict:
               for name, s in (("ffn", seg), ("baseline", base))}
     report["scores"] = scores
     report["baseline_seconds"] = base_s
-    viz.save_slices_png(out / "ffn_overlay.png", img_in, lab_in, seg[inner])
-    viz.save_slices_png(out / "baseline_overlay.png", img_in, lab_in, base[inner])
+    view.save_slices_png(out / "ffn_overlay.png", img_in, lab_in, seg[inner])
+    view.save_slices_png(out / "baseline_overlay.png", img_in, lab_in, base[inner])
     print(f"[5/5] scored both on the inner {'x'.join(map(str, scored))} against "
           f"{len(skeletons)} ground-truth skeletons in {time.perf_counter() - t0:.0f} s")
 
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    report["ffn_ahead_on_nerl"] = all(
+        scores["ffn"]["erl"][t]["nerl"] > scores["baseline"]["erl"][t]["nerl"] for t in ("1", "50"))
+    files.write_bytes(out / "report.json", json.dumps(report, indent=2, default=str).encode())
     print()
     print(summary_table(report))
+    python, tensorboard = _commands()
     print(f"\nOutputs under {out}/: report.json, ffn_overlay.png, baseline_overlay.png, "
           f"ffn_seg.zarr, baseline_seg.zarr, train*/ (checkpoints, tensorboard, images)\n"
-          f"  view in Neuroglancer: python -m experiments.view --image {specs['test_image']} "
+          f"  view in Neuroglancer: {python} -m experiments.view --image {specs['test_image']} "
           f"--segmentation {out / 'ffn_seg.zarr'}\n"
-          f"  training curves:      tensorboard --logdir {out}")
+          f"  training curves:      {tensorboard} --logdir {out}")
     return report
 
 
+def _commands() -> tuple[str, str]:
+    """How to call this interpreter and its TensorBoard from the current folder
+    (`.venv/bin/python` after `make demo`, which does not activate the venv)."""
+    python = Path(sys.executable)
+    try:
+        python = python.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    return str(python), str(python.parent / "tensorboard")
+
+
 def summary_table(report: dict) -> str:
-    """The one summary: times and every metric, FFN next to the baseline."""
-    rows = [("", "FFN", "baseline")]
+    """The one summary: which model segmented, times and every metric, FFN next to
+    the baseline, and whether the FFN is ahead on NERL at both merge thresholds."""
     s = report["scores"]
-    rows.append(("time (s)", f"{report['training']['seconds']:.0f} train + "
-                 f"{report['segmentation']['seconds']:.0f} segment", f"{report['baseline_seconds']:.1f}"))
+    model = report.get("model", {})
+    training = report["training"]
+    if not training["step"]:
+        trained = "no training"
+    elif training["reused"]:
+        trained = "training reused from an earlier run"
+    else:
+        trained = f"{training['seconds']:.0f} s train"
+    rows = [("", "FFN", "baseline"),
+            ("time (s)", f"{trained} + {report['segmentation']['seconds']:.0f} segment",
+             f"{report['baseline_seconds']:.1f}")]
     for t in ("1", "50"):
         rows.append((f"ERL (voxels), merge thr {t}", f"{s['ffn']['erl'][t]['erl']:.1f}",
                      f"{s['baseline']['erl'][t]['erl']:.1f}"))
@@ -273,7 +362,15 @@ def summary_table(report: dict) -> str:
                        ("adapted_rand", "adapted Rand error")):
         rows.append((label, f"{s['ffn'][key]:.3f}", f"{s['baseline'][key]:.3f}"))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, width)) for r in rows)
+    lines = []
+    if model:
+        kind = "the shipped model" if model.get("shipped") else "the model trained above"
+        lines.append(f"FFN segmented with {kind}: {model['path']}")
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, width)) for r in rows]
+    if "ffn_ahead_on_nerl" in report:
+        lines.append("FFN ahead of the baseline on NERL at both merge thresholds: "
+                     + ("yes" if report["ffn_ahead_on_nerl"] else "no"))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

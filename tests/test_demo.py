@@ -15,7 +15,8 @@ from ffnjax import baseline, checkpoints, erl, segmentation, volumes
 def tiny_args(out):
     """The demo's flags at tiny settings (seconds, not minutes), writing to `out`."""
     return demo.build_parser().parse_args([
-        "--out", str(out), "--steps", "6", "--move-steps", "3", "--refine-steps", "2",
+        "--out", str(out), "--from-scratch", "--steps", "6", "--move-steps", "3",
+        "--refine-steps", "2",
         "--batch-size", "2",
         "--train-shape", "24,48,48", "--test-shape", "24,40,40", "--depth", "1", "--features", "4",
         "--fov", "9,9,9", "--deltas", "2,2,2", "--min-segment-size", "20", "--quiet"])
@@ -127,3 +128,53 @@ def test_rerunning_the_demo_resumes_instead_of_retraining(demo_run):
         assert "loss" not in again["training"][phase]
     # Same checkpoint and same test volume: the same segmentation and scores.
     assert again["scores"]["ffn"]["adapted_rand"] == first["scores"]["ffn"]["adapted_rand"]
+
+
+def quick_args(out, model, *extra):
+    """The default (quick) demo at tiny settings, segmenting with `model`."""
+    return demo.build_parser().parse_args([
+        "--out", str(out), "--model", str(model), "--quick-steps", "3", "--batch-size", "2",
+        "--train-shape", "24,48,48", "--test-shape", "24,40,40", "--depth", "1", "--features", "4",
+        "--fov", "9,9,9", "--deltas", "2,2,2", "--min-segment-size", "20", "--quiet", *extra])
+
+
+def test_default_demo_trains_briefly_and_segments_with_the_given_model(demo_run, tmp_path):
+    trained = demo_run[0] / "train_refine"
+    out = tmp_path / "quick"
+    report = demo.run_demo(quick_args(out, trained))
+    quick = report["training"]["quick start (centre FOV)"]
+    assert quick["step"] == 3 and not quick["reused"] and quick["moves"] == 0
+    assert (out / "train_quick" / "checkpoints" / "3").is_dir()
+    assert not (out / "train").exists() and not (out / "train_centre").exists()
+    assert report["model"]["path"] == str(trained) and report["model"]["shipped"]
+    # The segmentation is the given model's, not the quick run's.
+    config, params = checkpoints.load_checkpoint(trained)
+    image = volumes.read_all(str(out / "data" / "test_image.zarr"))
+    options = demo.inference_options(quick_args(out, trained))
+    seg, _ = segmentation.segment(image, params, config, options, progress=False)
+    saved = volumes.read_all(str(out / "ffn_seg.zarr"))
+    np.testing.assert_array_equal(seg, saved)
+    # Counts are of the final segmentation (not both consensus passes added up).
+    assert report["segmentation"]["objects"] == len(np.unique(saved[saved > 0]))
+    assert report["segmentation"]["voxels"] == np.count_nonzero(saved)
+    table = demo.summary_table(report)
+    assert f"FFN segmented with the shipped model: {trained}" in table
+    assert "FFN ahead of the baseline on NERL at both merge thresholds: " in table
+    # A rerun reuses the quick checkpoint and says so instead of "0 s train".
+    again = demo.run_demo(quick_args(out, trained))
+    assert again["training"]["reused"] and "training reused" in demo.summary_table(again)
+
+
+def test_quick_and_full_demos_never_share_an_output_folder():
+    parse = demo.build_parser().parse_args
+    assert demo.output_folder(parse([])) == demo.Path("out/demo")
+    assert demo.output_folder(parse(["--from-scratch"])) == demo.Path("out/demo_full")
+    assert demo.output_folder(parse(["--out", "x"])) == demo.Path("x")
+    assert parse([]).model == str(demo.SHIPPED_MODEL)
+
+
+def test_a_missing_model_is_refused_before_writing(tmp_path):
+    args = quick_args(tmp_path / "out", tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        demo.run_demo(args)
+    assert not (tmp_path / "out").exists()
