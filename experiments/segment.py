@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "seeds": info.num_seeds, "counters": c,
         "timings": {k: round(v, 4) for k, v in info.timings.items()},
         "wall_s": round(wall, 3),
-        "fov_steps_per_s": round(c["fov_steps"] / max(info.timings["fill"] + info.timings["compile"], 1e-9), 2),
+        "fov_steps_per_s": round(c["fov_steps"] / max(info.timings["fill"] + info.timings["first_fill"], 1e-9), 2),
         "output": args.output, "prob_output": args.prob_output,
     }
     print(f"{info.summary()}\nwrote {args.output} {tuple(seg.shape)} uint64"

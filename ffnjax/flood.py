@@ -409,23 +409,58 @@ def compiled_fill(spec: FillSpec, apply_fn: ApplyFn):
     batch; params and image are placed replicated on the mesh first
     (`place_fill_inputs`: a no-op when the caller placed them already).
     """
+    start, resume = fill_stepper(spec, apply_fn)
+    never = jnp.iinfo(jnp.int32).max
+
+    def run(params, image, seed):
+        return resume(params, image, seed, start(seed), never)[0]
+
+    return run
+
+
+@functools.lru_cache(maxsize=64)
+def fill_stepper(spec: FillSpec, apply_fn: ApplyFn):
+    """`(start, resume)`: the fill of `compiled_fill` cut into bounded runs.
+
+    `start(seed) -> FillState` is the initial state; `resume(params, image,
+    seed, state, stop_at) -> (state, alive)` runs the same loop on until the fill
+    ends or `state.steps` reaches `stop_at` (one iteration may pass it by less
+    than a batch), and says whether the fill would go on. Cutting the loop this
+    way changes nothing (`cond_fn` and `body_fn` are pure functions of the
+    state), so the host can report progress between runs of one long fill, and
+    `resume(..., stop_at=0)` compiles the loop without evaluating a FOV (how
+    `ffnjax.segmentation` times compilation apart from the first fill).
+    `stop_at` is a traced int32: every bound shares one executable, and the
+    state's buffers are donated from run to run.
+    """
     mesh = fill_mesh(spec.batch_size)
     cond_fn, body_fn = make_fill_fns(spec, fill_network(apply_fn, mesh))
 
-    def run(params, image, seed):
-        seed = jnp.asarray(seed, jnp.int32)
-        st = init_fill_state(spec, seed)
-        return jax.lax.while_loop(lambda s: cond_fn(params, image, seed, s),
-                                  lambda s: body_fn(params, image, seed, s), st)
+    def run(params, image, seed, st, stop_at):
+        st = jax.lax.while_loop(
+            lambda s: cond_fn(params, image, seed, s) & (s.steps < stop_at),
+            lambda s: body_fn(params, image, seed, s), st)
+        return st, cond_fn(params, image, seed, st)
 
-    jitted = jax.jit(run)
+    def init(seed):
+        return init_fill_state(spec, seed)
+
     if mesh is None:
-        return jitted
+        jitted_init, jitted = jax.jit(init), jax.jit(run, donate_argnums=(3,))
+    else:
+        replicated = NamedSharding(mesh, PartitionSpec())
+        jitted_init = jax.jit(init, out_shardings=replicated)
+        jitted = jax.jit(run, donate_argnums=(3,), out_shardings=replicated)
 
-    def placed(params, image, seed):
-        return jitted(*place_fill_inputs(mesh, params, image), seed)
+    def start(seed):
+        return jitted_init(jnp.asarray(seed, jnp.int32))
 
-    return placed
+    def resume(params, image, seed, st, stop_at):
+        if mesh is not None:
+            params, image = place_fill_inputs(mesh, params, image)
+        return jitted(params, image, jnp.asarray(seed, jnp.int32), st, jnp.int32(stop_at))
+
+    return start, resume
 
 
 @functools.lru_cache(maxsize=16)
@@ -479,13 +514,27 @@ def _check_seed(seed: Sequence[int], spec: FillSpec) -> np.ndarray:
 
 
 def run_fill(spec: FillSpec, apply_fn: ApplyFn, params: Any, image_dev: jax.Array,
-             seed: Sequence[int]) -> FillState:
+             seed: Sequence[int], report: Callable[[int], Any] | None = None,
+             every: int = 64) -> FillState:
     """Runs one compiled fill (blocking) and raises if the queue ever overflowed.
+
+    Args:
+      report: called with the FOV steps taken so far after every `every` of
+        them (and at the end), for progress inside one long fill; the fill is
+        then run in bounded pieces (`fill_stepper`), with the same result.
 
     The one place the overflow flag is checked: `fill` and the seed loop of
     `ffnjax.segmentation` both run their fills through here.
     """
-    st = compiled_fill(spec, apply_fn)(params, image_dev, jnp.asarray(seed, jnp.int32))
+    if report is None:
+        st = compiled_fill(spec, apply_fn)(params, image_dev, jnp.asarray(seed, jnp.int32))
+    else:
+        start, resume = fill_stepper(spec, apply_fn)
+        st, alive, steps = start(seed), True, 0
+        while alive:
+            st, alive = resume(params, image_dev, seed, st, steps + max(int(every), 1))
+            steps = int(st.steps)
+            report(steps)
     if bool(st.overflow):
         raise RuntimeError(f"flood-fill queue overflowed (capacity {spec.queue_capacity}); "
                            "this is a bug: the capacity is sized from the lattice")

@@ -45,7 +45,7 @@ from ffnjax.config import InferenceOptions, ModelConfig
 from ffnjax.consensus import split_by_intersection, unlabel_contested
 from ffnjax.files import save_npz
 from ffnjax.flood import (ApplyFn, FillSpec, as_image_array, check_apply_fn, default_apply_fn,
-                          fill_mesh, place_fill_inputs, run_fill)
+                          fill_mesh, fill_stepper, place_fill_inputs, run_fill)
 from ffnjax.nets import normalize_image
 
 UNSEGMENTED_SEED = -1  # marks a tried seed voxel so it is not retried
@@ -246,9 +246,10 @@ class SegmentInfo:
     With `consensus`, `objects` holds the records of the forward pass and then
     of the reverse pass (ids of the final, intersected labels differ from both).
 
-    timings: 'seeds' (seed policy), 'compile' (first fill, including
-    compilation), 'fill' (device fills incl. transfer of the canvas), 'commit'
-    (host NumPy), 'total'.
+    timings: 'seeds' (seed policy), 'compile' (compiling the fill, timed apart
+    from any fill: a run bounded at zero FOV steps), 'first_fill' (the first
+    fill, without compilation), 'fill' (the other device fills incl. transfer of
+    the canvas), 'commit' (host NumPy), 'total'.
     """
 
     objects: list[ObjectRecord]
@@ -259,23 +260,67 @@ class SegmentInfo:
     def summary(self) -> str:
         c = self.counters
         t = self.timings
-        return (f"{c['committed']} objects, {c['voxels']} voxels from {self.num_seeds} seeds "
+        text = (f"{c['committed']} objects, {c['voxels']} voxels from {self.num_seeds} seeds "
                 f"({c['fills']} fills, {c['fov_steps']} FOV steps; skipped: "
                 f"{c['skipped_segmented']} in objects, {c['skipped_boundary']} near objects, "
-                f"{c['seed_too_weak']} too weak, {c['too_small']} too small) in {t['total']:.2f} s")
+                f"{c['seed_too_weak']} too weak, {c['too_small']} too small) in {t['total']:.2f} s "
+                f"(compile {t.get('compile', 0.0):.1f} s, first fill "
+                f"{t.get('first_fill', 0.0):.1f} s)")
+        return text + self.hint()
+
+    def hint(self) -> str:
+        """What to try when the run committed nothing (empty when it did)."""
+        c = self.counters
+        if c["committed"] or not c["fills"]:
+            return ""
+        if c["seed_too_weak"] >= c["too_small"]:
+            return ("\nno object committed: at most seeds the network's own prediction fell "
+                    "below --move-threshold ('too weak'); the model is probably undertrained "
+                    "(train longer, or start from a shipped model), or the image is not "
+                    "normalised as in training (--image-mean / --image-stddev)")
+        return ("\nno object committed: every fill stayed under --min-segment-size voxels "
+                "('too small'); lower --min-segment-size or --segment-threshold, or train longer")
+
+
+def _time_compile(spec: FillSpec, apply_fn: ApplyFn, params: Any, image_dev: jax.Array,
+                  seed: Sequence[int]) -> float:
+    """Seconds to compile the fill for `spec`, apart from any fill: the loop run
+    with a bound of zero steps (`flood.fill_stepper`) compiles the executable every
+    later fill uses and evaluates no FOV. About 0 when it is compiled already."""
+    t0 = time.perf_counter()
+    start, resume = fill_stepper(spec, apply_fn)
+    st, _ = resume(params, image_dev, seed, start(seed), 0)
+    jax.block_until_ready(st.steps)
+    return time.perf_counter() - t0
 
 
 def _segment_pass(state: SegmentState, spec: FillSpec, apply_fn: ApplyFn, params: Any,
                   image_dev: jax.Array, options: InferenceOptions, timings: dict[str, float],
                   checkpoint: Callable[[bool], None], progress: bool, desc: str) -> None:
-    """Tries every remaining seed of `state` in order, updating it in place."""
+    """Tries every remaining seed of `state` in order, updating it in place.
+
+    The bar counts seeds (so its rate and ETA are over seeds) and shows, also
+    while one long fill runs, the FOV steps, their rate and the voxels
+    committed so far.
+    """
     seg = state.segmentation
     bar = tqdm(total=len(state.seeds), initial=state.seed_index, desc=desc, unit="seed",
                disable=not progress, dynamic_ncols=True)
     c = state.counters
     params, image_dev = place_fill_inputs(fill_mesh(spec.batch_size), params,
                                           image_dev)  # once per volume, not per seed
+    t_pass, steps_pass0 = time.perf_counter(), c["fov_steps"]
+
+    def show(steps_now: int) -> None:
+        rate = (c["fov_steps"] + steps_now - steps_pass0) / max(time.perf_counter() - t_pass, 1e-9)
+        bar.set_postfix_str(f"objects={c['committed']} FOV steps={c['fov_steps'] + steps_now:,} "
+                            f"({rate:.1f}/s) voxels={c['voxels']:,}", refresh=True)
+
+    report = show if progress else None
     try:
+        if c["fills"] == 0 and state.seed_index < len(state.seeds):
+            seed0 = tuple(int(v) for v in state.seeds[state.seed_index])
+            timings["compile"] += _time_compile(spec, apply_fn, params, image_dev, seed0)
         while state.seed_index < len(state.seeds):
             seed = tuple(int(v) for v in state.seeds[state.seed_index])
             why = seed_allowed(seg, seed, options.min_boundary_dist)
@@ -283,11 +328,12 @@ def _segment_pass(state: SegmentState, spec: FillSpec, apply_fn: ApplyFn, params
                 c[f"skipped_{why}"] += 1
             else:
                 t0 = time.perf_counter()
-                st = run_fill(spec, apply_fn, params, image_dev, seed)  # blocks; checks overflow
+                # blocks; checks overflow; reports progress inside the fill
+                st = run_fill(spec, apply_fn, params, image_dev, seed, report=report, every=16)
                 canvas = np.asarray(st.canvas)
                 steps, lo, hi = int(st.steps), np.asarray(st.lo), np.asarray(st.hi)
                 t1 = time.perf_counter()
-                timings["compile" if c["fills"] == 0 else "fill"] += t1 - t0
+                timings["first_fill" if c["fills"] == 0 else "fill"] += t1 - t0
                 c["fills"] += 1
                 c["fov_steps"] += steps
                 c["net_calls"] += int(st.calls)
@@ -305,7 +351,8 @@ def _segment_pass(state: SegmentState, spec: FillSpec, apply_fn: ApplyFn, params
                     c["voxels"] += record.voxels
             state.seed_index += 1
             bar.update(1)
-            bar.set_postfix(objects=c["committed"], steps=c["fov_steps"], refresh=False)
+            if progress:
+                show(0)
             checkpoint(False)
     finally:
         bar.close()
@@ -336,7 +383,7 @@ def segment_state(image: Any, params: Any, model_config: ModelConfig,
     spec = FillSpec.from_configs(arr.shape, model_config, options)
     apply_fn = apply_fn or default_apply_fn(model_config)
     check_apply_fn(apply_fn, params, model_config, spec.batch_size)
-    timings = dict.fromkeys(("seeds", "compile", "fill", "commit", "total"), 0.0)
+    timings = dict.fromkeys(("seeds", "compile", "first_fill", "fill", "commit", "total"), 0.0)
     fingerprint = run_fingerprint(arr.shape, model_config, options, run_id)
 
     if state is None:

@@ -252,6 +252,37 @@ def test_the_device_loop_reads_the_move_logit_of_its_spec():
     assert int(flood.run_fill(stricter, const, None, image_dev, (7, 7, 7)).steps) == 1
 
 
+@pytest.mark.parametrize("every", [1, 5])
+def test_a_fill_cut_into_bounded_runs_is_the_same_fill(every):
+    """run_fill with `report` runs the loop in pieces of `every` steps (progress
+    inside one long fill); the result is the one-shot fill's, bit for bit."""
+    img = cell_image()
+    params, net = random_net(0)
+    spec = flood.FillSpec.from_configs(img.shape, TINY, InferenceOptions(batch_size=2), trace=True)
+    image_dev = jnp.asarray((img.astype(np.float32) - 128) / 33)
+    whole = flood.run_fill(spec, net, params, image_dev, (10, 14, 14))
+    seen = []
+    cut = flood.run_fill(spec, net, params, image_dev, (10, 14, 14), report=seen.append,
+                         every=every)
+    assert int(whole.steps) > 10
+    for a, b in zip(whole, cut):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Reports rise in pieces of `every` (a batch of 2 may pass a bound by one) up to the end.
+    assert seen == sorted(seen) and seen[-1] == int(whole.steps)
+    assert len(seen) >= int(whole.steps) // (every + 1)
+    assert all(b - a <= every + 1 for a, b in zip([0] + seen, seen))
+
+
+def test_a_bound_of_zero_compiles_without_evaluating_a_fov():
+    img = cell_image()
+    params, net = random_net(0)
+    spec = flood.FillSpec.from_configs(img.shape, TINY, InferenceOptions())
+    image_dev = jnp.asarray((img.astype(np.float32) - 128) / 33)
+    start, resume = flood.fill_stepper(spec, net)
+    st, alive = resume(params, image_dev, (10, 14, 14), start((10, 14, 14)), 0)
+    assert int(st.steps) == 0 and int(st.calls) == 0 and bool(alive)
+
+
 # ----------------------------------------------------------------------------
 # Bad input (see tests/test_segmentation.py for what segment() rejects).
 
@@ -303,6 +334,7 @@ mesh = flood.fill_mesh(2)
 a, ta = flood.fill(lab, seed, params, cfg, opt, net, with_trace=True)
 flood.fill_mesh = lambda b: None
 flood.compiled_fill.cache_clear()
+flood.fill_stepper.cache_clear()
 b, tb = flood.fill(lab, seed, params, cfg, opt, net, with_trace=True)
 print(json.dumps(dict(devices=jax.device_count(), mesh=None if mesh is None else int(mesh.devices.size),
                       steps=[ta["steps"], tb["steps"]], same=bool(np.array_equal(ta["positions"], tb["positions"])),

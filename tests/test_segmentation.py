@@ -8,6 +8,7 @@ import dataclasses
 
 import edt
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -351,3 +352,42 @@ def test_oracle_on_real_fib25_never_merges_and_covers_most_voxels():
         assert len(np.unique(gt[seg == obj])) == 1
     assert (seg > 0).mean() > 0.7  # 0.82 on this crop with FOV 9^3, deltas 2
     assert info.counters["committed"] == len(np.unique(seg)) - 1
+
+
+def test_progress_inside_fills_changes_nothing_and_compile_is_timed_apart(capsys):
+    """With the bar on, fills run in bounded pieces that report FOV steps as they
+    happen; the segmentation is the one without the bar. Compilation is timed by
+    a fill bounded at zero steps, apart from the first fill."""
+    img = cell_image()
+    params, jnet = random_net(0)
+    opt = InferenceOptions(min_segment_size=5)
+    flood.compiled_fill.cache_clear()
+    flood.fill_stepper.cache_clear()
+    quiet, info_q = segmentation.segment(img, params, TINY, opt, jnet, progress=False)
+    shown, info_s = segmentation.segment(img, params, TINY, opt, jnet, progress=True)
+    np.testing.assert_array_equal(quiet, shown)
+    assert info_q.counters == info_s.counters
+    err = capsys.readouterr().err
+    assert f"FOV steps={info_s.counters['fov_steps']:,}" in err
+    t = info_q.timings
+    assert {"compile", "first_fill", "fill"} <= set(t)
+    # The first run compiled; the second found the executable cached.
+    assert t["compile"] > 0 and info_s.timings["compile"] < t["compile"]
+    assert "compile" in info_q.summary() and "first fill" in info_q.summary()
+
+
+def test_a_run_that_commits_nothing_says_what_to_try():
+    img = cell_image()
+    params, jnet = random_net(0)
+    strict = InferenceOptions(min_segment_size=10 ** 6)
+    _, info = segmentation.segment(img, params, TINY, strict, jnet, progress=False)
+    assert info.counters["committed"] == 0 and info.counters["too_small"] > 0
+    assert "--min-segment-size" in info.hint() and info.summary().endswith(info.hint())
+    # A net that drives every voxel down: each seed ends below the move threshold.
+    sink = lambda p, i, m: jnp.full(i.shape, -5.0, jnp.float32)  # noqa: E731
+    _, info = segmentation.segment(img, None, TINY, InferenceOptions(), sink, progress=False)
+    assert info.counters["committed"] == 0 and info.counters["seed_too_weak"] > 0
+    assert "undertrained" in info.hint()
+    ok, info = segmentation.segment(img, params, TINY, InferenceOptions(min_segment_size=5), jnet,
+                                    progress=False)
+    assert info.counters["committed"] > 0 and info.hint() == ""
