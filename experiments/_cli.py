@@ -5,8 +5,9 @@ Four things every command does the same way:
 - **Parsing numbers.** `numbers` reads comma-separated numbers ('z,y,x' and
   friends) and names the flag in its error; `zyx_arg` is its argparse type.
 - **Boxes.** One syntax, `z0:z1,y0:y1,x0:x1` (Python slices without a step,
-  either end may be left open; the `SPEC@box` grammar of the training specs),
-  given with `--box`. The older `--bbox z0,y0,x0,dz,dy,dx` (start and size)
+  either end may be left open), given with `--box` and read by the one box
+  parser, `ffnjax.volume_spec.parse_box`, that the `SPEC@box` grammar of
+  volume specs uses too. The older `--bbox z0,y0,x0,dz,dy,dx` (start and size)
   stays accepted and is converted to it (`region`).
 - **Flags from the frozen dataclasses.** `add_flags` makes one flag per field
   of `TrainConfig`, `ModelConfig` or `InferenceOptions` (type, choices, z,y,x
@@ -28,6 +29,7 @@ import sys
 import typing
 from typing import Any, Callable, Mapping, Sequence
 
+from ffnjax import volume_spec
 from ffnjax.config import (COMPUTE_DTYPES, CONSENSUS_MODES, CONV_IMPLS, MOVE_POLICIES, OPTIMIZERS,
                            SEED_ORDERS, SEED_POLICIES, InferenceOptions, ModelConfig, TrainConfig)
 
@@ -151,21 +153,13 @@ def zyx_arg(kind: type = int, n: int | None = 3, minimum: float | None = None,
 def parse_box(text: str, flag: str = "--box") -> tuple[tuple[int | None, int | None], ...]:
     """'z0:z1,y0:y1,x0:x1' as three (start, stop) pairs; None where an end is left open.
 
+    The one box parser, `ffnjax.volume_spec.parse_box` (the `SPEC@box` read
+    grammar uses it too), with the flag named in its error.
+
     Raises:
       ValueError: naming the flag when the text is not three non-negative slices.
     """
-    problem = ValueError(f"{flag} must be z0:z1,y0:y1,x0:x1 (non-negative integers, an end may "
-                         f"be left open), got {text!r}")
-    parts = text.replace(" ", "").split(",")
-    if len(parts) != 3 or any(p.count(":") != 1 for p in parts):
-        raise problem
-    try:
-        box = tuple(tuple(int(v) if v else None for v in p.split(":")) for p in parts)
-    except ValueError:
-        raise problem from None
-    if any(v is not None and v < 0 for pair in box for v in pair):
-        raise problem
-    return box  # type: ignore[return-value]
+    return volume_spec.parse_box(text, flag)
 
 
 def bbox_as_box(text: str, flag: str = "--bbox") -> str:
