@@ -30,8 +30,10 @@ import typing
 from typing import Any, Callable, Mapping, Sequence
 
 from ffnjax import volume_spec
-from ffnjax.config import (COMPUTE_DTYPES, CONSENSUS_MODES, CONV_IMPLS, MOVE_POLICIES, OPTIMIZERS,
-                           SEED_ORDERS, SEED_POLICIES, InferenceOptions, ModelConfig, TrainConfig)
+from ffnjax.checkpoints import INFERENCE_FACTS
+from ffnjax.config import (COMPUTE_DTYPES, CONSENSUS_MODES, CONV_IMPLS, IMAGE_MEAN, IMAGE_STDDEV,
+                           MOVE_POLICIES, OPTIMIZERS, SEED_ORDERS, SEED_POLICIES, InferenceOptions,
+                           ModelConfig, TrainConfig)
 
 # Exceptions that mean "the input is bad" (their message names the input);
 # anything else is a bug and keeps its traceback.
@@ -372,12 +374,11 @@ INFERENCE_FLAGS: dict[str, Flag] = {
 
 # The InferenceOptions a checkpoint records from its training (see
 # ffnjax.checkpoints.inference_defaults); their help says where the default comes from.
-_FROM_CHECKPOINT = {"image_mean": "128", "image_stddev": "33", "init_activation": "0.95",
-                    "pad_value": "0.05"}
 INFERENCE_FLAGS_FROM_CHECKPOINT: dict[str, Flag] = {
     **INFERENCE_FLAGS,
     **{k: dataclasses.replace(INFERENCE_FLAGS[k], default_text=(
-        f"the value the checkpoint was trained with, else {v}")) for k, v in _FROM_CHECKPOINT.items()},
+        f"the value the checkpoint was trained with, else {getattr(InferenceOptions(), k):g}"))
+       for k in INFERENCE_FACTS},
 }
 
 TRAIN_FLAGS: dict[str, Flag] = {
@@ -397,9 +398,9 @@ TRAIN_FLAGS: dict[str, Flag] = {
     "masks": Flag("exclusion mask per volume (non-zero voxels are never centres and carry no "
                   "loss); give one per --image or none", names=("--mask",), repeat=True),
     "image_means": Flag("normalisation mean, once per volume", names=("--image-mean",),
-                        repeat=True, default_text="128 for each"),
+                        repeat=True, default_text=f"{IMAGE_MEAN:g} for each"),
     "image_stddevs": Flag("normalisation std, once per volume", names=("--image-stddev",),
-                          repeat=True, default_text="33 for each"),
+                          repeat=True, default_text=f"{IMAGE_STDDEV:g} for each"),
     "synthetic_shape": Flag("z,y,x of the synthetic volume used without --image"),
     "synthetic_seed": Flag("seed of the synthetic volume"),
     "synthetic_radius": Flag("median neurite radius of the synthetic volume"),

@@ -58,7 +58,8 @@ def inference_facts(meta: Mapping[str, Any]) -> dict[str, float]:
     Returns:
       {field: value} for the facts found; empty for a checkpoint that records
       none (an imported TensorFlow model), whose users keep InferenceOptions'
-      defaults (google/ffn's 128 / 33 and 0.95 / 0.05).
+      defaults (google/ffn's 128 / 33 and 0.95 / 0.05: `config.IMAGE_MEAN` /
+      `IMAGE_STDDEV` and the InferenceOptions defaults).
     """
     if "inference" in meta:
         return {k: float(v) for k, v in dict(meta["inference"]).items() if k in INFERENCE_FACTS}
