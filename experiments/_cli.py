@@ -30,9 +30,8 @@ import typing
 from typing import Any, Callable, Mapping, Sequence
 
 from ffnjax import volume_spec
-from ffnjax.checkpoints import INFERENCE_FACTS
 from ffnjax.config import (COMPUTE_DTYPES, CONSENSUS_MODES, CONV_IMPLS, IMAGE_MEAN, IMAGE_STDDEV,
-                           MOVE_POLICIES, OPTIMIZERS, SEED_ORDERS, SEED_POLICIES, InferenceOptions,
+                           INFERENCE_FACTS, MOVE_POLICIES, OPTIMIZERS, SEED_ORDERS, SEED_POLICIES, InferenceOptions,
                            ModelConfig, TrainConfig)
 
 # Exceptions that mean "the input is bad" (their message names the input);

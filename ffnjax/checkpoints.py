@@ -23,13 +23,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ffnjax.config import InferenceOptions, ModelConfig
+from ffnjax.config import INFERENCE_FACTS, InferenceOptions, ModelConfig
 
 ITEMS = ("state", "model_config", "meta")
-# The InferenceOptions fields fixed by training: the normalisation of the
-# image and the initial mask (training's seed_prob / pad_prob). Inference with
-# other values shows the network inputs it never saw.
-INFERENCE_FACTS = ("image_mean", "image_stddev", "init_activation", "pad_value")
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> Path:

@@ -147,6 +147,11 @@ IMAGE_STDDEV = 33.0
 SEED_POLICIES = ("peaks", "grid")
 SEED_ORDERS = ("zyx", "distance")
 CONSENSUS_MODES = ("split", "contested")
+# The InferenceOptions fields fixed by training: the normalisation of the
+# image and the initial mask (training's seed_prob / pad_prob). Inference with
+# other values shows the network inputs it never saw. A checkpoint records
+# them (`ffnjax.checkpoints.inference_defaults`).
+INFERENCE_FACTS = ("image_mean", "image_stddev", "init_activation", "pad_value")
 
 
 @dataclasses.dataclass(frozen=True)
