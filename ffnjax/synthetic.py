@@ -40,6 +40,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from ffnjax.config import IMAGE_MEAN, IMAGE_STDDEV
+from ffnjax.viz import save_slices_png
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,7 +310,6 @@ def save_preview(path: str | os.PathLike, image: np.ndarray, labels: np.ndarray 
                  z_slices: Sequence[int] | None = None) -> Path:
     """Saves a PNG montage of a few z slices of `image` with label outlines
     (red) so a person can judge the data. Returns the path."""
-    from ffnjax.viz import save_slices_png
     return save_slices_png(path, image, labels, z_slices=z_slices)
 
 

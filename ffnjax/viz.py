@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
 
 def label_colors(labels: np.ndarray) -> np.ndarray:
@@ -77,7 +78,6 @@ def default_slices(depth: int, n: int = 4) -> list[int]:
 
 
 def save_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
-    from PIL import Image
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb).save(path)
