@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments import _cli
+from ffnjax import erl, viz
 from ffnjax.config import CONSENSUS_MODES, InferenceOptions, ModelConfig, TrainConfig
 
 # The demo's own defaults; every field below has a flag that starts from them.
@@ -143,7 +144,8 @@ def test_context(args: argparse.Namespace, model: ModelConfig) -> int:
 
 def run_demo(args: argparse.Namespace) -> dict:
     """Runs the five steps; returns the report written to report.json."""
-    from ffnjax import baseline, checkpoints, erl, segmentation, synthetic, train_loop, viz, volumes
+    # Here, not at the top: JAX, TensorStore and scikit-image take seconds to load; --help doesn't wait.
+    from ffnjax import baseline, checkpoints, segmentation, synthetic, train_loop, volumes
 
     if args.refine_steps and not args.move_steps:
         raise ValueError(f"--refine-steps {args.refine_steps} refines phase 2's weights, but "
