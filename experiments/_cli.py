@@ -5,8 +5,9 @@ Four things every command does the same way:
 - **Parsing numbers.** `numbers` reads comma-separated numbers ('z,y,x' and
   friends) and names the flag in its error; `zyx_arg` is its argparse type.
 - **Boxes.** One syntax, `z0:z1,y0:y1,x0:x1` (Python slices without a step,
-  either end may be left open; the `SPEC@box` grammar of the training specs),
-  given with `--box`. The older `--bbox z0,y0,x0,dz,dy,dx` (start and size)
+  either end may be left open), given with `--box` and read by the one box
+  parser, `ffnjax.volume_spec.parse_box`, that the `SPEC@box` grammar of
+  volume specs uses too. The older `--bbox z0,y0,x0,dz,dy,dx` (start and size)
   stays accepted and is converted to it (`region`).
 - **Flags from the frozen dataclasses.** `add_flags` makes one flag per field
   of `TrainConfig`, `ModelConfig` or `InferenceOptions` (type, choices, z,y,x
@@ -28,8 +29,10 @@ import sys
 import typing
 from typing import Any, Callable, Mapping, Sequence
 
-from ffnjax.config import (COMPUTE_DTYPES, CONSENSUS_MODES, CONV_IMPLS, MOVE_POLICIES, OPTIMIZERS,
-                           SEED_ORDERS, SEED_POLICIES, InferenceOptions, ModelConfig, TrainConfig)
+from ffnjax import volume_spec
+from ffnjax.config import (COMPUTE_DTYPES, CONSENSUS_MODES, CONV_IMPLS, IMAGE_MEAN, IMAGE_STDDEV,
+                           INFERENCE_FACTS, MOVE_POLICIES, OPTIMIZERS, SEED_ORDERS, SEED_POLICIES, InferenceOptions,
+                           ModelConfig, TrainConfig)
 
 # Exceptions that mean "the input is bad" (their message names the input);
 # anything else is a bug and keeps its traceback.
@@ -151,21 +154,13 @@ def zyx_arg(kind: type = int, n: int | None = 3, minimum: float | None = None,
 def parse_box(text: str, flag: str = "--box") -> tuple[tuple[int | None, int | None], ...]:
     """'z0:z1,y0:y1,x0:x1' as three (start, stop) pairs; None where an end is left open.
 
+    The one box parser, `ffnjax.volume_spec.parse_box` (the `SPEC@box` read
+    grammar uses it too), with the flag named in its error.
+
     Raises:
       ValueError: naming the flag when the text is not three non-negative slices.
     """
-    problem = ValueError(f"{flag} must be z0:z1,y0:y1,x0:x1 (non-negative integers, an end may "
-                         f"be left open), got {text!r}")
-    parts = text.replace(" ", "").split(",")
-    if len(parts) != 3 or any(p.count(":") != 1 for p in parts):
-        raise problem
-    try:
-        box = tuple(tuple(int(v) if v else None for v in p.split(":")) for p in parts)
-    except ValueError:
-        raise problem from None
-    if any(v is not None and v < 0 for pair in box for v in pair):
-        raise problem
-    return box  # type: ignore[return-value]
+    return volume_spec.parse_box(text, flag)
 
 
 def bbox_as_box(text: str, flag: str = "--bbox") -> str:
@@ -378,12 +373,11 @@ INFERENCE_FLAGS: dict[str, Flag] = {
 
 # The InferenceOptions a checkpoint records from its training (see
 # ffnjax.checkpoints.inference_defaults); their help says where the default comes from.
-_FROM_CHECKPOINT = {"image_mean": "128", "image_stddev": "33", "init_activation": "0.95",
-                    "pad_value": "0.05"}
 INFERENCE_FLAGS_FROM_CHECKPOINT: dict[str, Flag] = {
     **INFERENCE_FLAGS,
     **{k: dataclasses.replace(INFERENCE_FLAGS[k], default_text=(
-        f"the value the checkpoint was trained with, else {v}")) for k, v in _FROM_CHECKPOINT.items()},
+        f"the value the checkpoint was trained with, else {getattr(InferenceOptions(), k):g}"))
+       for k in INFERENCE_FACTS},
 }
 
 TRAIN_FLAGS: dict[str, Flag] = {
@@ -403,9 +397,9 @@ TRAIN_FLAGS: dict[str, Flag] = {
     "masks": Flag("exclusion mask per volume (non-zero voxels are never centres and carry no "
                   "loss); give one per --image or none", names=("--mask",), repeat=True),
     "image_means": Flag("normalisation mean, once per volume", names=("--image-mean",),
-                        repeat=True, default_text="128 for each"),
+                        repeat=True, default_text=f"{IMAGE_MEAN:g} for each"),
     "image_stddevs": Flag("normalisation std, once per volume", names=("--image-stddev",),
-                          repeat=True, default_text="33 for each"),
+                          repeat=True, default_text=f"{IMAGE_STDDEV:g} for each"),
     "synthetic_shape": Flag("z,y,x of the synthetic volume used without --image"),
     "synthetic_seed": Flag("seed of the synthetic volume"),
     "synthetic_radius": Flag("median neurite radius of the synthetic volume"),

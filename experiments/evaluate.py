@@ -32,6 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from experiments import _cli
+from ffnjax import erl
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,8 +95,7 @@ def _region(vol, offset: tuple[int, ...] | None, seg_offset, start, size, what: 
 
 
 def run(args: argparse.Namespace) -> dict:
-    from ffnjax import erl
-    from ffnjax.volumes import open_volume
+    from ffnjax.volumes import open_volume  # here, not at the top: TensorStore (~1 s); --help doesn't wait
 
     thresholds = _cli.numbers(args.merge_thresholds, "--merge-thresholds", n=None)
     gt_vol = open_volume(args.groundtruth)
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> dict:
     gt_off = _cli.numbers(args.gt_offset, "--gt-offset")
     gt = _region(gt_vol, gt_off, seg_offset, start, size, "ground truth")
     if baseline:
-        from ffnjax.baseline import baseline_segmentation
+        from ffnjax.baseline import baseline_segmentation  # scikit-image (~1 s): only when asked for
         overrides = {} if args.baseline_h is None else {"h": args.baseline_h}
         if args.baseline_threshold_offset is not None:
             overrides["threshold_offset"] = args.baseline_threshold_offset
@@ -171,8 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = run(args)
     except _cli.BAD_INPUT as e:
         return _cli.report_error(e, args.debug)
-    from ffnjax.erl import format_table
-    print(format_table(report))
+    print(erl.format_table(report))
     if "baseline_seconds" in report:
         print(f"baseline segmentation took {report['baseline_seconds']:.1f} s")
     print(f"skeletons in {report['skeleton_seconds']:.1f} s, metrics in {report['seconds']:.1f} s")

@@ -28,7 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from experiments import _cli
+from ffnjax import erl
 from ffnjax.config import InferenceOptions, ModelConfig
+from ffnjax.tf_import import import_ffn_checkpoint
+from ffnjax.viz import save_slices_png
 
 DEFAULT_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
 DEFAULT_CHECKPOINT = "ffn_fib25_checkpoint/model.ckpt-27465036"
@@ -72,7 +75,6 @@ def score(seg: np.ndarray, gt: np.ndarray) -> dict[str, float]:
     by `ffnjax.erl`. Unsegmented voxels (seg 0) count as one more object, as in
     google/ffn's evaluation.
     """
-    from ffnjax import erl
     split, merge = erl.voi(seg, gt)
     arand = erl.adapted_rand(seg, gt)
     return {"voi_split": float(split), "voi_merge": float(merge),
@@ -144,16 +146,15 @@ def crop(args: argparse.Namespace) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ffnjax import segmentation
+    from ffnjax import segmentation  # here, not at the top: loads JAX (seconds); --help doesn't wait
 
     offset, size = crop(args)
     ckpt = args.workdir or args.checkpoint
     if args.workdir or (ckpt and (Path(ckpt) / "checkpoints").is_dir()):
-        from ffnjax.checkpoints import load_checkpoint
+        from ffnjax.checkpoints import load_checkpoint  # loads Orbax: only for an ffnjax workdir
         config, params = load_checkpoint(ckpt)
         source = str(Path(ckpt).resolve())
     else:
-        from ffnjax.tf_import import import_ffn_checkpoint
         config = ModelConfig(**PUBLISHED_MODEL)
         prefix = args.tf_checkpoint or ckpt or str(Path(args.data) / DEFAULT_CHECKPOINT)
         params, provenance = import_ffn_checkpoint(prefix, config)
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
     segs = {"raw": raw, "gt": gt, "ffn": seg}
     timings = {"ffn": t_ffn}
     if not args.skip_baseline:
-        from ffnjax.baseline import baseline_segmentation
+        from ffnjax.baseline import baseline_segmentation  # scikit-image (~1 s): only when run
         t0 = time.perf_counter()
         segs["baseline"] = baseline_segmentation(raw)
         timings["baseline"] = time.perf_counter() - t0
@@ -216,7 +217,6 @@ def main(argv=None) -> int:
     np.savez_compressed(out / "segmentations.npz", **segs, ffn_seconds=np.nan if t_ffn is None
                         else t_ffn, ffn_fov_steps=steps)
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
-    from ffnjax.viz import save_slices_png
     png = save_slices_png(out / "slices_ffn.png", raw, gt, seg)
     if "baseline" in segs:
         save_slices_png(out / "slices_baseline.png", raw, gt, segs["baseline"])

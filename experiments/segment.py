@@ -35,6 +35,7 @@ import numpy as np
 
 from experiments import _cli
 from ffnjax.config import InferenceOptions
+from ffnjax.volume_spec import parse_spec
 
 
 def add_option_flags(parser, table=_cli.INFERENCE_FLAGS_FROM_CHECKPOINT) -> None:
@@ -84,8 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def default_state_path(output: str) -> Path:
     """OUTPUT.segment-state.npz beside a local output volume."""
-    from ffnjax.volumes import parse_spec
-
     vs = parse_spec(output)
     path = getattr(vs, "path", None)
     if vs.kind not in ("zarr", "n5", "precomputed") or not path or "://" in path:
@@ -94,8 +93,6 @@ def default_state_path(output: str) -> Path:
 
 
 def _output_exists(spec: str) -> bool:
-    from ffnjax.volumes import parse_spec
-
     vs = parse_spec(spec)
     path = getattr(vs, "path", None)
     return bool(path) and "://" not in path and Path(path).expanduser().exists()
@@ -105,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     options_from_args(args)  # bad option values fail before the checkpoint is read
 
+    # Here, not at the top: JAX and TensorStore take seconds to load; --help and bad flags don't wait.
     from ffnjax import flood, segmentation
     from ffnjax.checkpoints import inference_defaults, load_checkpoint
     from ffnjax.volumes import create_volume, open_volume

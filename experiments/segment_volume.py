@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.oracle:
-        from ffnjax.testing import oracle_apply_fn, oracle_options
+        from ffnjax.testing import oracle_apply_fn, oracle_options  # loads JAX: only when asked for
         model_config = ModelConfig(depth=1, features=1, fov_size=args.fov, deltas=args.deltas)
         params, apply_fn = None, oracle_apply_fn
         options = options_from_args(args, oracle_options(seed_policy="grid",
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.checkpoint:
             parser.error("--checkpoint is required (or --oracle to check the pipeline)")
         options_from_args(args, InferenceOptions())  # bad options fail before the model loads
-        from ffnjax.checkpoints import inference_defaults, load_checkpoint
+        from ffnjax.checkpoints import inference_defaults, load_checkpoint  # loads JAX: after flag checks
         model_config, params = load_checkpoint(args.checkpoint, args.step)
         apply_fn = None
         options = options_from_args(

@@ -6,14 +6,23 @@ The names users reach for first live at the top level::
     config, params = ffnjax.load_checkpoint("runs/fib25")
     seg, info = ffnjax.segment(image, params, config, ffnjax.InferenceOptions())
 
-`segment`, `fill` and `load_checkpoint` are imported lazily so that
-`import ffnjax` stays cheap (no JAX import until they are used).
+What `import ffnjax` loads, and why not more. The configuration dataclasses
+(`ffnjax.config`, no JAX) are imported here. Everything that needs JAX is
+imported on first use, by the module `__getattr__` below (PEP 562): `segment`
+comes from `ffnjax.segmentation`, `fill` from `ffnjax.flood`,
+`load_checkpoint` from `ffnjax.checkpoints`, and the submodules in
+`SUBMODULES` (`ffnjax.train_loop`, `ffnjax.erl`, `ffnjax.synthetic`, ...) are
+reachable as attributes without importing them by name. Importing them all
+here would make `import ffnjax` (and every `python -m experiments.* --help`)
+take seconds instead of a tenth of one: JAX, Orbax and TensorStore load then.
 
 On import, ffnjax gives XLA:CPU one host device per core
 (`ffnjax.hostdevices.configure_host_devices`), so that training batches and
 batched flood fills spread over every core. A device count the user set
 (`XLA_FLAGS`, `JAX_NUM_CPU_DEVICES`) wins; `FFNJAX_HOST_DEVICES=0` turns it off.
 """
+
+import importlib
 
 from ffnjax.config import InferenceOptions, ModelConfig, TrainConfig, logit
 from ffnjax.hostdevices import configure_host_devices as _configure_host_devices
@@ -24,12 +33,26 @@ __all__ = ["InferenceOptions", "ModelConfig", "TrainConfig", "logit",
            "segment", "fill", "load_checkpoint"]
 __version__ = "0.1.0"
 
-_LAZY = {"segment": "ffnjax.segmentation", "fill": "ffnjax.flood",
-         "load_checkpoint": "ffnjax.checkpoints"}
+# Submodules reachable as `ffnjax.<name>` after a plain `import ffnjax`.
+SUBMODULES = ("checkpoints", "erl", "flood", "nets", "segmentation", "synthetic", "train_loop",
+              "volumes")
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-        return getattr(importlib.import_module(_LAZY[name]), name)
+    """The JAX-using names and submodules, imported when first asked for."""
+    if name == "segment":
+        from ffnjax.segmentation import segment
+        return segment
+    if name == "fill":
+        from ffnjax.flood import fill
+        return fill
+    if name == "load_checkpoint":
+        from ffnjax.checkpoints import load_checkpoint
+        return load_checkpoint
+    if name in SUBMODULES:
+        return importlib.import_module(f"ffnjax.{name}")  # also binds ffnjax.<name>
     raise AttributeError(f"module 'ffnjax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__, *SUBMODULES})

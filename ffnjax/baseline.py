@@ -29,7 +29,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+import cc3d
+import edt
+import fastremap
 import numpy as np
+from skimage.filters import gaussian, threshold_otsu
+from skimage.morphology import h_maxima
+from skimage.segmentation import watershed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +74,6 @@ class BaselineConfig:
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:
-    import fastremap
-
     out, _ = fastremap.renumber(labels, preserve_zero=True, in_place=False)
     return out.astype(np.uint64)
 
@@ -93,12 +97,6 @@ def baseline_segmentation(image: Any, config: BaselineConfig | None = None,
     Raises:
       ValueError: for a non-3D image or bad parameters.
     """
-    import cc3d
-    import edt
-    from skimage.filters import gaussian, threshold_otsu
-    from skimage.morphology import h_maxima
-    from skimage.segmentation import watershed
-
     config = dataclasses.replace(config or BaselineConfig(), **overrides)
     image = np.asarray(image)
     if image.ndim != 3:
@@ -128,8 +126,6 @@ def baseline_segmentation(image: Any, config: BaselineConfig | None = None,
     darkness = (smooth.max() - smooth).astype(np.float32)
     seg = watershed(darkness, seg)
     if config.min_size > 0:
-        import fastremap
-
         ids, counts = fastremap.unique(seg, return_counts=True)
         small = ids[(counts < config.min_size) & (ids != 0)]
         if len(small) and len(small) < len(ids):

@@ -23,13 +23,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ffnjax.config import InferenceOptions, ModelConfig
+from ffnjax.config import INFERENCE_FACTS, InferenceOptions, ModelConfig
 
 ITEMS = ("state", "model_config", "meta")
-# The InferenceOptions fields fixed by training: the normalisation of the
-# image and the initial mask (training's seed_prob / pad_prob). Inference with
-# other values shows the network inputs it never saw.
-INFERENCE_FACTS = ("image_mean", "image_stddev", "init_activation", "pad_value")
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> Path:
@@ -58,7 +54,8 @@ def inference_facts(meta: Mapping[str, Any]) -> dict[str, float]:
     Returns:
       {field: value} for the facts found; empty for a checkpoint that records
       none (an imported TensorFlow model), whose users keep InferenceOptions'
-      defaults (google/ffn's 128 / 33 and 0.95 / 0.05).
+      defaults (google/ffn's 128 / 33 and 0.95 / 0.05: `config.IMAGE_MEAN` /
+      `IMAGE_STDDEV` and the InferenceOptions defaults).
     """
     if "inference" in meta:
         return {k: float(v) for k, v in dict(meta["inference"]).items() if k in INFERENCE_FACTS}

@@ -137,9 +137,21 @@ class ModelConfig(_JsonMixin):
         return tuple(s // 2 for s in self.fov_size)  # type: ignore[return-value]
 
 
+# google/ffn's image normalisation: the network sees (x - IMAGE_MEAN) / IMAGE_STDDEV.
+# The one default: InferenceOptions, TrainConfig's per-volume normalisation,
+# the training volumes and the synthetic images (made with these statistics)
+# all read it from here.
+IMAGE_MEAN = 128.0
+IMAGE_STDDEV = 33.0
+
 SEED_POLICIES = ("peaks", "grid")
 SEED_ORDERS = ("zyx", "distance")
 CONSENSUS_MODES = ("split", "contested")
+# The InferenceOptions fields fixed by training: the normalisation of the
+# image and the initial mask (training's seed_prob / pad_prob). Inference with
+# other values shows the network inputs it never saw. A checkpoint records
+# them (`ffnjax.checkpoints.inference_defaults`).
+INFERENCE_FACTS = ("image_mean", "image_stddev", "init_activation", "pad_value")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,8 +186,8 @@ class InferenceOptions(_JsonMixin):
         claims across a boundary).
     """
 
-    image_mean: float = 128.0
-    image_stddev: float = 33.0
+    image_mean: float = IMAGE_MEAN
+    image_stddev: float = IMAGE_STDDEV
     init_activation: float = 0.95
     pad_value: float = 0.05
     move_threshold: float = 0.9
@@ -254,7 +266,8 @@ class TrainConfig(_JsonMixin):
       masks: optional specs of exclusion masks (non-zero = excluded), one per
         volume or empty.
       image_means, image_stddevs: per-volume normalisation (x - mean) / std;
-        empty means 128 / 33 for every volume (google/ffn's values).
+        empty means IMAGE_MEAN / IMAGE_STDDEV (google/ffn's 128 / 33) for
+        every volume (`normalisation`).
       synthetic_shape, synthetic_seed, synthetic_radius: the synthetic volume
         used when `images` is empty (its median neurite radius in voxels; keep
         it small for small volumes so that they hold many objects).
@@ -411,6 +424,13 @@ class TrainConfig(_JsonMixin):
         """Example crop z,y,x: FOV + 2 * deltas * fov_moves."""
         return tuple(f + 2 * d * self.fov_moves
                      for f, d in zip(self.model.fov_size, self.model.deltas))  # type: ignore[return-value]
+
+    def normalisation(self, volume: int = 0) -> tuple[float, float]:
+        """(mean, stddev) of training volume `volume`: its `image_means` /
+        `image_stddevs` entry, IMAGE_MEAN / IMAGE_STDDEV when a list is empty."""
+        mean = self.image_means[volume] if self.image_means else IMAGE_MEAN
+        stddev = self.image_stddevs[volume] if self.image_stddevs else IMAGE_STDDEV
+        return mean, stddev
 
     @classmethod
     def smoke(cls, **overrides: Any) -> "TrainConfig":

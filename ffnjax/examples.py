@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 
-from ffnjax.config import DEFAULT_PARTITION_THRESHOLDS
+from ffnjax.config import DEFAULT_PARTITION_THRESHOLDS, IMAGE_MEAN, IMAGE_STDDEV
 from ffnjax.files import digest, save_npy
 
 EXCLUDED = 255  # partition value of voxels that are never used as centres
@@ -165,8 +165,8 @@ class TrainingVolume:
 
     image: np.ndarray
     labels: np.ndarray
-    mean: float = 128.0
-    stddev: float = 33.0
+    mean: float = IMAGE_MEAN
+    stddev: float = IMAGE_STDDEV
     mask: np.ndarray | None = None
     name: str = "volume"
 

@@ -17,7 +17,8 @@ The algorithm is google/ffn's `Canvas.segment_at` / `segment_all` with the
   writes each prediction back with `lax.dynamic_update_slice` (in queue order),
   and pushes, for each of the 6 faces of the cube of half-size `deltas` around
   each centre, the position of the face's maximum when it passes the move
-  threshold. Pushes are ordered by score (highest first), ties by relative
+  threshold (the face-move rule of `ffnjax.movement`, which training's
+  'max_pred_moves' uses too). Pushes are ordered by score (highest first), ties by relative
   offset, exactly as google/ffn sorts them.
 * **Stop** (`cond_fn`): empty queue, the seed's own voxel fell below the move
   threshold, or the step budget (`max_steps`) is used up.
@@ -65,7 +66,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from scipy.special import expit
 
-from ffnjax import devices as platform
+from ffnjax import devices, movement
 from ffnjax.config import InferenceOptions, ModelConfig, logit
 from ffnjax.nets import make_apply_fn, normalize_image
 
@@ -213,33 +214,11 @@ def _cell(spec: FillSpec, pos: jax.Array, origin: jax.Array) -> jax.Array:
 
 
 def _face_moves(spec: FillSpec, pred: jax.Array, pos: jax.Array):
-    """Scores and target centres of the 6 face maxima one delta away.
-
-    The face perpendicular to `axis` sits at centre +- delta along it and spans
-    centre +- delta along the other two axes (google/ffn's
-    `get_scored_move_offsets`). Returns (scores (F,), targets (F, 3), rel (F, 3)).
-    """
-    c = spec.radius
-    d = spec.deltas
-    scores, rels = [], []
-    for axis in range(3):
-        if d[axis] == 0:
-            continue
-        others = [a for a in range(3) if a != axis]
-        for sign in (-1, 1):
-            sel = [slice(c[a] - d[a], c[a] + d[a] + 1) for a in range(3)]
-            sel[axis] = c[axis] + sign * d[axis]
-            face = pred[tuple(sel)]
-            flat = jnp.argmax(face)  # first maximum in C order, like np.argmax
-            i, j = jnp.unravel_index(flat, face.shape)
-            rel = [None, None, None]
-            rel[axis] = jnp.int32(sign * d[axis])
-            rel[others[0]] = (i - d[others[0]]).astype(jnp.int32)
-            rel[others[1]] = (j - d[others[1]]).astype(jnp.int32)
-            scores.append(face.reshape(-1)[flat])
-            rels.append(jnp.stack(rel))
-    scores = jnp.stack(scores)
-    rels = jnp.stack(rels)
+    """The face moves of the FOV centred at `pos`: google/ffn's rule, as
+    `ffnjax.movement.face_maxima` computes it (the one place it lives), plus
+    the target centres the fill queues. Returns (scores (F,), targets (F, 3),
+    rel (F, 3)), faces in `movement.face_directions(spec.deltas)` order."""
+    scores, rels = movement.face_maxima(pred, spec.radius, spec.deltas)
     return scores, pos[None, :] + rels, rels
 
 
@@ -339,7 +318,7 @@ def make_fill_fns(spec: FillSpec, apply_fn: ApplyFn):
             scores, targets, rels = _face_moves(spec, new, slots[i])
             cells = jax.vmap(lambda p: _cell(spec, p, seed))(targets)
             seen = st.visited[tuple(cells.T)]
-            ok = valid & (scores >= move) & _in_bounds(spec, targets) & ~seen
+            ok = valid & movement.wanted(scores, move) & _in_bounds(spec, targets) & ~seen
             # google/ffn: sorted((score, rel), reverse=True) -> score, then z, y, x descending.
             order = jnp.lexsort((-rels[:, 2], -rels[:, 1], -rels[:, 0], -scores))
             targets, ok = targets[order], ok[order]
@@ -378,15 +357,15 @@ def fill_mesh(batch_size: int) -> Mesh | None:
     """
     if batch_size < 2 or jax.default_backend() != "cpu":
         return None
-    devices = platform.devices_for_batch(batch_size, jax.local_devices())
-    return platform.batch_mesh(devices) if len(devices) > 1 else None
+    chosen = devices.devices_for_batch(batch_size, jax.local_devices())
+    return devices.batch_mesh(chosen) if len(chosen) > 1 else None
 
 
 def fill_network(apply_fn: ApplyFn, mesh: Mesh | None) -> ApplyFn:
     """`apply_fn` as a fill on `mesh` (from `fill_mesh`) calls it: a
     `jax.shard_map` over the mesh (each device its share of the FOVs, params
     replicated), or `apply_fn` itself when mesh is None."""
-    return apply_fn if mesh is None else platform.shard_batch(apply_fn, mesh)
+    return apply_fn if mesh is None else devices.shard_batch(apply_fn, mesh)
 
 
 def place_fill_inputs(mesh: Mesh | None, params: Any, image: jax.Array) -> tuple[Any, jax.Array]:

@@ -41,7 +41,7 @@ def _backends_initialised() -> bool:
     if "jax" not in sys.modules:
         return False
     try:
-        from jax._src import xla_bridge
+        from jax._src import xla_bridge  # stays here: only once JAX is loaded, never loading it
         return bool(xla_bridge.backends_are_initialized())
     except (ImportError, AttributeError):  # private API moved: assume not yet
         return False

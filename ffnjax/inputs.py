@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ffnjax.config import TrainConfig
+from ffnjax.config import IMAGE_MEAN, IMAGE_STDDEV, TrainConfig
 from ffnjax.examples import BalancedSampler, TrainingVolume
 from ffnjax.synthetic import SyntheticConfig, make_volume
 from ffnjax.volumes import read_spec
@@ -36,22 +36,19 @@ def load_training_volumes(config: TrainConfig) -> list[TrainingVolume]:
     """The training volumes of `config` in memory (the synthetic one when
     `config.images` is empty). Fails, naming the spec, on unreadable specs,
     image/label shape mismatches, non-3-D arrays and empty labels."""
-    n = max(len(config.images), 1)
-    means = config.image_means or (128.0,) * n
-    stds = config.image_stddevs or (33.0,) * n
     if not config.images:
         image, labels = make_volume(config.synthetic_shape, seed=config.synthetic_seed,
                                     config=SyntheticConfig(mean_radius=config.synthetic_radius))
         mask = read_spec(config.masks[0]).astype(bool) if config.masks else None
-        return [TrainingVolume(np.asarray(image), np.asarray(labels), means[0], stds[0], mask,
+        return [TrainingVolume(np.asarray(image), np.asarray(labels), *config.normalisation(0), mask,
                                name=f"synthetic{tuple(config.synthetic_shape)}")]
-    masks = config.masks or (None,) * n
-    return [load_volume_pair(i, l, means[k], stds[k], masks[k])
+    masks = config.masks or (None,) * len(config.images)
+    return [load_volume_pair(i, l, *config.normalisation(k), masks[k])
             for k, (i, l) in enumerate(zip(config.images, config.labels))]
 
 
-def load_volume_pair(ispec: str, lspec: str, mean: float = 128.0, stddev: float = 33.0,
-                     mask_spec: str | None = None) -> TrainingVolume:
+def load_volume_pair(ispec: str, lspec: str, mean: float = IMAGE_MEAN,
+                     stddev: float = IMAGE_STDDEV, mask_spec: str | None = None) -> TrainingVolume:
     """One image / labels (/ mask) spec pair as a TrainingVolume, with checks
     that name the spec at fault."""
     image, labels = read_spec(ispec), read_spec(lspec)
@@ -99,8 +96,7 @@ def load_validation_batch(config: TrainConfig) -> dict[str, np.ndarray] | None:
     volumes (a fixed seed: the same examples at every evaluation), or None."""
     if not config.val_images:
         return None
-    mean = config.image_means[0] if config.image_means else 128.0
-    std = config.image_stddevs[0] if config.image_stddevs else 33.0
+    mean, std = config.normalisation(0)
     vols = [load_volume_pair(i, l, mean, std) for i, l in zip(config.val_images, config.val_labels)]
     # Centres need only their centre FOV inside (a thin held-out slab keeps
     # enough centres); crop voxels outside the volume carry no loss.

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ffnjax import conv as conv_lib
 from ffnjax.config import ModelConfig
 
 Array = jax.Array
@@ -42,8 +43,7 @@ def conv3d(x: Array, kernel: Array, impl: str = "auto") -> Array:
     and gradients). 'auto' picks the fastest one for the default backend: a
     depth-folded 2D formulation on CPU, the native convolution on GPU/TPU.
     """
-    from ffnjax import conv as _conv  # local import: ffnjax.conv is a leaf module
-    return _conv.conv3d(x, kernel, impl)
+    return conv_lib.conv3d(x, kernel, impl)
 
 
 class Conv3D(nn.Module):

@@ -17,8 +17,9 @@ built, then images it:
 3. Image. Cytoplasm of a per-object grey level with smooth intracellular
    texture and small dark vesicles, a dark membrane profile on every boundary
    between objects (both sides, about 2 voxels thick), optical blur and
-   Gaussian noise. The result is scaled to mean ~128 and std ~33, the
-   normalisation FFN uses for EM, so default `InferenceOptions` work.
+   Gaussian noise. The result is scaled to mean ~128 and std ~33
+   (`ffnjax.config.IMAGE_MEAN` / `IMAGE_STDDEV`), the normalisation FFN uses
+   for EM, so default `InferenceOptions` work.
 
 All geometry is computed in physical units where an x/y voxel is 1 and a z
 voxel is `anisotropy` (e.g. 2 for a 2x coarser z). Deterministic for a seed;
@@ -37,6 +38,9 @@ import edt
 import fastremap
 import numpy as np
 import scipy.ndimage as ndi
+
+from ffnjax.config import IMAGE_MEAN, IMAGE_STDDEV
+from ffnjax.viz import save_slices_png
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +61,8 @@ class SyntheticConfig:
       noise: Gaussian noise amplitude (same units as the texture).
       min_fragment: pieces smaller than this (voxels) are merged into their
         neighbours.
-      mean, std: intensity statistics of the final uint8 image.
+      mean, std: intensity statistics of the final uint8 image (default: the
+        normalisation defaults, so the net sees it at mean 0, std 1).
     """
 
     mean_radius: float = 6.0
@@ -71,8 +76,8 @@ class SyntheticConfig:
     blur_sigma: float = 0.7
     noise: float = 0.35
     min_fragment: int = 200
-    mean: float = 128.0
-    std: float = 33.0
+    mean: float = IMAGE_MEAN
+    std: float = IMAGE_STDDEV
 
     def __post_init__(self):
         for name in ("mean_radius", "membrane_width", "std"):
@@ -305,7 +310,6 @@ def save_preview(path: str | os.PathLike, image: np.ndarray, labels: np.ndarray 
                  z_slices: Sequence[int] | None = None) -> Path:
     """Saves a PNG montage of a few z slices of `image` with label outlines
     (red) so a person can judge the data. Returns the path."""
-    from ffnjax.viz import save_slices_png
     return save_slices_png(path, image, labels, z_slices=z_slices)
 
 
