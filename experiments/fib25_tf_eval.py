@@ -31,7 +31,7 @@ from experiments import _cli
 from ffnjax import erl
 from ffnjax.config import InferenceOptions, ModelConfig
 from ffnjax.tf_import import import_ffn_checkpoint
-from ffnjax.viz import save_slices_png
+from ffnjax.view import save_slices_png
 
 DEFAULT_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
 DEFAULT_CHECKPOINT = "ffn_fib25_checkpoint/model.ckpt-27465036"

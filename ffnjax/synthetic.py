@@ -40,7 +40,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from ffnjax.config import IMAGE_MEAN, IMAGE_STDDEV
-from ffnjax.viz import save_slices_png
+from ffnjax.view import save_slices_png
 
 
 @dataclasses.dataclass(frozen=True)

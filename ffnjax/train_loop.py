@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
-from ffnjax import checkpoints, devices, viz
+from ffnjax import checkpoints, devices, view
 from ffnjax.checkpoints import load_checkpoint  # noqa: F401  (re-exported for notebooks)
 from ffnjax.config import ModelConfig, TrainConfig
 from ffnjax.inputs import (Prefetcher, load_training_volumes, load_validation_batch, make_sampler,
@@ -121,11 +121,11 @@ def _example_png(path: Path, params: Any, batch: dict[str, np.ndarray], config: 
     img, tgt, prd = example["image"][0, ..., 0], example["target"][0, ..., 0], prob[0]
     gray = lambda a: np.repeat((np.clip(a, 0, 1) * 255).astype(np.uint8)[..., None], 3, -1)  # noqa: E731
     cz, cy = img.shape[0] // 2, img.shape[1] // 2
-    panels = [viz.overlay(img[cz]), gray(tgt[cz]), gray(prd[cz]),
-              viz.overlay(img[:, cy]), gray(tgt[:, cy]), gray(prd[:, cy])]
+    panels = [view.overlay(img[cz]), gray(tgt[cz]), gray(prd[cz]),
+              view.overlay(img[:, cy]), gray(tgt[:, cy]), gray(prd[:, cy])]
     scale = max(1, 160 // max(img.shape))   # nearest-neighbour zoom so small crops are visible
     panels = [np.repeat(np.repeat(p, scale, 0), scale, 1) for p in panels]
-    return viz.save_png(path, viz.montage(panels, ncols=3))
+    return view.save_png(path, view.montage(panels, ncols=3))
 
 
 # ----------------------------------------------------------------------------
