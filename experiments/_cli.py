@@ -420,7 +420,8 @@ TRAIN_FLAGS: dict[str, Flag] = {
                              "--no-full-crop-margin (or --partial-crops) lets them come within "
                              "FOV//2 of a border, crop voxels outside carrying no loss",
                              consts=(("--partial-crops", False),)),
-    "augment": Flag("random reflections and y,x transposition (--no-augment disables them)"),
+    "augment": Flag("random reflections and y,x transposition (--no-augment turns every "
+                    "augmentation off)"),
     "transpose_yx": Flag("with --augment, also transpose y and x at random"),
     "brightness": Flag("brightness jitter amplitude"),
     "contrast": Flag("contrast jitter amplitude"),

@@ -297,11 +297,11 @@ class TrainConfig(_JsonMixin):
       partition_thresholds, min_object_size: balanced centre sampling.
       full_crop_margin: centres keep the whole example crop inside the volume
         (False: only the centre FOV; crop voxels outside get weight zero).
-      augment: random reflections (and y,x transposition when
-        `transpose_yx`); brightness / contrast: jitter amplitudes applied to
-        the normalised image (0 disables). permute_axes, elastic_*,
-        rotation_*, misalign_*, missing_section_prob, out_of_focus_*: the
-        augmentations of `ffnjax.augment`, all off by default.
+      augment: random reflections (and y,x transposition when `transpose_yx`);
+        False turns every augmentation off. brightness / contrast: jitter
+        amplitudes on the normalised image (0 disables). permute_axes,
+        elastic_*, rotation_*, misalign_*, missing_section_prob,
+        out_of_focus_*: `ffnjax.augment`'s augmentations, off by default.
       log_every, checkpoint_every, image_every: periods in steps.
       keep_checkpoints: how many checkpoints the manager keeps.
       prefetch: batches prepared ahead by the background input thread.

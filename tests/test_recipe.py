@@ -228,7 +228,8 @@ def test_a_run_with_ema_resumes_exactly_and_serves_the_ema(tmp_path):
     _, raw_a = checkpoints.load_checkpoint(tmp_path / "a", use_ema=False)
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
                            ema_a, ema_b)
-    assert not np.allclose(ema_a["params"]["conv0_a"]["kernel"], raw_a["params"]["conv0_a"]["kernel"])
+    kernel = lambda p: p["params"]["conv0_a"]["kernel"]   # noqa: E731
+    assert not np.allclose(kernel(ema_a), kernel(raw_a))
     # A workdir's EMA (or its absence) is part of its state: a resume must keep it.
     with pytest.raises(ValueError, match="ema_decay"):
         train(dataclasses.replace(config, ema_decay=0.0, steps=6), tmp_path / "a", progress=False)
