@@ -18,8 +18,8 @@ Every TrainConfig (and ModelConfig) field has a flag. Precedence, lowest
 first: TrainConfig's defaults (the 'ffnjax' recipe), --config (a TrainConfig
 JSON file), --recipe (google_ffn: google/ffn's optimiser, clipping, loss and
 sampling; it sets only its own fields), then the flags; every flag left out
-keeps the value below it. Each checkpoint records the normalisation and the seed /
-pad probabilities it was trained with; experiments.segment and
+keeps the value below it. Each checkpoint records the normalisation and the
+seed / pad probabilities it was trained with; experiments.segment and
 experiments.segment_volume start from them.
 """
 
@@ -46,8 +46,9 @@ GROUPS = {
              "val_examples"),
     "optimisation": ("batch_size", "learning_rate", "optimizer", "momentum", "warmup_steps",
                      "schedule", "end_lr_fraction", "lr_decay_factor", "lr_decay_steps",
-                     "clip_norm", "clip_value", "loss_normalization", "ema_decay", "fov_moves", "move_policy", "max_moves",
-                     "move_threshold", "update_per_fov", "seed_prob", "pad_prob"),
+                     "clip_norm", "clip_value", "loss_normalization", "ema_decay", "fov_moves",
+                     "move_policy", "max_moves", "move_threshold", "update_per_fov", "seed_prob",
+                     "pad_prob"),
     "logging and checkpoints": ("log_every", "checkpoint_every", "image_every",
                                 "keep_checkpoints"),
 }

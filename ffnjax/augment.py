@@ -194,8 +194,10 @@ def smooth_field(control: np.ndarray, spacing: float, size: Sequence[int]) -> np
         points = (np.arange(g) - g // 2) * spacing + n // 2
         w = np.exp(-0.5 * ((np.arange(n)[:, None] - points[None, :]) / spacing) ** 2)
         weights.append(w / w.sum(1, keepdims=True))
-    wz, wy, wx = weights
-    return np.einsum("zi,yj,xk,cijk->czyx", wz, wy, wx, control)
+    wz, wy, wx = weights          # one axis at a time: a few small matrix products
+    field = np.einsum("xk,cijk->cijx", wx, control)
+    field = np.einsum("yj,cijx->ciyx", wy, field)
+    return np.einsum("zi,ciyx->czyx", wz, field)
 
 
 def context(coords: np.ndarray, size: Sequence[int]) -> tuple[int, int, int]:
