@@ -47,10 +47,11 @@ class AugmentOptions:
 
     Attributes:
       permute_axes: a random permutation of z, y, x per example.
-      elastic_alpha: std (voxels) of the elastic displacement's control
-        points; 0 disables the warp.
+      elastic_alpha: std (voxels) of the elastic displacement of every voxel
+        (before it is taken relative to the centre's); 0 disables the warp.
       elastic_sigma: spacing (voxels) of the control points, i.e. the
-        smoothness of the displacement field.
+        smoothness of the displacement field. alpha / sigma is about the
+        strain: keep it well below 1 (near 1 the warp folds the tissue).
       rotation_degrees: rotations by an angle uniform in +-this; 0 disables.
       rotation_3d: about a random 3-D axis (isotropic voxels) rather than z.
       misalign_prob, misalign_max: probability of a misalignment and its
@@ -122,7 +123,8 @@ class Deformation:
 
 @dataclasses.dataclass(frozen=True)
 class Sections:
-    """One example's section artefacts (z indices of the output crop; -1: none)."""
+    """One example's section artefacts: z indices (-1: none) of the crop's own
+    sections, i.e. before reflections and permutation."""
 
     missing: int = -1
     blurred: int = -1
@@ -186,14 +188,15 @@ def sample(rng: np.random.Generator, options: AugmentOptions, size: Sequence[int
 # ----------------------------------------------------------------------------
 
 def smooth_field(control: np.ndarray, spacing: float, size: Sequence[int]) -> np.ndarray:
-    """(3, *size) displacement: the control values interpolated separably with
-    normalised Gaussian weights (width `spacing`) between control points
-    `spacing` apart, centred on the crop centre."""
+    """(3, *size) displacement: a Gaussian-weighted (width `spacing`) sum of the
+    control values, control points `spacing` apart and centred on the crop
+    centre, separable per axis. The weights of each voxel have unit squared
+    sum, so i.i.d. control values of std alpha give every voxel std alpha."""
     weights = []
     for n, g in zip(size, control.shape[1:]):
         points = (np.arange(g) - g // 2) * spacing + n // 2
         w = np.exp(-0.5 * ((np.arange(n)[:, None] - points[None, :]) / spacing) ** 2)
-        weights.append(w / w.sum(1, keepdims=True))
+        weights.append(w / np.sqrt((w ** 2).sum(1, keepdims=True)))
     wz, wy, wx = weights          # one axis at a time: a few small matrix products
     field = np.einsum("xk,cijk->cijx", wx, control)
     field = np.einsum("yj,cijx->ciyx", wy, field)

@@ -177,6 +177,16 @@ def test_sample_draws_each_option_and_nothing_when_all_are_off():
     assert all(10 < seen[k] < 50 for k in ("misalign", "missing", "blurred")), seen
 
 
+def test_elastic_displacement_is_smooth_and_of_the_asked_size():
+    rng = np.random.default_rng(1)
+    _, deformation, _ = sample(rng, AugmentOptions(elastic_alpha=3.0, elastic_sigma=6.0),
+                               (25, 25, 25))
+    shift = deformation.coordinates((25, 25, 25)) - np.indices((25, 25, 25))
+    assert 0.5 < np.abs(shift).mean() < 6.0
+    steps = [np.abs(np.diff(shift, axis=a)).max() for a in (1, 2, 3)]
+    assert max(steps) < 0.2 * np.abs(shift).max(), steps      # neighbours move together
+
+
 def _sampler(volumes, **kw):
     return BalancedSampler(volumes, (9, 9, 9), (6, 6, 6), min_size=20, seed=3, **kw)
 
