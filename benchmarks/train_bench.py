@@ -2,12 +2,19 @@
 
     python -m benchmarks.train_bench                      # default model, synthetic + FIB-25
     python -m benchmarks.train_bench --small --steps 10   # a tiny net, seconds
+    python -m benchmarks.train_bench --demo-model --data fib25 --augmentations each
 
 For each data source it builds the same pieces `ffnjax.train_loop.train` uses
 (balanced sampler, background prefetch thread, the sharded jitted step), runs
 `--warmup` steps (compilation), then times `--steps` steps. "input wait" is the
 time the loop blocks on the prefetch queue divided by the timed wall time; the
 target is below 10% (the next batch is prepared while the device works).
+"batch ms" is the host time to build one batch, measured alone before the run.
+
+`--augmentations each` repeats the timing with the default augmentation
+(reflections, y,x transposition), then with every opt-in augmentation of
+`ffnjax.augment` alone, applied to every example (probability 1: the worst
+case), then with all of them together; the compiled step is shared.
 """
 
 from __future__ import annotations
@@ -37,12 +44,39 @@ def fib25_specs() -> dict:
                 labels=(f"{FIB25 / 'groundtruth_z000-149.npz'}:labels@0:100,:,:",))
 
 
-def bench(config: TrainConfig, steps: int, warmup: int) -> dict:
+# Each opt-in augmentation at its benchmark setting: applied to every example.
+OPT_IN = {"permute_axes": dict(permute_axes=True),
+          "elastic": dict(elastic_alpha=2.0, elastic_sigma=8.0),
+          "rotation_2d": dict(rotation_degrees=10.0),
+          "rotation_3d": dict(rotation_degrees=10.0, rotation_3d=True),
+          "misalign": dict(misalign_prob=1.0, misalign_max=8),
+          "missing_section": dict(missing_section_prob=1.0),
+          "out_of_focus": dict(out_of_focus_prob=1.0, out_of_focus_sigma=2.0)}
+
+
+def augmentation_variants(which: str, cubic: bool) -> dict[str, dict]:
+    """{name: TrainConfig overrides} of the augmentation settings to time."""
+    if which == "default":
+        return {"default": {}}
+    opt_in = {k: v for k, v in OPT_IN.items() if cubic or k != "permute_axes"}
+    every = {k: v for o in opt_in.values() for k, v in o.items()}
+    if which == "all":
+        return {"all": every}
+    return {"default": {}, **opt_in, "all": every}
+
+
+def bench(config: TrainConfig, steps: int, warmup: int, volumes=None) -> dict:
     """Times `steps` steps after `warmup` steps; returns examples/s and input wait."""
     t0 = time.perf_counter()
-    volumes = load_training_volumes(config)
+    volumes = load_training_volumes(config) if volumes is None else volumes
     sampler = make_sampler(config, volumes)
     setup_s = time.perf_counter() - t0
+    stream = sampler.get_state()        # the timed run then draws the usual batches
+    t0 = time.perf_counter()
+    for _ in range(3):
+        sampler.batch(config.batch_size)
+    batch_ms = 1000 * (time.perf_counter() - t0) / 3
+    sampler.set_state(stream)
     mesh = make_mesh()
     by_example = NamedSharding(mesh, P(AXIS))
     optimizer = make_optimizer(config)
@@ -73,7 +107,7 @@ def bench(config: TrainConfig, steps: int, warmup: int) -> dict:
         prefetch.close()
     return dict(examples_per_s=steps * config.batch_size / wall, step_ms=1000 * wall / steps,
                 input_wait_fraction=waited / wall, moves=float(np.mean(jax.device_get(moves))),
-                setup_s=setup_s, warmup_s=compile_s, devices=mesh.size)
+                setup_s=setup_s, warmup_s=compile_s, devices=mesh.size, batch_ms=batch_ms)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -89,6 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="tiny net (depth 2, 8 features, FOV 9^3, deltas 2) instead of the default model")
     p.add_argument("--demo-model", action="store_true",
                    help="the model `make demo` trains (experiments.demo's defaults)")
+    p.add_argument("--augmentations", choices=("default", "all", "each"), default="default",
+                   help="the augmentations to time: the default ones, every opt-in one of "
+                        "ffnjax.augment together, or each alone then all (default: default)")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
 
@@ -111,14 +148,20 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"fib25: skipped ({FIB25} not present)")
             continue
         config = dataclasses.replace(base, **sources[name])
-        r = bench(config, args.steps, args.warmup)
-        results[name] = r
-        print(f"{name}: {r['examples_per_s']:.2f} examples/s ({r['step_ms']:.0f} ms/step, "
-              f"batch {config.batch_size} on {r['devices']} device(s)), input wait "
-              f"{100 * r['input_wait_fraction']:.1f}% of step time, {r['moves']:.1f} moves/example; "
-              f"setup {r['setup_s']:.1f} s, warmup {r['warmup_s']:.1f} s")
+        volumes = load_training_volumes(config)
+        cubic = len(set(config.crop_size)) == 1
+        for aug_name, overrides in augmentation_variants(args.augmentations, cubic).items():
+            r = bench(dataclasses.replace(config, **overrides), args.steps, args.warmup, volumes)
+            key = name if args.augmentations == "default" else f"{name}/{aug_name}"
+            results[key] = dict(r, augmentation=overrides)
+            print(f"{key}: {r['examples_per_s']:.2f} examples/s ({r['step_ms']:.0f} ms/step, "
+                  f"batch {config.batch_size} on {r['devices']} device(s)), input wait "
+                  f"{100 * r['input_wait_fraction']:.1f}% of step time (batch {r['batch_ms']:.0f} "
+                  f"ms on the host), {r['moves']:.1f} moves/example; "
+                  f"setup {r['setup_s']:.1f} s, warmup {r['warmup_s']:.1f} s")
     summary = dict(model=model.to_dict(), batch_size=args.batch_size, fov_moves=args.fov_moves,
-                   backend=jax.default_backend(), results=results)
+                   augmentations=args.augmentations, backend=jax.default_backend(),
+                   results=results)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     return summary

@@ -31,8 +31,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ffnjax import volume_spec
 from ffnjax.config import (COMPUTE_DTYPES, CONSENSUS_MODES, CONV_IMPLS, IMAGE_MEAN, IMAGE_STDDEV,
-                           INFERENCE_FACTS, MOVE_POLICIES, OPTIMIZERS, SEED_ORDERS, SEED_POLICIES, InferenceOptions,
-                           ModelConfig, TrainConfig)
+                           INFERENCE_FACTS, LOSS_NORMALIZATIONS, MOVE_POLICIES, OPTIMIZERS,
+                           SCHEDULES, SEED_ORDERS, SEED_POLICIES, InferenceOptions, ModelConfig,
+                           TrainConfig)
 
 # Exceptions that mean "the input is bad" (their message names the input);
 # anything else is a bug and keeps its traceback.
@@ -256,7 +257,8 @@ class Flag:
 
 CHOICES = {"optimizer": OPTIMIZERS, "move_policy": MOVE_POLICIES, "compute_dtype": COMPUTE_DTYPES,
            "conv_impl": CONV_IMPLS, "seed_policy": SEED_POLICIES, "seed_order": SEED_ORDERS,
-           "consensus_mode": CONSENSUS_MODES}
+           "consensus_mode": CONSENSUS_MODES, "schedule": SCHEDULES,
+           "loss_normalization": LOSS_NORMALIZATIONS}
 
 
 def _option(name: str) -> str:
@@ -386,8 +388,8 @@ TRAIN_FLAGS: dict[str, Flag] = {
     "seed": Flag("seed of parameters, sampler and move orders"),
     "distributed": Flag("call jax.distributed.initialize() first (multi-host runs; each host "
                         "feeds its share of the batch)"),
-    "init_from": Flag("workdir whose latest parameters start a fresh run (e.g. an imported "
-                      "google/ffn model)"),
+    "init_from": Flag("workdir whose latest parameters (its EMA when it kept one) start a "
+                      "fresh run (e.g. an imported google/ffn model)"),
     # data
     "images": Flag("training image volume (any spec ffnjax.volumes reads, optionally "
                    "SPEC@z0:z1,y0:y1,x0:x1, or SPEC1+SPEC2 stacked along z); repeat for several "
@@ -412,10 +414,26 @@ TRAIN_FLAGS: dict[str, Flag] = {
                              "--no-full-crop-margin (or --partial-crops) lets them come within "
                              "FOV//2 of a border, crop voxels outside carrying no loss",
                              consts=(("--partial-crops", False),)),
-    "augment": Flag("random reflections and y,x transposition (--no-augment disables them)"),
+    "augment": Flag("random reflections and y,x transposition (--no-augment turns every "
+                    "augmentation off)"),
     "transpose_yx": Flag("with --augment, also transpose y and x at random"),
     "brightness": Flag("brightness jitter amplitude"),
     "contrast": Flag("contrast jitter amplitude"),
+    "permute_axes": Flag("random permutation of all three axes (a cubic crop: isotropic voxels); "
+                         "replaces the y,x transposition"),
+    "elastic_alpha": Flag("elastic warp: displacement std in voxels (0 = off)"),
+    "elastic_sigma": Flag("elastic warp: spacing in voxels of the smooth displacement's "
+                          "control points"),
+    "rotation_degrees": Flag("random rotation up to this angle (0 = off), about z unless "
+                             "--rotation-3d"),
+    "rotation_3d": Flag("rotate about a random 3-D axis (isotropic voxels) instead of z"),
+    "misalign_prob": Flag("probability of a section misalignment: every section from a random "
+                          "z on shifts in y,x"),
+    "misalign_max": Flag("largest misalignment shift in voxels"),
+    "missing_section_prob": Flag("probability that one image section is replaced by the "
+                                 "crop's mean"),
+    "out_of_focus_prob": Flag("probability that one image section is blurred"),
+    "out_of_focus_sigma": Flag("Gaussian sigma (voxels, in y,x) of the out-of-focus blur"),
     "prefetch": Flag("batches prepared ahead by the background input thread"),
     "val_images": Flag("held-out image volume for validation; repeatable", names=("--val-image",),
                        repeat=True),
@@ -430,6 +448,16 @@ TRAIN_FLAGS: dict[str, Flag] = {
     "warmup_steps": Flag("linear warmup before cosine decay"),
     "end_lr_fraction": Flag("the cosine decay ends at learning rate times this"),
     "clip_norm": Flag("global gradient-norm clipping (0 disables)"),
+    "clip_value": Flag("per-entry gradient clipping to +-this (google/ffn: 0.7; 0 disables)"),
+    "schedule": Flag("learning rate after the warmup: 'cosine' decay to --end-lr-fraction, "
+                     "'constant', or 'exponential' (times --lr-decay-factor every "
+                     "--lr-decay-steps)"),
+    "lr_decay_factor": Flag("--schedule exponential: the factor per --lr-decay-steps"),
+    "lr_decay_steps": Flag("--schedule exponential: steps per decay"),
+    "loss_normalization": Flag("'weight' (loss sum over the summed weight) or 'voxels' "
+                               "(over every FOV voxel: google/ffn's reduce_mean)"),
+    "ema_decay": Flag("keep a moving average of the weights with this decay (0 = none); "
+                      "checkpoints serve it for inference"),
     "fov_moves": Flag("lattice radius of in-example FOV moves, 0 = centre only"),
     "move_policy": Flag("'fixed' (centre, then shuffled neighbours) or 'max_pred_moves' "
                         "(inference's face-max rule)"),

@@ -14,10 +14,12 @@ end in @z0:z1,y0:y1,x0:x1 to use a box of the volume, and SPEC1+SPEC2 stacks
 volumes along z. Re-running the same command resumes from the latest
 checkpoint in --workdir and continues the same sample stream.
 
-Every TrainConfig (and ModelConfig) field has a flag. Flags override --config
-(a TrainConfig JSON file); every flag left out keeps the config's (or
-TrainConfig's) value. Each checkpoint records the normalisation and the seed /
-pad probabilities it was trained with; experiments.segment and
+Every TrainConfig (and ModelConfig) field has a flag. Precedence, lowest
+first: TrainConfig's defaults (the 'ffnjax' recipe), --config (a TrainConfig
+JSON file), --recipe (google_ffn: google/ffn's optimiser, clipping, loss and
+sampling; it sets only its own fields), then the flags; every flag left out
+keeps the value below it. Each checkpoint records the normalisation and the
+seed / pad probabilities it was trained with; experiments.segment and
 experiments.segment_volume start from them.
 """
 
@@ -30,6 +32,7 @@ from pathlib import Path
 
 from experiments import _cli
 from ffnjax.config import ModelConfig, TrainConfig
+from ffnjax.recipes import RECIPES
 
 # The flag groups of --help: every TrainConfig field (and the model's) is in one.
 GROUPS = {
@@ -37,10 +40,15 @@ GROUPS = {
     "data": ("images", "labels", "masks", "image_means", "image_stddevs", "synthetic_shape",
              "synthetic_seed", "synthetic_radius", "min_object_size", "partition_thresholds",
              "cache_dir", "full_crop_margin", "augment", "transpose_yx", "brightness", "contrast",
-             "prefetch", "val_images", "val_labels", "val_every", "val_examples"),
+             "permute_axes", "elastic_alpha", "elastic_sigma", "rotation_degrees", "rotation_3d",
+             "misalign_prob", "misalign_max", "missing_section_prob", "out_of_focus_prob",
+             "out_of_focus_sigma", "prefetch", "val_images", "val_labels", "val_every",
+             "val_examples"),
     "optimisation": ("batch_size", "learning_rate", "optimizer", "momentum", "warmup_steps",
-                     "end_lr_fraction", "clip_norm", "fov_moves", "move_policy", "max_moves",
-                     "move_threshold", "update_per_fov", "seed_prob", "pad_prob"),
+                     "schedule", "end_lr_fraction", "lr_decay_factor", "lr_decay_steps",
+                     "clip_norm", "clip_value", "loss_normalization", "ema_decay", "fov_moves",
+                     "move_policy", "max_moves", "move_threshold", "update_per_fov", "seed_prob",
+                     "pad_prob"),
     "logging and checkpoints": ("log_every", "checkpoint_every", "image_every",
                                 "keep_checkpoints"),
 }
@@ -56,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder: checkpoints/, tensorboard/, images/, train_config.json; "
                         "an existing run there is resumed")
     g.add_argument("--config", help="TrainConfig JSON file to start from (flags override it)")
+    g.add_argument("--recipe", choices=sorted(RECIPES),
+                   help="a named training recipe (ffnjax.recipes): 'google_ffn' is google/ffn's "
+                        "(SGD momentum 0.9, lr 1e-3 constant, per-entry clipping at 0.7, loss "
+                        "averaged over all voxels, min object size 10000), 'ffnjax' the defaults; "
+                        "it overrides --config's values of its fields, flags override both")
     g.add_argument("--stop-at-step", type=int,
                    help="stop (with a checkpoint) at this step, keeping the --steps schedule")
     _cli.add_common(g, quiet="no progress bar or log lines")
@@ -73,6 +86,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if not path.is_file():
             raise FileNotFoundError(f"--config {path} does not exist")
         base = TrainConfig.from_json(path.read_text())
+    if args.recipe:
+        base = dataclasses.replace(base, **RECIPES[args.recipe])
     changes = _cli.given(args, TrainConfig, _cli.TRAIN_FLAGS, [f for fs in GROUPS.values() for f in fs])
     model = _cli.given(args, ModelConfig, _cli.MODEL_FLAGS)
     if model:

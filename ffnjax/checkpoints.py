@@ -4,7 +4,9 @@ Layout of a workdir (one Orbax `CheckpointManager` under `workdir/checkpoints`):
 
     checkpoints/<step>/state/         the state pytree: {'params': ...} for an
                                       imported or exported model; training adds
-                                      its optimiser state, step and rng
+                                      its optimiser state, step and rng (and
+                                      'ema', the weights' moving average, when
+                                      it kept one)
     checkpoints/<step>/model_config/  ModelConfig as JSON
     checkpoints/<step>/meta/          free-form JSON (sampler state, provenance)
 
@@ -139,13 +141,27 @@ def _resolve_step(mngr: ocp.CheckpointManager, workdir, step: int | None) -> int
     return step
 
 
-def load_checkpoint(workdir: str | os.PathLike, step: int | None = None
-                    ) -> tuple[ModelConfig, Any]:
+def load_model_config(workdir: str | os.PathLike, step: int | None = None) -> ModelConfig:
+    """Only the ModelConfig of a checkpoint (cheap)."""
+    mngr = _open_existing(workdir)
+    try:
+        step = _resolve_step(mngr, workdir, step)
+        restored = mngr.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
+    finally:
+        mngr.close()
+    return ModelConfig.from_dict(restored["model_config"])
+
+
+def load_checkpoint(workdir: str | os.PathLike, step: int | None = None, *,
+                    use_ema: bool = True) -> tuple[ModelConfig, Any]:
     """Restores `(model_config, params)` from a workdir, the latest step by default.
 
     Works for training runs (the optimiser state is left on disk) and for
     imported TensorFlow models alike. Parameters come back as host NumPy arrays
-    wrapped in the usual {'params': ...} linen tree.
+    wrapped in the usual {'params': ...} linen tree. When training kept a
+    moving average of the weights (`TrainConfig.ema_decay` > 0), that average
+    is what comes back, the weights to segment with; `use_ema=False` returns
+    the raw trained parameters instead.
 
     Raises:
       FileNotFoundError: naming the workdir (or step) that holds no checkpoint.
@@ -161,7 +177,8 @@ def load_checkpoint(workdir: str | os.PathLike, step: int | None = None
     state = restored["state"]
     if "params" not in state:
         raise ValueError(f"checkpoint {checkpoint_dir(workdir) / str(step)} has no 'params' in its state")
-    params = jax.tree_util.tree_map(np.asarray, state["params"])
+    params = jax.tree_util.tree_map(np.asarray, state["ema"] if use_ema and "ema" in state
+                                    else state["params"])
     return config, params
 
 

@@ -228,6 +228,8 @@ class InferenceOptions(_JsonMixin):
 
 MOVE_POLICIES = ("fixed", "max_pred_moves")
 OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("cosine", "constant", "exponential")
+LOSS_NORMALIZATIONS = ("weight", "voxels")
 # google/ffn's default partition thresholds (compute_partitions.py): fraction
 # of same-object voxels in the box around a voxel, binned at these values.
 DEFAULT_PARTITION_THRESHOLDS = (0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -257,6 +259,8 @@ class TrainConfig(_JsonMixin):
     where train.json is `TrainConfig(...).to_json()`. With no `images` the run
     trains on a synthetic EM-like volume (`ffnjax.synthetic.make_volume`).
     `TrainConfig.smoke()` is a laptop-sized variant that runs in seconds.
+    The defaults are the 'ffnjax' recipe; `TrainConfig.google_ffn()` is
+    google/ffn's (`ffnjax.recipes` says where they differ).
 
     Attributes:
       model: the network and its FOV geometry (a dict is accepted).
@@ -275,8 +279,15 @@ class TrainConfig(_JsonMixin):
       batch_size: global batch (examples per step over all devices); must be a
         multiple of the device count.
       learning_rate, optimizer ('adam' or 'sgd' with `momentum`),
-      warmup_steps, end_lr_fraction (cosine decay ends at lr * this),
-      clip_norm (global gradient-norm clipping; 0 disables).
+      warmup_steps (linear from 0), then `schedule`: 'cosine' (to lr *
+      end_lr_fraction at `steps`), 'constant' or 'exponential' (lr *
+      lr_decay_factor ** floor(steps after warmup / lr_decay_steps)),
+      clip_value (per-entry clipping to +-clip_value, then) clip_norm
+      (global-norm clipping); 0 disables either.
+      loss_normalization: the weighted loss sum over the summed 'weight', or
+        over all 'voxels' of the evaluated FOVs (google/ffn's reduce_mean).
+      ema_decay: > 0 keeps a bias-corrected moving average of the parameters
+        (state 'ema', saved; validation and `load_checkpoint` use it).
       seed: seeds parameters, the sampler and the move orders.
       fov_moves: lattice radius of in-example FOV moves (the example crop is
         FOV + 2 * deltas * fov_moves); 0 trains on the centre FOV only.
@@ -299,9 +310,11 @@ class TrainConfig(_JsonMixin):
       partition_thresholds, min_object_size: balanced centre sampling.
       full_crop_margin: centres keep the whole example crop inside the volume
         (False: only the centre FOV; crop voxels outside get weight zero).
-      augment: random reflections (and y,x transposition when
-        `transpose_yx`); brightness / contrast: jitter amplitudes applied to
-        the normalised image (0 disables).
+      augment: random reflections (and y,x transposition when `transpose_yx`);
+        False turns every augmentation off. brightness / contrast: jitter
+        amplitudes on the normalised image (0 disables). permute_axes,
+        elastic_*, rotation_*, misalign_*, missing_section_prob,
+        out_of_focus_*: `ffnjax.augment`'s augmentations, off by default.
       log_every, checkpoint_every, image_every: periods in steps.
       keep_checkpoints: how many checkpoints the manager keeps.
       prefetch: batches prepared ahead by the background input thread.
@@ -331,6 +344,12 @@ class TrainConfig(_JsonMixin):
     warmup_steps: int = 100
     end_lr_fraction: float = 0.01
     clip_norm: float = 1.0
+    schedule: str = "cosine"
+    lr_decay_factor: float = 0.94
+    lr_decay_steps: int = 10000
+    clip_value: float = 0.0
+    loss_normalization: str = "weight"
+    ema_decay: float = 0.0
     seed: int = 0
     fov_moves: int = 1
     move_policy: str = "fixed"
@@ -346,6 +365,16 @@ class TrainConfig(_JsonMixin):
     transpose_yx: bool = True
     brightness: float = 0.0
     contrast: float = 0.0
+    permute_axes: bool = False
+    elastic_alpha: float = 0.0
+    elastic_sigma: float = 8.0
+    rotation_degrees: float = 0.0
+    rotation_3d: bool = False
+    misalign_prob: float = 0.0
+    misalign_max: int = 8
+    missing_section_prob: float = 0.0
+    out_of_focus_prob: float = 0.0
+    out_of_focus_sigma: float = 2.0
     log_every: int = 50
     checkpoint_every: int = 1000
     image_every: int = 1000
@@ -385,12 +414,12 @@ class TrainConfig(_JsonMixin):
         if any(s <= 0 for s in self.image_stddevs):
             raise ValueError(f"image_stddevs must be positive, got {self.image_stddevs}")
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "image_every",
-                     "keep_checkpoints", "prefetch", "val_every", "val_examples"):
+                     "keep_checkpoints", "prefetch", "val_every", "val_examples", "lr_decay_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
             object.__setattr__(self, name, int(getattr(self, name)))
         for name in ("warmup_steps", "fov_moves", "max_moves", "min_object_size", "seed",
-                     "synthetic_seed"):
+                     "synthetic_seed", "misalign_max"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
             object.__setattr__(self, name, int(getattr(self, name)))
@@ -413,6 +442,22 @@ class TrainConfig(_JsonMixin):
         if self.brightness < 0 or self.contrast < 0 or self.clip_norm < 0:
             raise ValueError("brightness, contrast and clip_norm must be >= 0, got "
                              f"{self.brightness}, {self.contrast}, {self.clip_norm}")
+        for name, choices in (("schedule", SCHEDULES), ("loss_normalization", LOSS_NORMALIZATIONS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        for name in ("clip_value", "elastic_alpha", "rotation_degrees"):
+            if float(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr_decay_factor", "elastic_sigma", "out_of_focus_sigma"):
+            if float(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("misalign_prob", "missing_section_prob", "out_of_focus_prob", "ema_decay"):
+            v = float(getattr(self, name))
+            if not 0.0 <= v <= 1.0 or (name == "ema_decay" and v == 1.0):
+                raise ValueError(f"{name} must lie in [0, 1] (ema_decay below 1), got {v}")
+        if self.permute_axes and len(set(self.crop_size)) != 1:
+            raise ValueError(f"permute_axes needs a cubic example crop (isotropic voxels), got "
+                             f"crop {self.crop_size}")
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
@@ -443,6 +488,18 @@ class TrainConfig(_JsonMixin):
         base.update(overrides)
         return cls(**base)
 
+    @classmethod
+    def ffnjax(cls, **overrides: Any) -> "TrainConfig":
+        """ffnjax's own recipe, the defaults (`ffnjax.recipes`); `overrides` win."""
+        from ffnjax.recipes import RECIPES
+        return cls(**{**RECIPES["ffnjax"], **overrides})
+
+    @classmethod
+    def google_ffn(cls, **overrides: Any) -> "TrainConfig":
+        """google/ffn's training recipe (`ffnjax.recipes`); `overrides` win (e.g. the data)."""
+        from ffnjax.recipes import RECIPES
+        return cls(**{**RECIPES["google_ffn"], **overrides})
+
 
 # TrainConfig fields the compiled device step (the FOV moves, the loss, the
 # optimiser and its schedule) depends on; the rest (data, logging,
@@ -451,7 +508,8 @@ class TrainConfig(_JsonMixin):
 STEP_FIELDS = ("model", "fov_moves", "move_policy", "max_moves", "update_per_fov", "move_threshold",
                "seed_prob", "pad_prob",
                "steps", "learning_rate", "optimizer", "momentum", "warmup_steps",
-               "end_lr_fraction", "clip_norm")
+               "end_lr_fraction", "clip_norm", "schedule", "lr_decay_factor", "lr_decay_steps",
+               "clip_value", "loss_normalization", "ema_decay")
 
 
 def step_config(config: TrainConfig) -> TrainConfig:

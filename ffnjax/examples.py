@@ -15,8 +15,9 @@ The pipeline, as in google/ffn (`compute_partitions.py`, `build_coordinates.py`,
    boundaries and background are all seen equally often.
 3. `make_example`: crops image, labels and a validity weight of size
    FOV + 2 * deltas * fov_moves around the centre, applies the same random
-   reflection / y,x transposition to all of them, and builds the soft target
-   (0.95 on the centre voxel's object, 0.05 elsewhere).
+   reflection / y,x transposition (and the opt-in deformations of
+   `ffnjax.augment`) to all of them, and builds the soft target (0.95 on the
+   centre voxel's object, 0.05 elsewhere).
 
 Departures from google/ffn: a centre on background (label 0) gets an all-0.05
 target (google/ffn would train the net to fill the background as an object);
@@ -33,6 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 
+from ffnjax import augment as augmentations   # (`augment` is the sampler's on/off switch)
 from ffnjax.config import DEFAULT_PARTITION_THRESHOLDS, IMAGE_MEAN, IMAGE_STDDEV
 from ffnjax.files import digest, save_npy
 
@@ -187,17 +189,23 @@ class TrainingVolume:
 
 @dataclasses.dataclass(frozen=True)
 class Augmentation:
-    """One example's augmentation: reflections (z,y,x), y,x transposition, and
-    contrast / brightness applied to the normalised image."""
+    """One example's augmentation: reflections (z,y,x), y,x transposition, a
+    permutation `axes` of z,y,x, contrast / brightness applied to the
+    normalised image, and the deformation and section artefacts of
+    `ffnjax.augment` (None: none)."""
 
     flips: tuple[bool, bool, bool] = (False, False, False)
     transpose_yx: bool = False
     contrast: float = 1.0
     brightness: float = 0.0
+    axes: tuple[int, int, int] = (0, 1, 2)
+    deformation: augmentations.Deformation | None = None
+    sections: augmentations.Sections | None = None
 
 
 def apply_geometric(a: np.ndarray, aug: Augmentation) -> np.ndarray:
-    """Reflects then transposes the leading z,y,x axes of `a` as `aug` says.
+    """Reflects, transposes, then permutes the leading z,y,x axes of `a` as
+    `aug` says (output axis i is the reflected input's axis `aug.axes[i]`).
 
     The same call on image, labels and weight keeps them aligned; the crop centre
     stays the centre because crops have odd sizes.
@@ -207,6 +215,8 @@ def apply_geometric(a: np.ndarray, aug: Augmentation) -> np.ndarray:
             a = np.flip(a, axis)
     if aug.transpose_yx:
         a = np.swapaxes(a, 1, 2)
+    if tuple(aug.axes) != (0, 1, 2):
+        a = np.transpose(a, (*aug.axes, *range(3, a.ndim)))
     return np.ascontiguousarray(a)
 
 
@@ -225,13 +235,29 @@ def crop(volume: np.ndarray, centre: Sequence[int], size: Sequence[int],
     return out, inside
 
 
+def _crops(volume: TrainingVolume, centre: Sequence[int], size: Sequence[int]
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, labels, weight) crops; weight is True inside the volume and unmasked."""
+    image, inside = crop(volume.image, centre, size)
+    labels, _ = crop(volume.labels, centre, size)
+    weight = inside
+    if volume.mask is not None:
+        weight = weight & ~crop(volume.mask, centre, size, fill=True)[0].astype(bool)
+    return image, labels, weight
+
+
 def make_example(volume: TrainingVolume, centre: Sequence[int], size: Sequence[int],
                  aug: Augmentation = Augmentation(), seed_prob: float = 0.95,
                  pad_prob: float = 0.05) -> dict[str, np.ndarray]:
     """One training example around `centre`.
 
+    The order: crop (with the context a deformation needs), deform (image
+    linear, labels and weight nearest, one set of coordinates), section
+    artefacts (image only, on the volume's own z sections), reflections /
+    transposition / permutation, normalisation, contrast and brightness.
+
     Returns a dict of z,y,x arrays of shape `size`:
-      image: float32, normalised, augmented (geometry, contrast, brightness).
+      image: float32, normalised, augmented.
       labels: the augmented label crop (0 outside the volume).
       target: float32 soft mask: `seed_prob` on the centre voxel's object,
         `pad_prob` elsewhere (everywhere when the centre is background).
@@ -240,11 +266,18 @@ def make_example(volume: TrainingVolume, centre: Sequence[int], size: Sequence[i
     size = tuple(int(s) for s in size)
     if any(s % 2 == 0 for s in size):
         raise ValueError(f"example size must be odd along every axis, got {size}")
-    image, inside = crop(volume.image, centre, size)
-    labels, _ = crop(volume.labels, centre, size)
-    weight = inside
-    if volume.mask is not None:
-        weight = weight & ~crop(volume.mask, centre, size, fill=True)[0].astype(bool)
+    if aug.deformation is None:
+        image, labels, weight = _crops(volume, centre, size)
+    else:
+        coords = aug.deformation.coordinates(size)
+        pad = augmentations.context(coords, size)
+        image, labels, weight = _crops(volume, centre, [s + 2 * p for s, p in zip(size, pad)])
+        coords += np.asarray(pad, float)[:, None, None, None]
+        image = augmentations.resample_linear(image, coords)
+        labels = augmentations.resample_nearest(labels, coords)
+        weight = augmentations.resample_nearest(weight, coords, fill=False)
+    if aug.sections is not None:
+        image = augmentations.apply_sections(image, aug.sections)
     image = apply_geometric(image, aug)
     labels = apply_geometric(labels, aug)
     weight = apply_geometric(weight, aug)
@@ -271,7 +304,10 @@ class BalancedSampler:
       thresholds, min_size: see `compute_partitions`.
       seed: the generator's seed.
       augment, transpose_yx, brightness, contrast: augmentation settings
-        (transposition only when the crop's y and x sizes are equal).
+        (transposition only when the crop's y and x sizes are equal);
+        `augment=False` turns every augmentation off.
+      extra: the augmentations of `ffnjax.augment` (permute_axes replaces
+        the y,x transposition; it needs a cubic crop).
       seed_prob, pad_prob: soft target values.
       cache_dir: where partitions are cached ('' / None: in memory only).
     """
@@ -281,11 +317,15 @@ class BalancedSampler:
                  thresholds: Sequence[float] = DEFAULT_PARTITION_THRESHOLDS, min_size: int = 0,
                  seed: int = 0, augment: bool = True, transpose_yx: bool = True,
                  brightness: float = 0.0, contrast: float = 0.0, seed_prob: float = 0.95,
-                 pad_prob: float = 0.05, cache_dir: str | None = None):
+                 pad_prob: float = 0.05, cache_dir: str | None = None,
+                 extra: augmentations.AugmentOptions | None = None):
         if not volumes:
             raise ValueError("BalancedSampler needs at least one training volume")
         self.volumes = list(volumes)
         self.example_size = tuple(int(s) for s in example_size)
+        self.extra = extra or augmentations.AugmentOptions()
+        if self.extra.permute_axes and len(set(self.example_size)) != 1:
+            raise ValueError(f"permute_axes needs a cubic example crop, got {self.example_size}")
         margin = tuple(s // 2 for s in self.example_size) if margin is None else tuple(margin)
         self.augment = augment
         self.transpose_yx = transpose_yx and self.example_size[1] == self.example_size[2]
@@ -340,10 +380,15 @@ class BalancedSampler:
         if not self.augment:
             return Augmentation()
         flips = tuple(bool(b) for b in self.rng.integers(0, 2, 3))
-        transpose = bool(self.rng.integers(0, 2)) if self.transpose_yx else False
+        can_transpose = self.transpose_yx and not self.extra.permute_axes
+        transpose = bool(self.rng.integers(0, 2)) if can_transpose else False
         contrast = 1.0 + self.rng.uniform(-self.contrast, self.contrast) if self.contrast else 1.0
         brightness = self.rng.uniform(-self.brightness, self.brightness) if self.brightness else 0.0
-        return Augmentation(flips, transpose, float(contrast), float(brightness))  # type: ignore[arg-type]
+        aug = Augmentation(flips, transpose, float(contrast), float(brightness))  # type: ignore[arg-type]
+        if self.extra == augmentations.AugmentOptions():
+            return aug
+        axes, deformation, sections = augmentations.sample(self.rng, self.extra, self.example_size)
+        return dataclasses.replace(aug, axes=axes, deformation=deformation, sections=sections)
 
     def example(self) -> dict[str, np.ndarray]:
         vi, centre, _ = self.sample_centre()

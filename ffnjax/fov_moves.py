@@ -45,7 +45,8 @@ F1_THRESHOLD = 0.9         # mask precision / recall / F1 are measured at this p
 _NEVER = 2**30             # 'not queued' in max_pred_policy's queue times
 
 __all__ = ["F1_THRESHOLD", "lattice_offsets", "fov_starts", "move_orders", "initial_canvas",
-           "fov_slots", "MovePolicy", "fixed_policy", "max_pred_policy", "run_fovs"]
+           "fov_slots", "MovePolicy", "fixed_policy", "max_pred_policy", "loss_denominator",
+           "run_fovs"]
 
 
 # ----------------------------------------------------------------------------
@@ -247,10 +248,20 @@ def _slot_counts(logits: jax.Array, fovs: dict[str, jax.Array]) -> dict[str, jax
                 fn=jnp.sum(w * (1 - pred) * truth))
 
 
+def loss_denominator(config: TrainConfig, weight_sum: jax.Array, voxel_sum: jax.Array) -> jax.Array:
+    """What a loss (and gradient) sum is divided by: the summed weight
+    ('weight', ffnjax) or the voxel count of the evaluated FOVs ('voxels',
+    google/ffn's reduce_mean), at least 1."""
+    denom = weight_sum if config.loss_normalization == "weight" else voxel_sum
+    return jnp.maximum(denom, 1.0)
+
+
 def _evaluate_slot(apply_fn: Callable, carry: dict, params: Any, fovs: dict[str, jax.Array],
                    taken: jax.Array, *, with_grad: bool, update: Callable | None,
-                   axis_name: str | None, zero_grads: Any) -> tuple:
+                   axis_name: str | None, zero_grads: Any, norm: jax.Array) -> tuple:
     """Runs the net on one slot's FOVs, or nothing when no example takes the slot.
+
+    `norm` is the slot's (weight_sum, voxel_sum) handed to `update`.
 
     Returns (loss_sum, logits, grad or None[, params, opt_state after `update`]);
     logits are the mask input where nothing ran.
@@ -265,7 +276,7 @@ def _evaluate_slot(apply_fn: Callable, carry: dict, params: Any, fovs: dict[str,
             (ls, logits), g = _fov_loss(apply_fn, p_now, fovs), None
         if update is None:
             return ls, logits, g
-        return (ls, logits, g) + tuple(update(p_now, carry["opt_state"], g, jnp.sum(fovs["weight"])))
+        return (ls, logits, g) + tuple(update(p_now, carry["opt_state"], g, *norm))
 
     def skip(_):  # no example takes this slot: nothing to compute
         if update is None:
@@ -292,16 +303,17 @@ def run_fovs(apply_fn: Callable, params: Any, batch: dict[str, jax.Array], order
         ignored by 'max_pred_moves'.
       config: geometry, policy (`config.move_policy`) and thresholds.
       with_grad: also accumulate d(loss_sum)/d(params).
-      update: `update(params, opt_state, grad_sum, weight_sum) -> (params,
-        opt_state)`, applied with each slot's sums after every slot that some
+      update: `update(params, opt_state, grad_sum, weight_sum, voxel_sum) ->
+        (params, opt_state)`, applied with each slot's sums after every slot that some
         example takes, so later FOVs see the updated parameters (google/ffn's
         one optimiser step per FOV); needs `with_grad` and `opt_state`.
       axis_name: the mesh axis under `shard_map` when `update` is given (the
         update is collective, so every device must take the same branch).
 
     Returns a dict:
-      loss_sum, weight_sum: summed weighted sigmoid cross-entropy and summed
-        weight over every taken FOV (loss = loss_sum / weight_sum).
+      loss_sum, weight_sum, voxel_sum: summed weighted sigmoid cross-entropy,
+        summed weight and voxel count over every taken FOV (loss = loss_sum /
+        `loss_denominator(config, weight_sum, voxel_sum)`).
       grad_sum: gradient of loss_sum (None without `with_grad`).
       tp, fp, fn: weighted voxel counts of (prob > 0.9) vs (target > 0.5).
       taken: (B, S) bool, slot s of example b was evaluated (S = `fov_slots`).
@@ -312,6 +324,7 @@ def run_fovs(apply_fn: Callable, params: Any, batch: dict[str, jax.Array], order
     `config.max_moves` > 0 caps the slots at S = 1 + max_moves per example.
     """
     fov = config.model.fov_size
+    fov_voxels = float(np.prod(fov))
     starts_tab = jnp.asarray(fov_starts(config))
     policy = fixed_policy(config, order) if config.move_policy == "fixed" else max_pred_policy(config)
     b = batch["image"].shape[0]
@@ -323,8 +336,9 @@ def run_fovs(apply_fn: Callable, params: Any, batch: dict[str, jax.Array], order
         fovs = {k: _slice_fovs(batch[k], starts, fov) for k in ("image", "target", "weight")}
         fovs["weight"] = fovs["weight"] * taken[:, None, None, None, None]
         fovs["mask"] = lax.stop_gradient(_slice_fovs(carry["canvas"], starts, fov))
+        norm = (jnp.sum(fovs["weight"]), jnp.sum(taken).astype(jnp.float32) * fov_voxels)
         res = _evaluate_slot(apply_fn, carry, params, fovs, taken, with_grad=with_grad,
-                             update=update, axis_name=axis_name, zero_grads=zero_grads)
+                             update=update, axis_name=axis_name, zero_grads=zero_grads, norm=norm)
         ls, logits, g = res[:3]
         out = dict(carry, moves=policy.observe(moves, s, pos, taken, logits))
         if update is not None:
@@ -332,7 +346,8 @@ def run_fovs(apply_fn: Callable, params: Any, batch: dict[str, jax.Array], order
         new_fov = jnp.where(taken[:, None, None, None, None], logits, fovs["mask"])
         out["canvas"] = _write_fovs(carry["canvas"], new_fov, starts)
         out["loss_sum"] = carry["loss_sum"] + ls
-        out["weight_sum"] = carry["weight_sum"] + jnp.sum(fovs["weight"])
+        out["weight_sum"] = carry["weight_sum"] + norm[0]
+        out["voxel_sum"] = carry["voxel_sum"] + norm[1]
         if with_grad:
             out["grad_sum"] = jax.tree_util.tree_map(jnp.add, carry["grad_sum"], g)
         for k, v in _slot_counts(logits, fovs).items():
@@ -340,7 +355,7 @@ def run_fovs(apply_fn: Callable, params: Any, batch: dict[str, jax.Array], order
         return out, (taken, pos)
 
     carry = dict(canvas=initial_canvas(config, b), loss_sum=jnp.float32(0),
-                 weight_sum=jnp.float32(0), tp=jnp.float32(0), fp=jnp.float32(0),
+                 weight_sum=jnp.float32(0), voxel_sum=jnp.float32(0), tp=jnp.float32(0), fp=jnp.float32(0),
                  fn=jnp.float32(0), moves=policy.init(b))
     if with_grad:
         carry["grad_sum"] = zero_grads
@@ -348,6 +363,6 @@ def run_fovs(apply_fn: Callable, params: Any, batch: dict[str, jax.Array], order
         carry["params"], carry["opt_state"] = params, opt_state
     carry, (taken, positions) = lax.scan(slot, carry, jnp.arange(fov_slots(config)))
     return dict(loss_sum=carry["loss_sum"], weight_sum=carry["weight_sum"],
-                grad_sum=carry.get("grad_sum"), tp=carry["tp"], fp=carry["fp"], fn=carry["fn"],
+                voxel_sum=carry["voxel_sum"], grad_sum=carry.get("grad_sum"), tp=carry["tp"], fp=carry["fp"], fn=carry["fn"],
                 taken=taken.T, positions=positions.T, canvas=carry["canvas"],
                 params=carry.get("params"), opt_state=carry.get("opt_state"))

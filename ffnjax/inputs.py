@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from ffnjax.augment import AugmentOptions
 from ffnjax.config import IMAGE_MEAN, IMAGE_STDDEV, TrainConfig
 from ffnjax.examples import BalancedSampler, TrainingVolume
 from ffnjax.synthetic import SyntheticConfig, make_volume
@@ -88,7 +89,8 @@ def make_sampler(config: TrainConfig, volumes: list[TrainingVolume],
         volumes, crop, radius, margin, config.partition_thresholds, config.min_object_size,
         seed=np.random.SeedSequence([config.seed, process_index]), augment=config.augment,
         transpose_yx=config.transpose_yx, brightness=config.brightness, contrast=config.contrast,
-        seed_prob=config.seed_prob, pad_prob=config.pad_prob, cache_dir=config.cache_dir or None)
+        seed_prob=config.seed_prob, pad_prob=config.pad_prob, cache_dir=config.cache_dir or None,
+        extra=AugmentOptions.of(config))
 
 
 def load_validation_batch(config: TrainConfig) -> dict[str, np.ndarray] | None:

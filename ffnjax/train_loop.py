@@ -39,8 +39,8 @@ from ffnjax.checkpoints import load_checkpoint  # noqa: F401  (re-exported for n
 from ffnjax.config import ModelConfig, TrainConfig
 from ffnjax.inputs import (Prefetcher, load_training_volumes, load_validation_batch, make_sampler,
                            sampler_states)
-from ffnjax.step import (AXIS, evaluate, init_state, make_mesh, make_optimizer, make_sharded_step,
-                         predict_example)
+from ffnjax.step import (AXIS, evaluate, inference_params, init_state, make_mesh, make_optimizer,
+                         make_sharded_step, predict_example)
 from ffnjax.volumes import read_spec  # noqa: F401  (alias: ffnjax.train_loop.read_spec, its old home)
 
 __all__ = ["train", "due"]
@@ -71,7 +71,14 @@ def _training_mesh(batch_size: int, process_count: int) -> Mesh:
 def _restore_latest(mngr: ocp.CheckpointManager, step: int, state: dict, config: TrainConfig,
                     workdir: Path) -> tuple[dict, list[dict]]:
     """(state, every host's sampler state) of checkpoint `step`, restored with
-    `state`'s shapes and shardings; refuses a checkpoint of another model."""
+    `state`'s shapes and shardings; refuses a checkpoint of another model, and
+    one that does (not) keep the EMA `config.ema_decay` asks for."""
+    saved = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    saved_ema = float(saved.get("train_config", {}).get("ema_decay", 0.0)) > 0
+    if saved_ema != ("ema" in state):
+        raise ValueError(f"workdir {workdir} holds a checkpoint {'with' if saved_ema else 'without'}"
+                         f" an EMA of the weights but the config has ema_decay "
+                         f"{config.ema_decay}; keep the run's ema_decay or use a new workdir")
     abstract = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     restored = mngr.restore(step, args=ocp.args.Composite(
@@ -86,13 +93,17 @@ def _restore_latest(mngr: ocp.CheckpointManager, step: int, state: dict, config:
 
 def _init_from(state: dict, config: TrainConfig, tx: Any) -> dict:
     """`state` with the parameters of `config.init_from`'s latest checkpoint
-    and a fresh optimiser state for them; refuses another architecture."""
+    (its EMA when it kept one), a fresh optimiser state for them and the EMA
+    (when this run keeps one) starting from them; refuses another architecture."""
     init_model, params = checkpoints.load_checkpoint(config.init_from)
     if init_model.fov_size != config.model.fov_size or init_model.depth != config.model.depth \
             or init_model.features != config.model.features:
         raise ValueError(f"init_from {config.init_from} holds model {init_model}, which does "
                          f"not match the config's {config.model}")
-    return dict(state, params=params, opt_state=tx.init(params))
+    fresh = dict(state, params=params, opt_state=tx.init(params))
+    if "ema" in state:
+        fresh["ema"] = jax.tree_util.tree_map(np.array, params)
+    return fresh
 
 
 def _interval_means(interval: list[dict], first: int, last: int) -> dict[str, float]:
@@ -262,7 +273,7 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_at_step: int | None 
                 final = dict(host, step=step)
                 interval, t_interval, waited, last_logged = [], time.perf_counter(), 0.0, step
             if val_batch is not None and due(step, config.val_every, end):
-                val = evaluate(jax.device_get(state["params"]), val_batch, config)
+                val = evaluate(jax.device_get(inference_params(state)), val_batch, config)
                 _write_scalars(writer, "val", val, step)
                 if progress:
                     bar.write(f"step {step} validation: " +
@@ -270,7 +281,7 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_at_step: int | None 
                 last_val = {f"val_{k}": v for k, v in val.items()}
             if primary and due(step, config.image_every, end):
                 _example_png(workdir / "images" / f"step_{step:06d}.png",
-                             jax.device_get(state["params"]), batch_np, config, seed=step)
+                             jax.device_get(inference_params(state)), batch_np, config, seed=step)
             if due(step, config.checkpoint_every, end) or terminated.is_set():
                 save(step, sampler_state)
             if terminated.is_set():

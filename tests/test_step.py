@@ -242,7 +242,10 @@ class _ReadRecorder:
 
 # Configurations that between them take every branch of the step and the optimiser.
 _STEP_VARIANTS = [dict(), dict(update_per_fov=False), dict(move_policy="max_pred_moves"),
-                  dict(max_moves=2, optimizer="sgd", clip_norm=0.0), dict(fov_moves=0)]
+                  dict(max_moves=2, optimizer="sgd", clip_norm=0.0), dict(fov_moves=0),
+                  dict(schedule="exponential", clip_value=0.7, loss_normalization="voxels",
+                       ema_decay=0.9),
+                  dict(schedule="constant", update_per_fov=False, loss_normalization="voxels")]
 
 
 def test_step_fields_hold_every_field_the_compiled_step_reads():
