@@ -33,6 +33,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from ffnjax.config import TrainConfig
+
 AUGMENT_FIELDS = ("permute_axes", "elastic_alpha", "elastic_sigma", "rotation_degrees",
                   "rotation_3d", "misalign_prob", "misalign_max", "missing_section_prob",
                   "out_of_focus_prob", "out_of_focus_sigma")
@@ -41,8 +43,19 @@ __all__ = ["AUGMENT_FIELDS", "AugmentOptions", "Deformation", "Sections", "sampl
            "resample_linear", "resample_nearest", "apply_sections", "rotation_matrix"]
 
 
+def _train_config_fields():
+    """(name, type, default) of TrainConfig's augmentation fields: the one place
+    their defaults are written is TrainConfig, which carries them to the CLI."""
+    by_name = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    return [(n, by_name[n].type, dataclasses.field(default=by_name[n].default))
+            for n in AUGMENT_FIELDS]
+
+
+_AugmentFields = dataclasses.make_dataclass("_AugmentFields", _train_config_fields(), frozen=True)
+
+
 @dataclasses.dataclass(frozen=True)
-class AugmentOptions:
+class AugmentOptions(_AugmentFields):
     """The settings of these augmentations (TrainConfig's fields of the same names).
 
     Attributes:
@@ -61,17 +74,6 @@ class AugmentOptions:
       out_of_focus_prob, out_of_focus_sigma: probability that one image
         section is blurred, and the Gaussian's sigma in y,x.
     """
-
-    permute_axes: bool = False
-    elastic_alpha: float = 0.0
-    elastic_sigma: float = 8.0
-    rotation_degrees: float = 0.0
-    rotation_3d: bool = False
-    misalign_prob: float = 0.0
-    misalign_max: int = 8
-    missing_section_prob: float = 0.0
-    out_of_focus_prob: float = 0.0
-    out_of_focus_sigma: float = 2.0
 
     @classmethod
     def of(cls, config) -> "AugmentOptions":
