@@ -1,7 +1,7 @@
 """Training examples for FFN: balanced centre sampling, crops, soft targets, augmentation.
 
 Everything here runs on the host in NumPy; the FOV moves inside an example run
-on the device (`ffnjax.train_loop.run_fovs`).
+on the device (`ffnjax.fov_moves.run_fovs`).
 
 The pipeline, as in google/ffn (`compute_partitions.py`, `build_coordinates.py`,
 `inputs.py`), but in memory and without TFRecords:
