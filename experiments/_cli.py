@@ -371,14 +371,22 @@ INFERENCE_FLAGS: dict[str, Flag] = {
                            "oversegmentation consensus) or 'contested' (keep the forward "
                            "objects, unlabel voxels the reverse pass gives to a "
                            "non-corresponding object)"),
+    "downsample": Flag("z,y,x factors: segment the image downsampled by these (block mean) "
+                       "and write labels on the native grid (ffnjax.scale)"),
 }
+
+def _default_text(obj: Any, name: str) -> str:
+    """A default as help prints it: numbers with :g, z,y,x triples as 'z,y,x'."""
+    v = getattr(obj, name)
+    return ",".join(str(x) for x in v) if isinstance(v, tuple) else f"{v:g}"
+
 
 # The InferenceOptions a checkpoint records from its training (see
 # ffnjax.checkpoints.inference_defaults); their help says where the default comes from.
 INFERENCE_FLAGS_FROM_CHECKPOINT: dict[str, Flag] = {
     **INFERENCE_FLAGS,
     **{k: dataclasses.replace(INFERENCE_FLAGS[k], default_text=(
-        f"the value the checkpoint was trained with, else {getattr(InferenceOptions(), k):g}"))
+        f"the value the checkpoint was trained with, else {_default_text(InferenceOptions(), k)}"))
        for k in INFERENCE_FACTS},
 }
 
@@ -410,6 +418,9 @@ TRAIN_FLAGS: dict[str, Flag] = {
                                  "fraction of same-object voxels around a centre (google/ffn's "
                                  "compute_partitions)"),
     "cache_dir": Flag("cache balanced-sampling partitions here"),
+    "downsample": Flag("z,y,x factors: train at this coarser scale (images block-averaged, "
+                       "labels subsampled; ffnjax.scale); the checkpoint records them and "
+                       "segment defaults to them"),
     "full_crop_margin": Flag("centres keep the whole example crop inside the volume; "
                              "--no-full-crop-margin (or --partial-crops) lets them come within "
                              "FOV//2 of a border, crop voxels outside carrying no loss",

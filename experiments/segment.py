@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     options_from_args(args)  # bad option values fail before the checkpoint is read
 
     # Here, not at the top: JAX and TensorStore take seconds to load; --help and bad flags don't wait.
-    from ffnjax import flood, segmentation
+    from ffnjax import flood, scale, segmentation
     from ffnjax.checkpoints import inference_defaults, load_checkpoint
     from ffnjax.volumes import create_volume, open_volume
 
@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     raw = np.asarray(image.read(start, size))
     if raw.ndim == 4 and raw.shape[-1] == 1:
         raw = raw[..., 0]
-    flood.check_image_shape(raw.shape, model_config.fov_size)
+    flood.check_image_shape(scale.coarse_shape(raw.shape, options.downsample), model_config.fov_size)
 
     state_path = Path(args.state) if args.state else default_state_path(args.output)
     state = segmentation.load_state(state_path) if state_path.exists() else None
@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         keep_probabilities=bool(args.prob_output),
         checkpoint_fn=lambda s: segmentation.save_state(state_path, s),
         checkpoint_every_s=args.checkpoint_every, progress=not args.quiet, run_id=run_id)
-    seg = segmentation.final_segmentation(state, options)
+    seg = segmentation.final_segmentation(state, options, raw.shape[:3])
 
     voxel_size = tuple(image.voxel_size)
     offset = tuple(int(o) + int(s) for o, s in zip(image.offset, start))
@@ -148,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         overwrite=True)
     out.write((0, 0, 0), seg)
     if args.prob_output:
-        prob = np.where(seg > 0, state.probabilities, 0).astype(np.uint8)
+        prob = scale.upsample_labels(state.probabilities, options.downsample, seg.shape)
+        prob = np.where(seg > 0, prob, 0).astype(np.uint8)
         pout = create_volume(args.prob_output, seg.shape, "uint8", voxel_size=voxel_size,
                              offset=offset, overwrite=True)
         pout.write((0, 0, 0), prob)

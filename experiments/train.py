@@ -37,7 +37,7 @@ from ffnjax.recipes import RECIPES
 # The flag groups of --help: every TrainConfig field (and the model's) is in one.
 GROUPS = {
     "run": ("steps", "seed", "distributed", "init_from"),
-    "data": ("images", "labels", "masks", "image_means", "image_stddevs", "synthetic_shape",
+    "data": ("images", "labels", "masks", "downsample", "image_means", "image_stddevs", "synthetic_shape",
              "synthetic_seed", "synthetic_radius", "min_object_size", "partition_thresholds",
              "cache_dir", "full_crop_margin", "augment", "transpose_yx", "brightness", "contrast",
              "permute_axes", "elastic_alpha", "elastic_sigma", "rotation_degrees", "rotation_3d",

@@ -60,16 +60,33 @@ def inference_facts(meta: Mapping[str, Any]) -> dict[str, float]:
       `IMAGE_STDDEV` and the InferenceOptions defaults).
     """
     if "inference" in meta:
-        return {k: float(v) for k, v in dict(meta["inference"]).items() if k in INFERENCE_FACTS}
-    facts: dict[str, float] = {}
+        return {k: _fact(k, v) for k, v in dict(meta["inference"]).items() if k in INFERENCE_FACTS}
+    facts: dict[str, Any] = {}
     for key, field in (("image_means", "image_mean"), ("image_stddevs", "image_stddev")):
         if meta.get(key):
             facts[field] = float(meta[key][0])
     train = meta.get("train_config") or {}
-    for key, field in (("seed_prob", "init_activation"), ("pad_prob", "pad_value")):
+    for key, field in (("seed_prob", "init_activation"), ("pad_prob", "pad_value"),
+                       ("downsample", "downsample")):
         if key in train:
-            facts[field] = float(train[key])
+            facts[field] = _fact(field, train[key])
+    return _drop_native_scale(facts)
+
+
+def _drop_native_scale(facts: dict[str, Any]) -> dict[str, Any]:
+    """Facts without a downsample of 1,1,1: the native scale is what a
+    checkpoint that records none means, so older checkpoints read the same."""
+    if tuple(facts.get("downsample", ())) == (1, 1, 1):
+        facts = {k: v for k, v in facts.items() if k != "downsample"}
     return facts
+
+
+def _fact(name: str, value: Any) -> float | tuple[int, ...]:
+    """One inference fact as InferenceOptions holds it: the scale's z,y,x
+    factors as ints, every other fact a float."""
+    if name == "downsample":
+        return tuple(int(v) for v in value)
+    return float(value)
 
 
 def save_args(state: Any, model_config: ModelConfig, meta: dict | None = None) -> ocp.args.Composite:
@@ -110,7 +127,7 @@ def save_model(workdir: str | os.PathLike, model_config: ModelConfig, params: An
         if unknown:
             raise ValueError(f"inference facts {unknown} are not recorded in a checkpoint; "
                              f"known: {list(INFERENCE_FACTS)}")
-        meta["inference"] = {k: float(v) for k, v in facts.items()}
+        meta["inference"] = _drop_native_scale({k: _fact(k, v) for k, v in facts.items()})
     mngr = make_manager(workdir, max_to_keep=None)
     mngr.save(step, args=save_args({"params": params}, model_config, meta), force=True)
     mngr.wait_until_finished()
@@ -197,8 +214,8 @@ def inference_defaults(workdir: str | os.PathLike, step: int | None = None) -> d
 
     One call for a segmenter: `InferenceOptions(**{**inference_defaults(w), **flags})`.
     Keys are among INFERENCE_FACTS (image_mean, image_stddev, init_activation,
-    pad_value); a checkpoint recording none (an imported TensorFlow model)
-    gives {}.
+    pad_value, and downsample for a model trained at a coarser scale); a
+    checkpoint recording none (an imported TensorFlow model) gives {}.
 
     Raises:
       FileNotFoundError: naming the workdir (or step) that holds no checkpoint.

@@ -148,10 +148,11 @@ SEED_POLICIES = ("peaks", "grid")
 SEED_ORDERS = ("zyx", "distance")
 CONSENSUS_MODES = ("split", "contested")
 # The InferenceOptions fields fixed by training: the normalisation of the
-# image and the initial mask (training's seed_prob / pad_prob). Inference with
+# image, the initial mask (training's seed_prob / pad_prob) and the scale
+# (training's downsample factors). Inference with
 # other values shows the network inputs it never saw. A checkpoint records
 # them (`ffnjax.checkpoints.inference_defaults`).
-INFERENCE_FACTS = ("image_mean", "image_stddev", "init_activation", "pad_value")
+INFERENCE_FACTS = ("image_mean", "image_stddev", "init_activation", "pad_value", "downsample")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +185,11 @@ class InferenceOptions(_JsonMixin):
         objects; unlabel the pieces under `min_segment_size` that the reverse
         pass gives to an object that does not correspond: order-dependent
         claims across a boundary).
+      downsample: z,y,x factors: segment the image reduced by these
+        (`ffnjax.scale`: block mean) and return labels on the native grid; a
+        model trained with `TrainConfig.downsample` records its factors and
+        the segmenters default to them. Seeds, FOV steps and
+        `min_segment_size` count coarse voxels.
     """
 
     image_mean: float = IMAGE_MEAN
@@ -202,8 +208,10 @@ class InferenceOptions(_JsonMixin):
     batch_size: int = 1
     consensus: bool = False
     consensus_mode: str = "split"
+    downsample: tuple[int, int, int] = (1, 1, 1)
 
     def __post_init__(self):
+        object.__setattr__(self, "downsample", _as_zyx("downsample", self.downsample))
         for name in ("init_activation", "pad_value", "move_threshold", "segment_threshold"):
             v = float(getattr(self, name))
             if not 0.0 < v < 1.0:
@@ -267,6 +275,9 @@ class TrainConfig(_JsonMixin):
       images, labels: volume specs (anything `ffnjax.volumes.open_volume`
         reads), one image per label volume; several pairs train on several
         volumes at once. A spec may end in `@z0:z1,y0:y1,x0:x1` to use a box.
+      downsample: z,y,x factors: train at this coarser scale (`ffnjax.scale`:
+        images block-averaged, labels and masks subsampled, validation too);
+        the checkpoint records them and the segmenters default to them.
       masks: optional specs of exclusion masks (non-zero = excluded), one per
         volume or empty.
       image_means, image_stddevs: per-volume normalisation (x - mean) / std;
@@ -331,6 +342,7 @@ class TrainConfig(_JsonMixin):
     images: tuple[str, ...] = ()
     labels: tuple[str, ...] = ()
     masks: tuple[str, ...] = ()
+    downsample: tuple[int, int, int] = (1, 1, 1)
     image_means: tuple[float, ...] = ()
     image_stddevs: tuple[float, ...] = ()
     synthetic_shape: tuple[int, int, int] = (64, 128, 128)
@@ -400,6 +412,7 @@ class TrainConfig(_JsonMixin):
         for name in ("image_means", "image_stddevs", "partition_thresholds"):
             object.__setattr__(self, name, _as_tuple(name, getattr(self, name), float))
         object.__setattr__(self, "synthetic_shape", _as_zyx("synthetic_shape", self.synthetic_shape))
+        object.__setattr__(self, "downsample", _as_zyx("downsample", self.downsample))
         if len(self.images) != len(self.labels):
             raise ValueError(f"images and labels must pair up: got {len(self.images)} image spec(s) "
                              f"and {len(self.labels)} label spec(s)")

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from ffnjax import scale
 from ffnjax.augment import AugmentOptions
 from ffnjax.config import IMAGE_MEAN, IMAGE_STDDEV, TrainConfig
 from ffnjax.examples import BalancedSampler, TrainingVolume
@@ -41,17 +42,22 @@ def load_training_volumes(config: TrainConfig) -> list[TrainingVolume]:
         image, labels = make_volume(config.synthetic_shape, seed=config.synthetic_seed,
                                     config=SyntheticConfig(mean_radius=config.synthetic_radius))
         mask = read_spec(config.masks[0]).astype(bool) if config.masks else None
-        return [TrainingVolume(np.asarray(image), np.asarray(labels), *config.normalisation(0), mask,
-                               name=f"synthetic{tuple(config.synthetic_shape)}")]
+        f = config.downsample
+        return [TrainingVolume(
+            scale.downsample_image(np.asarray(image), f), scale.downsample_labels(np.asarray(labels), f),
+            *config.normalisation(0), None if mask is None else scale.downsample_labels(mask, f),
+            name=f"synthetic{tuple(config.synthetic_shape)}")]
     masks = config.masks or (None,) * len(config.images)
-    return [load_volume_pair(i, l, *config.normalisation(k), masks[k])
+    return [load_volume_pair(i, l, *config.normalisation(k), masks[k], downsample=config.downsample)
             for k, (i, l) in enumerate(zip(config.images, config.labels))]
 
 
 def load_volume_pair(ispec: str, lspec: str, mean: float = IMAGE_MEAN,
-                     stddev: float = IMAGE_STDDEV, mask_spec: str | None = None) -> TrainingVolume:
+                     stddev: float = IMAGE_STDDEV, mask_spec: str | None = None,
+                     downsample: tuple[int, int, int] = (1, 1, 1)) -> TrainingVolume:
     """One image / labels (/ mask) spec pair as a TrainingVolume, with checks
-    that name the spec at fault."""
+    that name the spec at fault; reduced by `downsample` (`ffnjax.scale`)
+    after the checks, so shapes are compared on the native grid."""
     image, labels = read_spec(ispec), read_spec(lspec)
     if image.ndim == 4 and image.shape[-1] == 1:
         image = image[..., 0]
@@ -66,6 +72,10 @@ def load_volume_pair(ispec: str, lspec: str, mean: float = IMAGE_MEAN,
     if not labels.any():
         raise ValueError(f"labels {lspec!r} are empty (every voxel is 0)")
     mask = read_spec(mask_spec).astype(bool) if mask_spec else None
+    if not scale.is_identity(downsample):
+        image = scale.downsample_image(image, downsample)
+        labels = scale.downsample_labels(labels, downsample)
+        mask = None if mask is None else scale.downsample_labels(mask, downsample)
     return TrainingVolume(image, labels, mean, stddev, mask, name=f"{ispec} / {lspec}")
 
 
@@ -99,7 +109,8 @@ def load_validation_batch(config: TrainConfig) -> dict[str, np.ndarray] | None:
     if not config.val_images:
         return None
     mean, std = config.normalisation(0)
-    vols = [load_volume_pair(i, l, mean, std) for i, l in zip(config.val_images, config.val_labels)]
+    vols = [load_volume_pair(i, l, mean, std, downsample=config.downsample)
+            for i, l in zip(config.val_images, config.val_labels)]
     # Centres need only their centre FOV inside (a thin held-out slab keeps
     # enough centres); crop voxels outside the volume carry no loss.
     val_config = dataclasses.replace(config, augment=False, brightness=0.0, contrast=0.0,

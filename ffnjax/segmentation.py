@@ -40,6 +40,7 @@ import numpy as np
 from scipy.special import expit
 from tqdm.auto import tqdm
 
+from ffnjax import scale
 from ffnjax import seeds as seeds_lib
 from ffnjax.config import InferenceOptions, ModelConfig
 from ffnjax.consensus import split_by_intersection, unlabel_contested
@@ -370,7 +371,8 @@ def segment_state(image: Any, params: Any, model_config: ModelConfig,
     Args:
       state: a state from an interrupted run with the same image and options
         (see `segment`), or None to start afresh.
-      seeds: (N, 3) z,y,x seeds to use instead of `options.seed_policy`.
+      seeds: (N, 3) z,y,x seeds to use instead of `options.seed_policy`
+        (native voxels; divided by `options.downsample`).
       keep_probabilities: also build a uint8 probability map of committed voxels.
       checkpoint_fn: called with the state every `checkpoint_every_s` seconds
         (between seeds, so the state is consistent) and once at the end.
@@ -379,7 +381,11 @@ def segment_state(image: Any, params: Any, model_config: ModelConfig,
         (the CLI passes the image spec and bbox); a resumed state must match.
     """
     t_start = time.perf_counter()
-    arr = as_image_array(image)
+    # At a coarser scale (options.downsample) the whole state lives on the
+    # coarse grid; final_segmentation brings the labels back to the native one.
+    arr = scale.downsample_image(as_image_array(image), options.downsample)
+    if seeds is not None:
+        seeds = scale.to_coarse_points(seeds, options.downsample)
     spec = FillSpec.from_configs(arr.shape, model_config, options)
     apply_fn = apply_fn or default_apply_fn(model_config)
     check_apply_fn(apply_fn, params, model_config, spec.batch_size)
@@ -439,14 +445,17 @@ def segment_state(image: Any, params: Any, model_config: ModelConfig,
     return state, info
 
 
-def final_segmentation(state: SegmentState, options: InferenceOptions) -> np.ndarray:
-    """uint64 labels from a finished state (-1 seed marks become 0; consensus applied)."""
+def final_segmentation(state: SegmentState, options: InferenceOptions,
+                       shape: Sequence[int] | None = None) -> np.ndarray:
+    """uint64 labels from a finished state (-1 seed marks become 0; consensus
+    applied), on the native grid of `shape` when `options.downsample` is not
+    1 (default: the coarse shape times the factors)."""
     seg = np.where(state.segmentation > 0, state.segmentation, 0).astype(np.uint64)
     if options.consensus and state.forward is not None:
         fwd = np.where(state.forward > 0, state.forward, 0)
         combine = split_by_intersection if options.consensus_mode == "split" else unlabel_contested
         seg = combine(fwd, seg, options.min_segment_size)
-    return seg
+    return scale.upsample_labels(seg, options.downsample, shape)
 
 
 def segment(image: Any, params: Any, model_config: ModelConfig,
@@ -479,7 +488,8 @@ def segment(image: Any, params: Any, model_config: ModelConfig,
       ValueError: image smaller than the FOV, a network that does not map
         FOVs to FOVs, a state from a different run.
     """
+    image = as_image_array(image)
     state, info = segment_state(image, params, model_config, options, apply_fn, state=state,
                                 seeds=seeds, checkpoint_fn=checkpoint_fn,
                                 checkpoint_every_s=checkpoint_every_s, progress=progress)
-    return final_segmentation(state, options), info
+    return final_segmentation(state, options, image.shape[:3]), info

@@ -189,3 +189,16 @@ def test_segment_volume_defaults_to_the_checkpoints_training_facts(setup, tmp_pa
             segment_volume.main([*argv, *extra])
     assert [o.image_stddev for o in seen] == [20.0, 25.0, 30.0]
     assert seen[0] == InferenceOptions(image_stddev=20.0)
+
+
+def test_downsample_flag_segments_coarse_and_writes_the_native_grid(setup, tmp_path):
+    root, params, img = setup
+    out = tmp_path / "seg.zarr"
+    run(root, "--output", str(out), "--downsample", "2,2,2", "--seed-grid-step", "2,3,3")
+    seg = open_volume(str(out)).read()
+    assert seg.shape == img.shape
+    opts = InferenceOptions(min_segment_size=20, seed_policy="grid", seed_grid_step=(2, 3, 3),
+                            downsample=(2, 2, 2))
+    want, info = segmentation.segment(img, params, CFG, opts, progress=False)
+    np.testing.assert_array_equal(seg, want)
+    assert info.counters["committed"] >= 1
