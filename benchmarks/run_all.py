@@ -1,6 +1,6 @@
 """Runs every benchmark and writes one Markdown report (what `make bench` runs).
 
-    python -m benchmarks.run_all                 # the README's settings (about 30 min on 2 cores)
+    python -m benchmarks.run_all                 # docs/performance.md's settings (~30 min, 2 cores)
     python -m benchmarks.run_all --quick         # small settings, a few minutes
     python -m benchmarks.run_all --out benchmarks/results.md
 
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-# The settings behind the README's tables (about 30 minutes on 2 cores).
+# The settings behind the tables of docs/performance.md (about 30 minutes on 2 cores).
 FULL = {
     "forward_bench": ["--nets", "ffn12_33,default9", "--impls", "depth_split",
                       "--batches", "1,2", "--devices", "1,2", "--repeats", "5"],

@@ -21,7 +21,7 @@ volume. This is the classic pipeline for EM with dark membranes:
    1..N (uint64).
 
 Nothing is learned; the defaults were chosen on FIB-25 and the gala medulla
-volume (see the README for their scores).
+volume (docs/evaluation.md gives their scores).
 """
 
 from __future__ import annotations

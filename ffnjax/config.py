@@ -312,7 +312,7 @@ class TrainConfig(_JsonMixin):
         (the slot's FOVs over the batch form that step's batch; later moves
         see the updated net). False: one step per batch on the summed losses
         of all its FOVs. Both cost the same compute; per-FOV steps segmented
-        far better on the demo's recipe (see the README). `steps`,
+        far better on the demo's recipe (docs/experiments.md). `steps`,
         `warmup_steps` and the schedule count batches either way; with
         fov_moves=0 (one slot) the two are the same.
       move_threshold: a move needs the canvas (or face max) above this.
