@@ -397,7 +397,8 @@ TRAIN_FLAGS: dict[str, Flag] = {
     "distributed": Flag("call jax.distributed.initialize() first (multi-host runs; each host "
                         "feeds its share of the batch)"),
     "init_from": Flag("workdir whose latest parameters (its EMA when it kept one) start a "
-                      "fresh run (e.g. an imported google/ffn model)"),
+                      "fresh run (e.g. an imported google/ffn model); without model flags or "
+                      "--config the network is the one it holds"),
     # data
     "images": Flag("training image volume (any spec ffnjax.volumes reads, optionally "
                    "SPEC@z0:z1,y0:y1,x0:x1, or SPEC1+SPEC2 stacked along z); repeat for several "

@@ -92,6 +92,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     model = _cli.given(args, ModelConfig, _cli.MODEL_FLAGS)
     if model:
         changes["model"] = dataclasses.replace(base.model, **model)
+    elif changes.get("init_from") and not args.config:
+        # Fine-tuning: the network is the one --init-from holds (e.g. google/ffn's
+        # published model imported by experiments.import_tf), unless flags say otherwise.
+        from ffnjax.checkpoints import load_model_config  # loads JAX: only on this path
+        changes["model"] = load_model_config(changes["init_from"])
     return dataclasses.replace(base, **changes)
 
 

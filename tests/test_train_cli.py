@@ -146,3 +146,19 @@ def test_sigterm_saves_a_checkpoint_and_rerun_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert checkpoints.latest_step(wd) == saved + 1
     assert json.loads(again.stdout.strip().splitlines()[-1])["step"] == saved + 1
+
+
+def test_init_from_brings_its_network_unless_flags_name_one(tmp_path):
+    import jax
+
+    from ffnjax.config import ModelConfig
+    from ffnjax.nets import init_params
+
+    model = ModelConfig(depth=2, features=3, fov_size=(7, 9, 9), deltas=(1, 2, 2))
+    params = jax.tree_util.tree_map(np.asarray, init_params(model, jax.random.PRNGKey(0)))
+    checkpoints.save_model(tmp_path / "src", model, params)
+    args = ["--workdir", str(tmp_path / "w"), "--init-from", str(tmp_path / "src")]
+    assert config_from_args(build_parser().parse_args(args)).model == model
+    flagged = config_from_args(build_parser().parse_args([*args, "--depth", "3"])).model
+    assert flagged.depth == 3 and flagged.fov_size == ModelConfig().fov_size
+    assert config_from_args(build_parser().parse_args(args[:2])).model == ModelConfig()
