@@ -52,3 +52,15 @@ def test_save_montage_reads_only_chosen_slices(tmp_path):
     save_volume(str(tmp_path / "small.zarr"), seg[:6])
     with pytest.raises(ValueError, match="differ in shape"):
         view.save_montage(tmp_path / "n.png", str(tmp_path / "img.zarr"), str(tmp_path / "small.zarr"))
+
+
+def test_no_viewer_without_png_is_a_one_line_usage_error(capsys, tmp_path):
+    # --no-viewer leaves only --png to do; without it the command used to do
+    # nothing and exit 0.
+    from experiments import view as view_cli
+    with pytest.raises(SystemExit) as exit_:
+        view_cli.main(["--image", str(tmp_path / "img.zarr"), "--no-viewer"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--no-viewer" in err[0] and "--png" in err[0]
+    assert not list(tmp_path.iterdir())  # nothing was opened or written
