@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import sys
 import time
@@ -326,13 +327,24 @@ def run_demo(args: argparse.Namespace) -> dict:
 
 def _commands() -> tuple[str, str]:
     """How to call this interpreter and its TensorBoard from the current folder
-    (`.venv/bin/python` after `make demo`, which does not activate the venv)."""
+    (`.venv/bin/python` after `make demo`, which does not activate the venv).
+
+    TensorBoard is a dependency, so its script normally sits beside the
+    interpreter; where it does not (a user-site install), `python -m
+    tensorboard.main` still runs it, and without TensorBoard the line says how
+    to install it instead of printing a command that fails.
+    """
     python = Path(sys.executable)
     try:
         python = python.relative_to(Path.cwd())
     except ValueError:
         pass
-    return str(python), str(python.parent / "tensorboard")
+    script = Path(sys.executable).parent / "tensorboard"
+    if script.is_file():
+        return str(python), str(python.parent / "tensorboard")
+    if importlib.util.find_spec("tensorboard") is not None:
+        return str(python), f"{python} -m tensorboard.main"
+    return str(python), f"{python} -m pip install tensorboard && {python} -m tensorboard.main"
 
 
 def summary_table(report: dict) -> str:

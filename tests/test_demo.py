@@ -178,3 +178,20 @@ def test_a_missing_model_is_refused_before_writing(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         demo.run_demo(args)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_printed_tensorboard_command_runs(monkeypatch):
+    # The demo ends with "training curves: TENSORBOARD --logdir OUT"; that
+    # command must exist (TensorBoard is a dependency, not only tensorboardX).
+    import shlex
+    import subprocess
+
+    _, tensorboard = demo._commands()
+    argv = shlex.split(tensorboard)
+    assert "pip install" not in tensorboard, "TensorBoard is not installed"
+    done = subprocess.run([*argv, "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip()[0].isdigit(), done.stderr
+    # Without TensorBoard the line says how to install it instead.
+    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(demo.Path, "is_file", lambda self: False)
+    assert "pip install tensorboard" in demo._commands()[1]
