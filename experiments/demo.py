@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "contacts that make strict merges; 'split' is google/ffn's "
                         "oversegmentation consensus; 'none' segments once, in half the time)")
     _cli.add_common(p)
+    _cli.add_compile_cache(p)
     _cli.add_flags(p.add_argument_group("training (TrainConfig)"), TrainConfig, TRAIN_FLAGS,
                    TRAIN_FIELDS, base=DEMO_TRAINING)
     _cli.add_flags(p.add_argument_group("model (ModelConfig)"), ModelConfig, MODEL_FLAGS,
@@ -387,6 +388,7 @@ def summary_table(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _cli.use_compile_cache(args)
     run_demo(args)
     return 0
 
