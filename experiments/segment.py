@@ -169,8 +169,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "fov_steps_per_s": round(c["fov_steps"] / max(info.timings["fill"] + info.timings["first_fill"], 1e-9), 2),
         "output": args.output, "prob_output": args.prob_output,
     }
-    print(f"{info.summary()}\nwrote {args.output} {tuple(seg.shape)} uint64"
-          + (f" and {args.prob_output} uint8" if args.prob_output else ""))
+    print(f"{info.summary()}\nwrote {args.output} {tuple(seg.shape)} uint64: "
+          f"{summary['objects']} objects, {summary['segmented_voxels']:,} of "
+          f"{summary['volume_voxels']:,} voxels labelled"
+          + (f"; and {args.prob_output} uint8" if args.prob_output else ""))
     if args.info_json:
         Path(args.info_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.info_json).write_text(json.dumps(
