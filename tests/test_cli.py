@@ -265,6 +265,7 @@ JAX_COMMANDS = {
     "segment_volume": ["--image", "i.zarr", "--output", "o.zarr"],
     "demo": [],
     "fib25_tf_eval": [],
+    "fib25_eval": ["--out", "o"],
 }
 
 
