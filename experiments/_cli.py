@@ -1,6 +1,6 @@
 """The one command-line layer shared by every `python -m experiments.*` command.
 
-Four things every command does the same way:
+Five things every command does the same way:
 
 - **Parsing numbers.** `numbers` reads comma-separated numbers ('z,y,x' and
   friends) and names the flag in its error; `zyx_arg` is its argparse type.
@@ -19,14 +19,21 @@ Four things every command does the same way:
   `error: <what>, <which file/flag/value>` on stderr and exit status 2, no
   traceback; `--debug` re-raises with it (`run`, `report_error`). Usage errors
   found by argparse get the same one line (`Parser.error`).
+- **JAX's persistent compilation cache.** Every command that compiles JAX
+  code has `--compile-cache` / `--no-compile-cache` (`add_compile_cache`) and
+  calls `use_compile_cache(args)` after parsing: compiled programs are kept
+  under `compile_cache_dir()` ($XDG_CACHE_HOME/ffnjax/jax-compile, else
+  ~/.cache/ffnjax/jax-compile), so a rerun loads them instead of compiling.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ffnjax import volume_spec
@@ -102,6 +109,66 @@ def add_common(group, quiet: str = "no progress bars", quiet_aliases: Sequence[s
                        help=quiet + note)
     group.add_argument("--debug", action="store_true",
                        help="on bad input show the Python traceback instead of one error line")
+
+
+# ----------------------------------------------------------------------------
+# JAX's persistent compilation cache
+# ----------------------------------------------------------------------------
+
+# On by default: see add_compile_cache for what it saves.
+COMPILE_CACHE_DEFAULT = True
+
+
+def compile_cache_dir() -> Path:
+    """Where the commands keep compiled JAX programs: $XDG_CACHE_HOME/ffnjax/jax-compile,
+    or ~/.cache/ffnjax/jax-compile when XDG_CACHE_HOME is unset or empty."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ffnjax" / "jax-compile"
+
+
+def add_compile_cache(group, default: bool = COMPILE_CACHE_DEFAULT) -> None:
+    """`--compile-cache` / `--no-compile-cache`, for commands that compile JAX code."""
+    state = "on" if default else "off"
+    group.add_argument(
+        "--compile-cache", action=argparse.BooleanOptionalAction, default=default,
+        help=f"keep compiled JAX programs in {compile_cache_dir()} ($XDG_CACHE_HOME/ffnjax/"
+             f"jax-compile) so that a rerun with the same model and shapes loads them instead of "
+             f"compiling again; --no-compile-cache compiles afresh and writes nothing there "
+             f"(default {state})")
+
+
+def use_compile_cache(args: Any, directory: str | os.PathLike | None = None) -> Path | None:
+    """Turns on JAX's persistent compilation cache when `args.compile_cache` is true.
+
+    Call it after parsing and before anything is compiled. Every compiled
+    program is cached, however quick its compile or small its executable (JAX's
+    defaults skip those under a second or a few bytes, which on CPU is most of
+    them). A cache directory the user chose (JAX_COMPILATION_CACHE_DIR) is kept.
+    The settings also go into the environment, so worker processes started
+    later (segment_volume's Dask workers) cache into the same place.
+
+    Args:
+      args: parsed flags (or anything with a `compile_cache` attribute; a bool
+        is taken as the answer itself).
+      directory: the cache folder (default `compile_cache_dir()`).
+
+    Returns:
+      the cache folder in use, or None when the cache stays off.
+    """
+    enabled = args if isinstance(args, bool) else getattr(args, "compile_cache", False)
+    if not enabled:
+        return None
+    import jax  # here: only commands that compile pay for importing JAX
+
+    chosen = jax.config.jax_compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    path = Path(chosen or directory or compile_cache_dir()).expanduser()
+    settings = {"jax_compilation_cache_dir": str(path),
+                "jax_persistent_cache_min_compile_time_secs": 0.0,
+                "jax_persistent_cache_min_entry_size_bytes": -1}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+        os.environ[name.upper()] = str(value)
+    return path
 
 
 # ----------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import sys
 import time
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "contacts that make strict merges; 'split' is google/ffn's "
                         "oversegmentation consensus; 'none' segments once, in half the time)")
     _cli.add_common(p)
+    _cli.add_compile_cache(p)
     _cli.add_flags(p.add_argument_group("training (TrainConfig)"), TrainConfig, TRAIN_FLAGS,
                    TRAIN_FIELDS, base=DEMO_TRAINING)
     _cli.add_flags(p.add_argument_group("model (ModelConfig)"), ModelConfig, MODEL_FLAGS,
@@ -267,6 +269,9 @@ def run_demo(args: argparse.Namespace) -> dict:
             print(f"[2/5] {name}: {workdir} already holds step {metrics['step']}; nothing left to "
                   f"train (use a new --out or more steps to train further)")
     report["training"]["seconds"] = trained_s
+    report["training"]["phases"] = len(phases)
+    report["training"]["reused_phases"] = sum(
+        bool(report["training"][name]["reused"]) for name, _, _ in phases)
     report["training"]["reused"] = bool(phases) and all(
         report["training"][name]["reused"] for name, _, _ in phases)
     report["training"]["step"] = sum(c.steps for _, _, c in phases)
@@ -286,16 +291,20 @@ def run_demo(args: argparse.Namespace) -> dict:
                                   voxels=int(np.count_nonzero(seg)), volume_voxels=int(seg.size),
                                   voxels_per_s=seg.size / seg_s, summary=info.summary(),
                                   timings=info.timings)
+    # Counts of the saved segmentation; info's counters add up every pass of consensus.
     print(f"[3/5] FFN ({segment_with}) segmented {seg.shape} in {seg_s:.0f} s: {objects} objects, "
-          f"{np.count_nonzero(seg):,} of {seg.size:,} voxels labelled "
-          f"({info.summary()})")
+          f"{np.count_nonzero(seg):,} of {seg.size:,} voxels labelled -> {out / 'ffn_seg.zarr'}\n"
+          f"      {info.summary()}")
 
     # 4. Baseline -------------------------------------------------------------------
     t0 = time.perf_counter()
     base = baseline.baseline_segmentation(test_img)
     base_s = time.perf_counter() - t0
     volumes.save_volume(str(out / "baseline_seg.zarr"), base, overwrite=True)
-    print(f"[4/5] watershed baseline in {base_s:.1f} s: {len(np.unique(base)) - 1} segments")
+    report["baseline_segmentation"] = dict(objects=int(len(np.unique(base[base > 0]))),
+                                           voxels=int(np.count_nonzero(base)))
+    print(f"[4/5] watershed baseline in {base_s:.1f} s: "
+          f"{report['baseline_segmentation']['objects']} segments")
 
     # 5. Evaluation -------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -326,13 +335,24 @@ def run_demo(args: argparse.Namespace) -> dict:
 
 def _commands() -> tuple[str, str]:
     """How to call this interpreter and its TensorBoard from the current folder
-    (`.venv/bin/python` after `make demo`, which does not activate the venv)."""
+    (`.venv/bin/python` after `make demo`, which does not activate the venv).
+
+    TensorBoard is a dependency, so its script normally sits beside the
+    interpreter; where it does not (a user-site install), `python -m
+    tensorboard.main` still runs it, and without TensorBoard the line says how
+    to install it instead of printing a command that fails.
+    """
     python = Path(sys.executable)
     try:
         python = python.relative_to(Path.cwd())
     except ValueError:
         pass
-    return str(python), str(python.parent / "tensorboard")
+    script = Path(sys.executable).parent / "tensorboard"
+    if script.is_file():
+        return str(python), str(python.parent / "tensorboard")
+    if importlib.util.find_spec("tensorboard") is not None:
+        return str(python), f"{python} -m tensorboard.main"
+    return str(python), f"{python} -m pip install tensorboard && {python} -m tensorboard.main"
 
 
 def summary_table(report: dict) -> str:
@@ -345,11 +365,19 @@ def summary_table(report: dict) -> str:
         trained = "no training"
     elif training["reused"]:
         trained = "training reused from an earlier run"
+    elif training.get("reused_phases"):
+        trained = (f"{training['seconds']:.0f} s train ({training['reused_phases']} of "
+                   f"{training['phases']} phases reused)")
     else:
         trained = f"{training['seconds']:.0f} s train"
+    seg = report["segmentation"]
     rows = [("", "FFN", "baseline"),
-            ("time (s)", f"{trained} + {report['segmentation']['seconds']:.0f} segment",
+            ("time (s)", f"{trained} + {seg['seconds']:.0f} segment",
              f"{report['baseline_seconds']:.1f}")]
+    # Counted on the saved segmentations (ffn_seg.zarr, baseline_seg.zarr), whole volume.
+    base = report.get("baseline_segmentation")
+    rows.append(("objects / labelled voxels", f"{seg['objects']:,} / {seg['voxels']:,}",
+                 f"{base['objects']:,} / {base['voxels']:,}" if base else "-"))
     for t in ("1", "50"):
         rows.append((f"ERL (voxels), merge thr {t}", f"{s['ffn']['erl'][t]['erl']:.1f}",
                      f"{s['baseline']['erl'][t]['erl']:.1f}"))
@@ -375,6 +403,7 @@ def summary_table(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _cli.use_compile_cache(args)
     run_demo(args)
     return 0
 

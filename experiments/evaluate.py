@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skeletons", metavar="DIR", default=None,
                    help="folder of .swc files to use instead of skeletonizing the ground truth")
     p.add_argument("--voxel-size", metavar="Z,Y,X", default=None,
-                   help="voxel size in nm (default: the ground truth's stored voxel size)")
+                   help="voxel size in nm (default: the ground truth's stored voxel size; "
+                        "required when it stores none, as npy/npz files never do)")
     _cli.add_box_flags(p, "score only this box, in the segmentation's voxel coordinates")
     p.add_argument("--gt-offset", metavar="Z,Y,X", default=None,
                    help="where the segmentation's voxel 0 lies in the ground truth, in "
@@ -94,6 +95,29 @@ def _region(vol, offset: tuple[int, ...] | None, seg_offset, start, size, what: 
     return vol.read(begin, size)
 
 
+def physical_voxel_size(flag: str | None, gt_vol, *others) -> tuple[float, ...]:
+    """The voxel size in nm that lengths (ERL, skeletons) are measured in.
+
+    --voxel-size when given, else the ground truth's stored voxel size. A
+    ground truth that stores none (npy, npz, an HDF5 dataset or zarr array
+    without the attribute) makes --voxel-size required: assuming 1 nm would
+    report every length in µm a thousandfold too small, without a word.
+
+    Raises:
+      ValueError: naming the ground-truth file and --voxel-size (and the voxel
+        size another given volume stores, as a hint) when neither is known.
+    """
+    if flag is not None:
+        return _cli.numbers(flag, "--voxel-size", kind=float, minimum=0, strict=True)
+    if gt_vol.voxel_size_stored:
+        return gt_vol.voxel_size
+    hints = [f"{v.spec.text!r} stores {','.join(f'{x:g}' for x in v.voxel_size)}"
+             for v in others if v is not None and v.voxel_size_stored]
+    hint = f" ({'; '.join(hints)})" if hints else ""
+    raise ValueError(f"the ground truth {gt_vol.spec.text!r} stores no voxel size; pass "
+                     f"--voxel-size Z,Y,X in nm{hint}")
+
+
 def run(args: argparse.Namespace) -> dict:
     from ffnjax.volumes import open_volume  # here, not at the top: TensorStore (~1 s); --help doesn't wait
 
@@ -108,8 +132,7 @@ def run(args: argparse.Namespace) -> dict:
     # the frame the segmentation lives in; the baseline lives in the image's
     seg_offset, frame_shape = frame.offset, frame.shape
     start, size = _cli.region(args, frame_shape, "segmentation")
-    voxel_size = (_cli.numbers(args.voxel_size, "--voxel-size", kind=float, minimum=0, strict=True)
-                  or gt_vol.voxel_size)
+    voxel_size = physical_voxel_size(args.voxel_size, gt_vol, seg_vol, img_vol)
 
     t0 = time.perf_counter()
     image = None

@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="segment again even where OUT/<name>.zarr exists")
     g.add_argument("--skip-baseline", action="store_true", help="score the checkpoints only")
     _cli.add_common(g)
+    _cli.add_compile_cache(g)
     add_option_flags(p)
     return p
 
@@ -111,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     names = _names(args)
     options_from_args(args)  # bad option values fail before anything is read
     start, size = volume_spec.clipped_box(args.box, FIB25_SHAPE)
+    _cli.use_compile_cache(args)
 
     # Here, not at the top: JAX and TensorStore take seconds to load; --help and bad flags don't wait.
     from ffnjax import baseline, segmentation

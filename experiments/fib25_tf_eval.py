@@ -125,6 +125,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="out/fib25_tf_eval",
                    help="folder for segmentations.npz, metrics.json and slices.png")
     _cli.add_common(p)
+    _cli.add_compile_cache(p)
     return p.parse_args(argv)
 
 
@@ -146,6 +147,7 @@ def crop(args: argparse.Namespace) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    _cli.use_compile_cache(args)
     from ffnjax import segmentation  # here, not at the top: loads JAX (seconds); --help doesn't wait
 
     offset, size = crop(args)

@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--info-json", metavar="PATH", default=None,
                    help="write counters, timings and per-object records as JSON")
     _cli.add_common(g)
+    _cli.add_compile_cache(g)
     add_option_flags(p)
     return p
 
@@ -101,6 +102,7 @@ def _output_exists(spec: str) -> bool:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     options_from_args(args)  # bad option values fail before the checkpoint is read
+    _cli.use_compile_cache(args)
 
     # Here, not at the top: JAX and TensorStore take seconds to load; --help and bad flags don't wait.
     from ffnjax import flood, scale, segmentation
@@ -167,8 +169,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "fov_steps_per_s": round(c["fov_steps"] / max(info.timings["fill"] + info.timings["first_fill"], 1e-9), 2),
         "output": args.output, "prob_output": args.prob_output,
     }
-    print(f"{info.summary()}\nwrote {args.output} {tuple(seg.shape)} uint64"
-          + (f" and {args.prob_output} uint8" if args.prob_output else ""))
+    print(f"{info.summary()}\nwrote {args.output} {tuple(seg.shape)} uint64: "
+          f"{summary['objects']} objects, {summary['segmented_voxels']:,} of "
+          f"{summary['volume_voxels']:,} voxels labelled"
+          + (f"; and {args.prob_output} uint8" if args.prob_output else ""))
     if args.info_json:
         Path(args.info_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.info_json).write_text(json.dumps(

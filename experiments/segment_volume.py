@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         _cli.MODEL_FLAGS, fov_size="with --oracle: FOV size z,y,x",
         deltas="with --oracle: FOV moves z,y,x"), ("fov_size", "deltas"), base=ORACLE_MODEL)
     _cli.add_common(ap, "hide the progress bars", quiet_aliases=("--no-progress",))
+    _cli.add_compile_cache(ap)
     g = ap.add_argument_group("inference options (InferenceOptions)")
     _cli.add_flags(g, InferenceOptions, _cli.INFERENCE_FLAGS_FROM_CHECKPOINT)
     return ap
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _cli.use_compile_cache(args)  # Dask workers started below inherit it
     if args.oracle:
         from ffnjax.testing import oracle_apply_fn, oracle_options  # loads JAX: only when asked for
         model_config = ModelConfig(depth=1, features=1, fov_size=args.fov, deltas=args.deltas)

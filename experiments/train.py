@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-at-step", type=int,
                    help="stop (with a checkpoint) at this step, keeping the --steps schedule")
     _cli.add_common(g, quiet="no progress bar or log lines")
+    _cli.add_compile_cache(g)
     for name, fields in GROUPS.items():
         _cli.add_flags(groups[name], TrainConfig, _cli.TRAIN_FLAGS, fields)
     _cli.add_flags(groups["model"], ModelConfig, _cli.MODEL_FLAGS)
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
+        _cli.use_compile_cache(args)
         from ffnjax.train_loop import train  # after flag parsing: --help stays fast
 
         # Bad data is found while loading the volumes, before the first step.

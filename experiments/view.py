@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--slices", type=int, default=4, help="z slices in the montage (default 4)")
     ap.add_argument("--no-block", action="store_true",
                     help="build the viewer, print its URL and state JSON, and exit")
-    ap.add_argument("--no-viewer", action="store_true", help="only write --png, start no server")
+    ap.add_argument("--no-viewer", action="store_true",
+                    help="only write --png (required with it), start no server")
     _cli.add_common(ap, "accepted for uniformity (this command draws no progress bars)")
     return ap
 
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None):
     args = parser.parse_args(argv)
     if args.image is None and args.segmentation is None:
         parser.error("give --image, --segmentation or both")
+    if args.no_viewer and not args.png:
+        parser.error("--no-viewer starts no viewer and leaves only --png to do, but no --png was "
+                     "given; add --png OUT.png or drop --no-viewer")
     if args.png:
         if args.image is None or args.segmentation is None:
             parser.error("--png needs both --image and --segmentation")

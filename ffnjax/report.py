@@ -31,11 +31,20 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+# The colours of the merge PNG, named once for its drawing and its key.
+GT_BOUNDARY = (255, 60, 60)
+SEGMENT_BOUNDARY = (255, 255, 0)
+MERGE = (255, 0, 255)
+
+
 def save_merge_png(path: str | os.PathLike, segmentation: np.ndarray, groundtruth: np.ndarray,
                    image: np.ndarray | None = None, merging_segments: Sequence[int] = (),
                    n_worst: int = 3, n_slices: int = 3) -> Path:
-    """Writes a PNG: per chosen z slice, the image with ground-truth outlines,
-    the segmentation in colour, and the worst merges filled in magenta.
+    """Writes a PNG: per chosen z slice (one row each, titled with its z), the
+    image with ground-truth outlines, the segmentation with a colour per
+    segment, and the segment boundaries with the worst merges filled in
+    magenta. Columns have titles and a key below says what each colour means;
+    an empty segmentation says so in the picture.
 
     Slices are those where the worst merging segments have the most voxels
     (evenly spread slices when there is no merger). ``merging_segments`` is
@@ -53,13 +62,30 @@ def save_merge_png(path: str | os.PathLike, segmentation: np.ndarray, groundtrut
         zs = sorted(int(z) for z in np.argsort(-per_z, kind="stable")[:n_slices] if per_z[z] > 0)
     else:
         zs = view.default_slices(seg.shape[0], n_slices)
-    panels = []
+    empty = not seg.any()
+    panels, notes = [], {}
     for z in zs:
         img = image[z] if image is not None else None
-        panels.append(view.overlay(img, gt[z], outline=True))
-        panels.append(view.overlay(img, seg[z], outline=False))
-        m = view.overlay(img, seg[z], outline=True, outline_color=(255, 255, 0))
-        m[np.isin(seg[z], worst)] = (255, 0, 255)
-        m[view.boundaries(gt[z])] = (255, 60, 60)
+        panels.append(view.overlay(img, gt[z], outline=True, outline_color=GT_BOUNDARY))
+        colours = view.overlay(img, seg[z], outline=False, alpha=0.6, vivid=True)
+        colours[view.boundaries(seg[z])] = 0  # segments apart where colours are alike
+        if empty or not seg[z].any():
+            notes[len(panels)] = "empty segmentation" if empty else "no segment in this slice"
+        panels.append(colours)
+        m = view.overlay(img, seg[z], outline=True, outline_color=SEGMENT_BOUNDARY)
+        m[np.isin(seg[z], worst)] = MERGE
+        m[view.boundaries(gt[z])] = GT_BOUNDARY
         panels.append(m)
-    return view.save_png(path, view.montage(panels, ncols=3))
+    merges = (f"worst merging segments (ids {', '.join(map(str, worst))})" if worst
+              else "worst merging segments (none)")
+    legend = [(GT_BOUNDARY, "ground-truth boundary"), (SEGMENT_BOUNDARY, "segment boundary"),
+              (MERGE, merges), ((40, 170, 230), "a colour per segment"),
+              ((0, 0, 0), "between segments"),
+              ((128, 128, 128), "no colour: unlabelled") if image is not None
+              else ((0, 0, 0), "black: unlabelled")]
+    banner = ("EMPTY SEGMENTATION: no voxel is labelled, nothing to show" if empty else None)
+    picture = view.figure(panels, 3, column_titles=("ground truth", "segmentation",
+                                                     "worst merges"),
+                          row_titles=[f"z {z}" for z in zs], legend=legend, banner=banner,
+                          notes=notes)
+    return view.save_png(path, picture)

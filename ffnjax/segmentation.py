@@ -245,7 +245,9 @@ class SegmentInfo:
     """What `segment` did: per-object records, counters and timings (seconds).
 
     With `consensus`, `objects` holds the records of the forward pass and then
-    of the reverse pass (ids of the final, intersected labels differ from both).
+    of the reverse pass (ids of the final, intersected labels differ from both),
+    and the counters add both passes up: `passes` is 2 and `summary` says so.
+    Count the final segmentation for its objects and voxels.
 
     timings: 'seeds' (seed policy), 'compile' (compiling the fill, timed apart
     from any fill: a run bounded at zero FOV steps), 'first_fill' (the first
@@ -257,28 +259,45 @@ class SegmentInfo:
     counters: dict[str, int]
     timings: dict[str, float]
     num_seeds: int
+    passes: int = 1
 
     def summary(self) -> str:
         c = self.counters
         t = self.timings
-        text = (f"{c['committed']} objects, {c['voxels']} voxels from {self.num_seeds} seeds "
-                f"({c['fills']} fills, {c['fov_steps']} FOV steps; skipped: "
-                f"{c['skipped_segmented']} in objects, {c['skipped_boundary']} near objects, "
-                f"{c['seed_too_weak']} too weak, {c['too_small']} too small) in {t['total']:.2f} s "
-                f"(compile {t.get('compile', 0.0):.1f} s, first fill "
+        if self.passes == 1:
+            head = f"{c['committed']} objects, {c['voxels']} voxels from {self.num_seeds} seeds"
+        else:
+            head = (f"{self.passes} consensus passes together committed {c['committed']} objects, "
+                    f"{c['voxels']} voxels (before the consensus combines them) from "
+                    f"{self.num_seeds} seeds each")
+        text = (f"{head} ({c['fills']} fills, {c['fov_steps']} FOV steps; seeds skipped: "
+                f"{c['skipped_segmented']} in objects, {c['skipped_boundary']} near objects; "
+                f"fills dropped: {c['seed_too_weak']} whose seed ended below --move-threshold "
+                f"('too weak'), {c['too_small']} under --min-segment-size voxels ('too small')) "
+                f"in {t['total']:.2f} s (compile {t.get('compile', 0.0):.1f} s, first fill "
                 f"{t.get('first_fill', 0.0):.1f} s)")
         return text + self.hint()
 
     def hint(self) -> str:
-        """What to try when the run committed nothing (empty when it did)."""
+        """What the dropped fills mean and what to try, when they outweigh the
+        objects kept (empty otherwise)."""
         c = self.counters
-        if c["committed"] or not c["fills"]:
+        weak, small, kept = c["seed_too_weak"], c["too_small"], c["committed"]
+        if not c["fills"] or (kept and weak <= kept):
             return ""
-        if c["seed_too_weak"] >= c["too_small"]:
-            return ("\nno object committed: at most seeds the network's own prediction fell "
-                    "below --move-threshold ('too weak'); the model is probably undertrained "
-                    "(train longer, or start from a shipped model), or the image is not "
-                    "normalised as in training (--image-mean / --image-stddev)")
+        undertrained = ("the model is probably undertrained for this image (train longer, or "
+                        "start from a shipped model), or the image is not normalised as in "
+                        "training (--image-mean / --image-stddev); a lower --move-threshold "
+                        "keeps weaker fills, and moves the FOV on weaker evidence too")
+        if kept:
+            return (f"\nmore fills were dropped as too weak ({weak}) than kept ({kept}): at "
+                    f"their seed the network's own prediction ended below --move-threshold, "
+                    f"i.e. it did not hold the seed voxel to be inside an object; "
+                    f"{undertrained}")
+        if weak >= small:
+            return ("\nno object committed: at most seeds the network's own prediction ended "
+                    "below --move-threshold ('too weak': it did not hold the seed voxel to be "
+                    f"inside an object); {undertrained}")
         return ("\nno object committed: every fill stayed under --min-segment-size voxels "
                 "('too small'); lower --min-segment-size or --segment-threshold, or train longer")
 
@@ -441,7 +460,7 @@ def segment_state(image: Any, params: Any, model_config: ModelConfig,
     timings["total"] = time.perf_counter() - t_start
     state.elapsed_s = elapsed0 + timings["total"]
     info = SegmentInfo(objects=list(state.objects), counters=dict(state.counters), timings=timings,
-                       num_seeds=len(state.seeds))
+                       num_seeds=len(state.seeds), passes=passes)
     return state, info
 
 

@@ -119,7 +119,12 @@ class Volume:
       spec: the VolumeSpec it was opened from.
       shape: (z, y, x) size in voxels (channels not included).
       dtype: NumPy dtype of the voxels.
-      voxel_size: (z, y, x) voxel size in nm (floats).
+      voxel_size: (z, y, x) voxel size in nm (floats); (1, 1, 1) when the
+        volume stores none (see `voxel_size_stored`).
+      voxel_size_stored: whether `voxel_size` was read from the volume's own
+        metadata. False for formats that carry none (npy, npz; HDF5 datasets
+        and zarr/N5 arrays without a voxel_size/resolution attribute): their
+        (1, 1, 1) is a placeholder, not a measurement.
       offset: (z, y, x) position of voxel (0,0,0), in voxels.
       num_channels: the size of the trailing channel axis, or None when the
         volume has none.
@@ -130,7 +135,8 @@ class Volume:
     """
 
     def __init__(self, spec: VolumeSpec, array: Any, *, voxel_size, offset,
-                 channels: bool, chunks, writable: bool, closer=None):
+                 channels: bool, chunks, writable: bool, closer=None,
+                 voxel_size_stored: bool = True):
         self.spec = spec
         self._array = array
         self._is_ts = isinstance(array, ts.TensorStore)
@@ -139,6 +145,7 @@ class Volume:
         self.num_channels: int | None = full[3] if channels else None
         self.dtype = np.dtype(array.dtype.numpy_dtype if self._is_ts else array.dtype)
         self.voxel_size = tuple(float(v) for v in voxel_size)
+        self.voxel_size_stored = bool(voxel_size_stored)
         self.offset = tuple(int(v) for v in offset)
         self.chunks = tuple(int(c) for c in chunks[:3])
         self.writable = writable
@@ -292,7 +299,7 @@ def _check_array(vs: VolumeSpec, shape: Sequence[int], dtype: Any) -> None:
 def _open_import(vs: VolumeSpec) -> Volume:
     _require_exists(vs.path, f"{vs.kind} file")
     closer = None
-    voxel_size, offset = (1.0, 1.0, 1.0), (0, 0, 0)
+    voxel_size, offset, stored = (1.0, 1.0, 1.0), (0, 0, 0), False
     if vs.kind == "npy":
         arr = np.load(vs.path, mmap_mode="r", allow_pickle=False)
     elif vs.kind == "npz":
@@ -317,7 +324,7 @@ def _open_import(vs: VolumeSpec) -> Volume:
         attrs = dict(arr.attrs)
         vs_attr = attrs.get("voxel_size", attrs.get("resolution"))
         if vs_attr is not None and np.size(vs_attr) == 3:
-            voxel_size = tuple(float(v) for v in np.ravel(vs_attr))
+            voxel_size, stored = tuple(float(v) for v in np.ravel(vs_attr)), True
         if "offset" in attrs and np.size(attrs["offset"]) == 3:
             off = np.ravel(attrs["offset"]).astype(float)
             # CREMI convention: 'resolution' comes with an offset in nm.
@@ -333,7 +340,7 @@ def _open_import(vs: VolumeSpec) -> Volume:
         raise
     chunks = getattr(arr, "chunks", None) or arr.shape
     return Volume(vs, arr, voxel_size=voxel_size, offset=offset, channels=arr.ndim == 4,
-                  chunks=chunks, writable=False, closer=closer)
+                  chunks=chunks, writable=False, closer=closer, voxel_size_stored=stored)
 
 
 def _zarr_version(path: str) -> int:
@@ -390,13 +397,15 @@ def _open_ts(vs: VolumeSpec, mode: str) -> Volume:
     _check_array(vs, view.shape, view.dtype.numpy_dtype)
     voxel_size, offset = _read_geometry(raw, spec, driver)
     chunks = view.chunk_layout.read_chunk.shape or view.shape
-    return Volume(vs, view, voxel_size=voxel_size, offset=offset, channels=channels,
-                  chunks=chunks, writable=(mode == "r+"))
+    return Volume(vs, view, voxel_size=voxel_size or (1.0, 1.0, 1.0), offset=offset,
+                  channels=channels, chunks=chunks, writable=(mode == "r+"),
+                  voxel_size_stored=voxel_size is not None)
 
 
 def _read_geometry(raw: ts.TensorStore, spec: dict, driver: str):
-    """voxel_size (nm) and offset (voxels), both z,y,x, from the stored metadata."""
-    voxel_size, offset = (1.0, 1.0, 1.0), (0, 0, 0)
+    """voxel_size (nm) and offset (voxels), both z,y,x, from the stored metadata;
+    voxel_size is None when the metadata holds none."""
+    voxel_size, offset = None, (0, 0, 0)
     meta = raw.spec().to_json().get("metadata", {})
     if driver == "neuroglancer_precomputed":
         sm = raw.spec().to_json().get("scale_metadata", {})

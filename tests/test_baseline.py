@@ -92,7 +92,8 @@ def test_evaluate_cli_scores_the_baseline(tmp_path):
     np.savez(tmp_path / "v.npz", raw=image, gt=gt)
     out = tmp_path / "r.json"
     rc = cli.main(["--segmentation", "baseline", "--image", f"{tmp_path}/v.npz:raw",
-                   "--groundtruth", f"{tmp_path}/v.npz:gt", "--baseline-h", "2",
+                   "--groundtruth", f"{tmp_path}/v.npz:gt", "--voxel-size", "1,1,1",
+                   "--baseline-h", "2",
                    "--dust-threshold", "10", "--json", str(out)])
     rep = json.loads(out.read_text())
     direct = baseline_segmentation(image, h=2)

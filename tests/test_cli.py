@@ -254,3 +254,92 @@ def test_import_tf_takes_the_tf_prefix_under_both_spellings():
     new = import_tf.parse_args(["--tf-checkpoint", "p", "--out", "o"])
     assert old.tf_checkpoint == new.tf_checkpoint == "p"
     assert "deprecated" in import_tf.__doc__
+
+
+# ------------------------------------------------------------------ compile cache
+
+# Every command that compiles JAX code, with the least arguments it parses.
+JAX_COMMANDS = {
+    "train": ["--workdir", "w"],
+    "segment": ["--checkpoint", "c", "--image", "i.zarr", "--output", "o.zarr"],
+    "segment_volume": ["--image", "i.zarr", "--output", "o.zarr"],
+    "demo": [],
+    "fib25_tf_eval": [],
+    "fib25_eval": ["--out", "o"],
+}
+
+
+def _parse(name: str, argv: list[str]) -> argparse.Namespace:
+    import importlib
+
+    module = importlib.import_module(f"experiments.{name}")
+    if hasattr(module, "build_parser"):
+        return module.build_parser().parse_args(argv)
+    return module.parse_args(argv)
+
+
+@pytest.mark.parametrize("name", sorted(JAX_COMMANDS))
+def test_every_jax_command_takes_the_compile_cache_flags(name):
+    base = JAX_COMMANDS[name]
+    assert _parse(name, base).compile_cache is _cli.COMPILE_CACHE_DEFAULT
+    assert _parse(name, base + ["--no-compile-cache"]).compile_cache is False
+    assert _parse(name, base + ["--compile-cache"]).compile_cache is True
+
+
+@pytest.fixture
+def jax_cache_settings():
+    """Restores JAX's cache settings and their environment variables after a test
+    (use_compile_cache writes both)."""
+    import jax
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    saved = {n: getattr(jax.config, n) for n in names}
+    saved_env = {n.upper(): os.environ.pop(n.upper(), None) for n in names}
+    try:
+        yield jax.config
+    finally:
+        for n, v in saved.items():
+            jax.config.update(n, v)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_compile_cache_dir_follows_xdg_cache_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert _cli.compile_cache_dir() == tmp_path / "ffnjax" / "jax-compile"
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert _cli.compile_cache_dir() == tmp_path / "home" / ".cache" / "ffnjax" / "jax-compile"
+
+
+def test_use_compile_cache_sets_the_cache_only_when_enabled(jax_cache_settings, monkeypatch,
+                                                            tmp_path):
+    config = jax_cache_settings
+    config.update("jax_compilation_cache_dir", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    off = _parse("segment", JAX_COMMANDS["segment"] + ["--no-compile-cache"])
+    assert _cli.use_compile_cache(off) is None
+    assert config.jax_compilation_cache_dir is None
+    assert "JAX_COMPILATION_CACHE_DIR" not in os.environ
+    on = _parse("segment", JAX_COMMANDS["segment"] + ["--compile-cache"])
+    path = _cli.use_compile_cache(on)
+    assert path == tmp_path / "ffnjax" / "jax-compile"
+    assert config.jax_compilation_cache_dir == str(path)
+    # CPU compiles take well under JAX's default 1 s minimum: every one is cached.
+    assert config.jax_persistent_cache_min_compile_time_secs == 0
+    assert config.jax_persistent_cache_min_entry_size_bytes == -1
+    # Worker processes started later (Dask) read the same settings from the environment.
+    assert os.environ["JAX_COMPILATION_CACHE_DIR"] == str(path)
+
+
+def test_use_compile_cache_keeps_a_folder_the_user_chose(jax_cache_settings, monkeypatch,
+                                                        tmp_path):
+    config = jax_cache_settings
+    config.update("jax_compilation_cache_dir", None)
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
+    assert _cli.use_compile_cache(True, tmp_path / "default") == tmp_path / "mine"
+    assert config.jax_compilation_cache_dir == str(tmp_path / "mine")

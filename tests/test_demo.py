@@ -178,3 +178,98 @@ def test_a_missing_model_is_refused_before_writing(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         demo.run_demo(args)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_printed_tensorboard_command_runs(monkeypatch):
+    # The demo ends with "training curves: TENSORBOARD --logdir OUT"; that
+    # command must exist (TensorBoard is a dependency, not only tensorboardX).
+    import shlex
+    import subprocess
+
+    _, tensorboard = demo._commands()
+    argv = shlex.split(tensorboard)
+    assert "pip install" not in tensorboard, "TensorBoard is not installed"
+    done = subprocess.run([*argv, "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip()[0].isdigit(), done.stderr
+    # Without TensorBoard the line says how to install it instead.
+    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(demo.Path, "is_file", lambda self: False)
+    assert "pip install tensorboard" in demo._commands()[1]
+
+
+# ------------------------------------------------------------------ the summary, fast
+# The demo with training and flood filling replaced by stand-ins: the summary's
+# counts and training times must come from what was saved and what ran.
+
+
+def _fake_model_and_fill(monkeypatch, trained_phases=()):
+    """Stand-ins: a checkpoint that 'exists', a fill that labels three boxes while
+    its counters add up two consensus passes (42 objects, twice the volume), and
+    a trainer that trains the phases named in `trained_phases` and finds every
+    other one already trained."""
+    from ffnjax.config import ModelConfig
+
+    model = ModelConfig(depth=1, features=4, fov_size=(9, 9, 9), deltas=(2, 2, 2))
+    monkeypatch.setattr(demo.checkpoints, "latest_step", lambda path: 1)
+    monkeypatch.setattr(demo.checkpoints, "load_checkpoint", lambda path: (model, None))
+
+    def fill(image, params, config, options, progress=True):
+        seg = np.zeros(image.shape, np.uint64)
+        seg[2:10, 2:10, 2:10], seg[12:20, 5:30, 5:9], seg[3:6, 20:38, 20:38] = 4, 7, 9
+        info = _segment_info(passes=2, committed=42, voxels=2 * seg.size, fills=50)
+        return seg, info
+
+    def train(config, workdir, progress=True):
+        if workdir.name in trained_phases:
+            return {"step": config.steps, "loss": 0.5, "f1": 0.1, "moves": 0.0}
+        return {"step": config.steps}
+
+    monkeypatch.setattr(demo.segmentation, "segment", fill)
+    monkeypatch.setattr(demo.train_loop, "train", train)
+
+
+def _segment_info(passes, **counts):
+    counters = {**dict.fromkeys(segmentation.COUNTER_NAMES, 0), **counts}
+    timings = dict.fromkeys(("seeds", "compile", "first_fill", "fill", "commit", "total"), 0.0)
+    return segmentation.SegmentInfo([], counters, timings, num_seeds=30, passes=passes)
+
+
+def _fast_args(out, *extra):
+    return demo.build_parser().parse_args([
+        "--out", str(out), "--model", "stand-in", "--train-shape", "16,32,32",
+        "--test-shape", "16,32,32", "--depth", "1", "--features", "4", "--fov", "9,9,9",
+        "--deltas", "2,2,2", "--quiet", *extra])
+
+
+def test_summary_counts_the_saved_segmentation_not_both_passes(monkeypatch, tmp_path, capsys):
+    _fake_model_and_fill(monkeypatch)
+    report = demo.run_demo(_fast_args(tmp_path, "--quick-steps", "0"))
+    saved = volumes.read_all(str(tmp_path / "ffn_seg.zarr"))
+    objects, voxels = len(np.unique(saved[saved > 0])), int(np.count_nonzero(saved))
+    assert objects == 3 and voxels < saved.size  # not the fill's 42 objects, 2x the volume
+    assert (report["segmentation"]["objects"], report["segmentation"]["voxels"]) == (objects, voxels)
+    table = demo.summary_table(report)
+    row = next(line for line in table.splitlines() if line.startswith("objects / labelled voxels"))
+    assert f"{objects} / {voxels:,}" in row and "42" not in row
+    base = volumes.read_all(str(tmp_path / "baseline_seg.zarr"))
+    assert f"{len(np.unique(base[base > 0])):,} / {np.count_nonzero(base):,}" in row
+    # The progress line leads with the saved counts; the fill's own line says
+    # that its counts add up both passes.
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("[3/5]"))
+    assert f": {objects} objects, {voxels:,} of {saved.size:,} voxels labelled" in line
+    assert "no training" in table
+
+
+def test_summary_says_when_training_was_reused(monkeypatch, tmp_path):
+    # Every phase already trained: no time is reported as training time.
+    _fake_model_and_fill(monkeypatch)
+    args = _fast_args(tmp_path / "all", "--from-scratch", "--steps", "4", "--move-steps", "2",
+                      "--refine-steps", "2")
+    table = demo.summary_table(demo.run_demo(args))
+    assert "training reused from an earlier run" in table and "s train" not in table
+    # Only the last phase trained: its time, and how many phases were reused.
+    _fake_model_and_fill(monkeypatch, trained_phases=("train_refine",))
+    args.out = str(tmp_path / "part")
+    report = demo.run_demo(args)
+    assert report["training"]["reused_phases"] == 2 and not report["training"]["reused"]
+    assert "s train (2 of 3 phases reused)" in demo.summary_table(report)

@@ -243,3 +243,33 @@ def test_evaluate_cli_swc_skeletons_and_help(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     assert "--merge-thresholds" in capsys.readouterr().out
+
+
+def test_evaluate_cli_needs_a_voxel_size_the_ground_truth_does_not_store(tmp_path, capsys):
+    # npz stores no voxel size: scoring it in µm as if voxels were 1 nm would be
+    # silently meaningless, so --voxel-size is required; a stored one is used.
+    from experiments import evaluate as cli
+    from ffnjax.volumes import save_volume
+
+    labels = np.zeros((8, 16, 40), np.uint32)
+    labels[1:7, 1:7, 2:38] = 1
+    labels[1:7, 9:15, 2:38] = 2
+    np.savez(tmp_path / "v.npz", gt=labels)
+    save_volume(str(tmp_path / "seg.zarr"), labels, voxel_size=(40, 8, 8))
+    base = ["--segmentation", f"{tmp_path}/seg.zarr", "--dust-threshold", "10"]
+    out = tmp_path / "r.json"
+    assert cli.main(base + ["--groundtruth", f"{tmp_path}/v.npz:gt", "--json", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{tmp_path}/v.npz:gt" in err[0] and "--voxel-size" in err[0]
+    assert "40,8,8" in err[0]  # the segmentation's stored size, offered as a hint
+    assert not out.exists()
+    assert cli.main(base + ["--groundtruth", f"{tmp_path}/v.npz:gt", "--voxel-size", "20,10,10",
+                            "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["voxel_size"] == [20, 10, 10]
+    # A ground truth that stores its voxel size needs no flag, and its own size is used.
+    save_volume(str(tmp_path / "gt.zarr"), labels, voxel_size=(30, 6, 6))
+    assert cli.main(base + ["--groundtruth", f"{tmp_path}/gt.zarr", "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["voxel_size"] == [30, 6, 6]
+    one_voxel = erl.evaluate(labels, labels, (1, 1, 1), skeleton_options={"dust_threshold": 10})
+    assert rep["skeleton_length"] > 5 * one_voxel["skeleton_length"]

@@ -276,10 +276,15 @@ def test_consensus_splits_by_intersection():
     np.testing.assert_array_equal(split_by_intersection(a, b), [[[1, 2, 3, 3, 0]]])
     np.testing.assert_array_equal(split_by_intersection(a, b, min_size=2), [[[0, 0, 1, 1, 0]]])
     lab = rod_labels()
-    seg, _ = segmentation.segment(lab, None, TINY, oracle_options(min_segment_size=10, consensus=True),
-                                  oracle_apply_fn, seeds=one_seed_per_object(lab), progress=False)
+    seg, info = segmentation.segment(lab, None, TINY, oracle_options(min_segment_size=10,
+                                                                      consensus=True),
+                                     oracle_apply_fn, seeds=one_seed_per_object(lab),
+                                     progress=False)
     pairs = set(zip(lab.ravel().tolist(), seg.ravel().tolist()))
     assert len(pairs) == len(np.unique(lab)) == len(np.unique(seg))
+    # The counters add both passes up (each object committed twice), and say so.
+    assert info.passes == 2 and info.counters["committed"] == 2 * (len(np.unique(seg)) - 1)
+    assert info.summary().startswith("2 consensus passes together")
 
 
 def test_contested_consensus_unlabels_small_disputed_pieces_only():
@@ -391,3 +396,35 @@ def test_a_run_that_commits_nothing_says_what_to_try():
     ok, info = segmentation.segment(img, params, TINY, InferenceOptions(min_segment_size=5), jnet,
                                     progress=False)
     assert info.counters["committed"] > 0 and info.hint() == ""
+
+
+def _info(passes=1, **counts):
+    counters = {**dict.fromkeys(segmentation.COUNTER_NAMES, 0), **counts}
+    timings = dict.fromkeys(("seeds", "compile", "first_fill", "fill", "commit", "total"), 0.0)
+    return segmentation.SegmentInfo(objects=[], counters=counters, timings=timings, num_seeds=30,
+                                    passes=passes)
+
+
+def test_too_weak_says_what_it_means_and_what_to_try():
+    # The summary names the threshold behind each count of dropped fills.
+    info = _info(fills=10, committed=8, seed_too_weak=2)
+    assert "2 whose seed ended below --move-threshold ('too weak')" in info.summary()
+    assert "under --min-segment-size voxels ('too small')" in info.summary()
+    assert info.hint() == ""  # most fills were kept: nothing to say
+    # More weak fills than objects: what it means (the net did not believe in its
+    # own seed) and what to try, even though some objects were kept.
+    hint = _info(fills=10, committed=3, seed_too_weak=7).hint()
+    assert "too weak (7) than kept (3)" in hint and "inside an object" in hint
+    for remedy in ("train longer", "--image-mean", "lower --move-threshold"):
+        assert remedy in hint
+    assert "--move-threshold" in _info(fills=4, seed_too_weak=4).hint()
+
+
+def test_consensus_summary_says_its_counts_add_both_passes():
+    # With consensus the counters add the forward and reverse passes up; the
+    # summary says so, so that no one reads them as the final segmentation's.
+    one = _info(fills=5, committed=5, voxels=900).summary()
+    two = _info(passes=2, fills=10, committed=10, voxels=1800).summary()
+    assert one.startswith("5 objects, 900 voxels from 30 seeds")
+    assert two.startswith("2 consensus passes together committed 10 objects, 1800 voxels "
+                          "(before the consensus combines them) from 30 seeds each")

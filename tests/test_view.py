@@ -52,3 +52,41 @@ def test_save_montage_reads_only_chosen_slices(tmp_path):
     save_volume(str(tmp_path / "small.zarr"), seg[:6])
     with pytest.raises(ValueError, match="differ in shape"):
         view.save_montage(tmp_path / "n.png", str(tmp_path / "img.zarr"), str(tmp_path / "small.zarr"))
+
+
+def test_no_viewer_without_png_is_a_one_line_usage_error(capsys, tmp_path):
+    # --no-viewer leaves only --png to do; without it the command used to do
+    # nothing and exit 0.
+    from experiments import view as view_cli
+    with pytest.raises(SystemExit) as exit_:
+        view_cli.main(["--image", str(tmp_path / "img.zarr"), "--no-viewer"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--no-viewer" in err[0] and "--png" in err[0]
+    assert not list(tmp_path.iterdir())  # nothing was opened or written
+
+
+def test_vivid_label_colours_are_saturated_and_stable():
+    ids = np.arange(0, 200, dtype=np.uint64)
+    vivid = view.label_colors(ids, vivid=True).astype(int)
+    assert (vivid[0] == 0).all()
+    chroma = vivid[1:].max(-1) - vivid[1:].min(-1)
+    assert chroma.min() >= 0.5 * 0.8 * 255 and len({tuple(c) for c in vivid[1:]}) > 190
+    np.testing.assert_array_equal(view.label_colors(ids, vivid=True), vivid)
+    muted = view.label_colors(ids).astype(int)  # the default is unchanged: 96..223
+    assert muted[1:].min() >= 96 and muted[1:].max() <= 223
+
+
+def test_figure_enlarges_small_panels_and_draws_titles_key_and_notes():
+    panels = [np.full((10, 12, 3), 128, np.uint8)] * 4
+    plain = view.figure(panels, 2, min_panel=48, pad=2)
+    # enlarged 4x (12 * 4 = 48), two columns and rows with padding
+    assert plain.shape == (2 + 2 * (40 + 2), 2 + 2 * (48 + 2), 3)
+    titled = view.figure(panels, 2, column_titles=("a", "b"), row_titles=("z 1", "z 2"),
+                         legend=[((255, 0, 255), "magenta")], banner="warning",
+                         notes={1: "empty"}, min_panel=48, pad=2)
+    assert titled.shape[0] > plain.shape[0] and titled.shape[1] > plain.shape[1]
+    assert (titled == (255, 0, 255)).all(-1).sum() > 20  # the key's swatch
+    assert (titled == (30, 30, 30)).all(-1).sum() > 48 * 10  # the note's band
+    with pytest.raises(ValueError, match="one shape"):
+        view.figure([panels[0], np.zeros((5, 5, 3), np.uint8)], 2)

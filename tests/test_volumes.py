@@ -311,3 +311,26 @@ def test_fib25_training_sample2_npz(shared_data):
     assert gt.shape == (150, 250, 250) and gt.dtype == np.uint16
     raw = open_volume(f"{shared_path('fib25_training_sample2', 'raw_z000-049.npz')}:raw").read()
     assert 60 < raw.mean() < 200 and raw.std() > 10  # real EM contrast, not blank
+
+
+def test_voxel_size_stored_says_whether_the_volume_carries_one(tmp_path):
+    # Import formats without metadata report the (1, 1, 1) placeholder and say so,
+    # so that callers measuring lengths can ask for the real size.
+    np.savez(tmp_path / "a.npz", x=IMAGE)
+    np.save(tmp_path / "a.npy", IMAGE)
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        f["plain"] = IMAGE
+        f["sized"] = IMAGE
+        f["sized"].attrs["resolution"] = (40, 8, 8)
+    for spec in (f"{tmp_path}/a.npz:x", f"{tmp_path}/a.npy", f"{tmp_path}/a.h5:plain"):
+        vol = open_volume(spec)
+        assert vol.voxel_size == (1, 1, 1) and not vol.voxel_size_stored, spec
+    assert open_volume(f"{tmp_path}/a.h5:sized").voxel_size_stored
+    # A zarr v2 array written by another tool, without attributes.
+    ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp_path / "bare.zarr")},
+             "metadata": {"shape": [2, 3, 4], "dtype": "|u1"}}, create=True).result()
+    assert not open_volume(tmp_path / "bare.zarr").voxel_size_stored
+    for fmt in DRIVERS:
+        save_volume(fmt.format(d=tmp_path / "s"), IMAGE, voxel_size=(40, 8, 4))
+        vol = open_volume(fmt.format(d=tmp_path / "s"))
+        assert vol.voxel_size_stored and vol.voxel_size == (40, 8, 4), fmt
