@@ -116,6 +116,9 @@ def run(args: argparse.Namespace) -> dict:
     if img_vol is not None:
         img_off = _cli.numbers(args.image_offset, "--image-offset")
         image = frame.read(start, size) if baseline else _region(img_vol, img_off, seg_offset, start, size, "image")
+        if baseline:  # the baseline segments the image: it must be finite (the PNG copes)
+            from ffnjax.volumes import require_finite
+            require_finite(image, f"--image {args.image}", start, img_vol.chunks)
     gt_off = _cli.numbers(args.gt_offset, "--gt-offset")
     gt = _region(gt_vol, gt_off, seg_offset, start, size, "ground truth")
     if baseline:
