@@ -15,6 +15,10 @@ Four things every command does the same way:
   field's annotation); `given` reads back the fields a user set. The help text
   of each field lives once, in `MODEL_FLAGS`, `TRAIN_FLAGS` and
   `INFERENCE_FLAGS`; a command may override a field's text or default.
+- **Outputs.** `check_outputs` runs before any work: no output may be (or
+  hold, or lie inside) a path the command reads, --overwrite or not; an
+  existing output is refused unless --overwrite (or the command resumes it);
+  an output that cannot be created is found before the compute, not after.
 - **Errors.** A bad input ends the command with exactly one line
   `error: <what>, <which file/flag/value>` on stderr and exit status 2, no
   traceback; `--debug` re-raises with it (`run`, `report_error`). Usage errors
@@ -27,9 +31,10 @@ import argparse
 import dataclasses
 import sys
 import typing
-from typing import Any, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable, Collection, Mapping, Sequence
 
-from ffnjax import volume_spec
+from ffnjax import files, volume_spec
 from ffnjax.config import (COMPUTE_DTYPES, CONSENSUS_MODES, CONV_IMPLS, IMAGE_MEAN, IMAGE_STDDEV,
                            INFERENCE_FACTS, LOSS_NORMALIZATIONS, MOVE_POLICIES, OPTIMIZERS,
                            SCHEDULES, SEED_ORDERS, SEED_POLICIES, InferenceOptions, ModelConfig,
@@ -102,6 +107,67 @@ def add_common(group, quiet: str = "no progress bars", quiet_aliases: Sequence[s
                        help=quiet + note)
     group.add_argument("--debug", action="store_true",
                        help="on bad input show the Python traceback instead of one error line")
+
+
+# ----------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------
+
+def paths_of(value: Any) -> list[str]:
+    """The local paths a flag's value names: those of a volume spec (its read
+    grammar included, `ffnjax.volume_spec.local_paths`), else the value as a
+    plain file or folder path (a JSON report, a PNG, a workdir); none for a
+    remote URL."""
+    if value is None or value == "":
+        return []
+    found = volume_spec.local_paths(value)
+    if found:
+        return found
+    text = str(value)
+    if "://" in text or volume_spec.is_json_spec(value):
+        return []
+    return [text]
+
+
+def check_outputs(outputs: Mapping[str, Any], inputs: Mapping[str, Any], *,
+                  overwrite: bool = False, existing_ok: Collection[str] = ()) -> None:
+    """Refuses, before any work and without writing anything, outputs that
+    would lose data or be found unwritable only after the compute.
+
+    Args:
+      outputs: {flag: what it names (a volume spec or a path; None = not
+        given)} of everything the command writes.
+      inputs: {flag: volume spec or path} of everything it reads.
+      overwrite: the user passed --overwrite: existing outputs may be replaced.
+      existing_ok: output flags whose existing path is expected (a resume
+        file, the output of a run being resumed).
+
+    Raises:
+      ValueError: an output that is, holds or lies inside an input (whatever
+        `overwrite` says), or two outputs at one path.
+      FileExistsError: an existing output without --overwrite.
+      NotADirectoryError / PermissionError: an output that cannot be created
+        (`ffnjax.files.probe_writable`).
+    """
+    outs = [(flag, value, path) for flag, value in outputs.items() for path in paths_of(value)]
+    ins = [(flag, value, path) for flag, value in inputs.items() for path in paths_of(value)]
+    for oflag, ovalue, opath in outs:
+        for iflag, ivalue, ipath in ins:
+            if files.overlaps(opath, ipath):
+                raise ValueError(f"{oflag} {ovalue} would overwrite the input {iflag} {ivalue} "
+                                 "(the same path, or one inside the other); write to another "
+                                 "path (--overwrite never allows this)")
+    for i, (aflag, avalue, apath) in enumerate(outs):
+        for bflag, bvalue, bpath in outs[i + 1:]:
+            if aflag != bflag and files.overlaps(apath, bpath):
+                raise ValueError(f"{aflag} {avalue} and {bflag} {bvalue} name the same path "
+                                 "(or one lies inside the other); give each its own")
+    for flag, value, path in outs:
+        p = Path(path).expanduser()
+        if (p.exists() or p.is_symlink()) and not overwrite and flag not in existing_ok:
+            raise FileExistsError(f"{flag} {value} exists; pass --overwrite to replace it")
+    for flag, value, path in outs:
+        files.probe_writable(path, f"{flag}")
 
 
 # ----------------------------------------------------------------------------

@@ -6,7 +6,9 @@
 Volumes are any `ffnjax.volumes` spec: 'x.zarr', 'x.n5', 'precomputed://x'
 (also 'f.h5:dataset', 'f.npz:key' for the input). Rerunning the same command
 resumes: finished blocks are kept in '<output>.blocks/'. See
-`ffnjax.blockwise.segment_volume`.
+`ffnjax.blockwise.segment_volume`. An existing output that the work folder's
+run did not write is refused unless --overwrite; the output is never the
+image, --overwrite or not.
 
 Inference options come, each overriding the one before, from: the values the
 checkpoint was trained with (normalisation, seed and pad probabilities:
@@ -84,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--retries", type=int, default=1, help="Dask retries per task (default 1)")
     ap.add_argument("--png", default=None, help="also write a PNG montage of z slices here")
     ap.add_argument("--summary", default=None, help="also write the run summary as JSON here")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an existing --output (and --summary, --png) that no run in the "
+                         "work folder wrote (otherwise that is an error; resuming needs no flag)")
     ap.add_argument("--oracle", action="store_true",
                     help="check the pipeline without a model: the image is a label volume and "
                          "the oracle network (ffnjax.testing) fills its objects")
@@ -96,9 +101,25 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    """The output checks of `_cli.check_outputs`, before the model loads: a
+    rerun that resumes (the work folder holds a run.json) may find its
+    outputs in place."""
+    from ffnjax.blockwise import default_workdir
+
+    workdir = Path(args.workdir) if args.workdir else default_workdir(args.output)
+    resuming = (workdir / "run.json").exists()
+    _cli.check_outputs(
+        {"--output": args.output, "--workdir": str(workdir), "--summary": args.summary,
+         "--png": args.png},
+        {"--image": args.image, "--checkpoint": args.checkpoint}, overwrite=args.overwrite,
+        existing_ok=("--workdir",) + (("--output", "--summary", "--png") if resuming else ()))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_paths(args)
     if args.oracle:
         from ffnjax.testing import oracle_apply_fn, oracle_options  # loads JAX: only when asked for
         model_config = ModelConfig(depth=1, features=1, fov_size=args.fov, deltas=args.deltas)
@@ -118,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.image, args.output, params, model_config, options, block=args.block,
         overlap=args.overlap, client=args.scheduler, apply_fn=apply_fn,
         min_overlap=args.min_overlap, workdir=args.workdir, n_workers=args.workers,
-        chunks=args.chunks, retries=args.retries, progress=not args.quiet)
+        chunks=args.chunks, retries=args.retries, progress=not args.quiet,
+        overwrite=args.overwrite)
     print(summary)
     if summary.weak_contacts:
         print(f"{len(summary.weak_contacts)} possible cuts (objects touching across an overlap with "

@@ -1,0 +1,249 @@
+"""Nothing lost, nothing silently wrong (issue 22; docs/reliability.md lists
+each guarantee with its test here).
+
+Every bad-input case is run through the command's own entry point
+(`_cli.run`): exit status 2, exactly one line on stderr naming the culprit,
+no traceback, and nothing on disk written or changed (`snapshot`).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import _cli
+from experiments import segment as segment_cli
+from experiments import segment_volume as segment_volume_cli
+from ffnjax import segmentation
+from ffnjax.checkpoints import save_model
+from ffnjax.config import ModelConfig
+from ffnjax.nets import init_params
+from ffnjax.volumes import open_volume, read_all, save_volume
+
+CFG = ModelConfig(depth=1, features=4, fov_size=(9, 9, 9), deltas=(2, 2, 2))
+SEGMENT_OPTS = ["--min-segment-size", "20", "--seed-policy", "grid", "--seed-grid-step", "6,8,8",
+                "--quiet"]
+
+
+# ----------------------------------------------------------------------------
+# Helpers
+
+
+def snapshot(*roots) -> dict:
+    """Every file under `roots` with its size and modification time, and every
+    folder (a folder's own time changes when a command probes it for
+    writing, leaving nothing behind)."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else "folder"
+            for root in roots for p in [root, *sorted(root.rglob("*"))]}
+
+
+def fails(main, argv, capsys) -> str:
+    """Runs a command as a program; asserts exit 2 with one error line and no
+    traceback; returns that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        _cli.run(main, [str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert e.value.code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+class MustNotRun(Exception):
+    pass
+
+
+def must_not_run(*args, **kwargs):
+    raise MustNotRun("the compute started before the outputs were checked")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A tiny convstack checkpoint, an image (zarr and npz) and labels."""
+    root = tmp_path_factory.mktemp("reliability")
+    params = jax.jit(lambda key: init_params(CFG, key))(jax.random.PRNGKey(0))
+    save_model(root / "ckpt", CFG, jax.tree_util.tree_map(np.asarray, params))
+    rng = np.random.default_rng(0)
+    image = rng.integers(60, 200, size=(20, 24, 24), dtype=np.uint8)
+    labels = (np.arange(20)[:, None, None] // 10 + 1 + np.zeros((20, 24, 24), int)).astype(np.uint32)
+    save_volume(str(root / "image.zarr"), image)
+    save_volume(str(root / "labels.zarr"), labels)
+    np.savez(root / "image.npz", raw=image)
+    return root, image, labels
+
+
+def segment_argv(root, *extra):
+    return ["--checkpoint", root / "ckpt", *SEGMENT_OPTS, *extra]
+
+
+# ----------------------------------------------------------------------------
+# Outputs: never an input, never an existing one without --overwrite, writable before compute
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_segment_volume_never_writes_over_its_image(data, tmp_path, capsys, overwrite):
+    root, _, labels = data
+    spec = str(root / "labels.zarr")
+    before = snapshot(root)
+    err = fails(segment_volume_cli.main,
+                ["--oracle", "--image", spec, "--output", spec, "--workdir", tmp_path / "w",
+                 "--block", "20,24,24", "--overlap", "0,0,0", "--scheduler", "sync", "--quiet",
+                 *overwrite], capsys)
+    assert "--output" in err and "--image" in err and spec in err
+    assert snapshot(root) == before and not (tmp_path / "w").exists()
+    np.testing.assert_array_equal(read_all(spec), labels)
+
+
+def test_blockwise_library_refuses_the_image_as_output(data, tmp_path):
+    from ffnjax import blockwise
+    from ffnjax.testing import oracle_apply_fn, oracle_options
+
+    root, _, labels = data
+    spec = str(root / "labels.zarr")
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="would overwrite the image"):
+            blockwise.segment_volume(spec, spec, None, CFG, oracle_options(), block=(20, 24, 24),
+                                     overlap=(0, 0, 0), client="sync", apply_fn=oracle_apply_fn,
+                                     workdir=tmp_path / "w", progress=False, overwrite=overwrite)
+    np.testing.assert_array_equal(read_all(spec), labels)
+    assert not (tmp_path / "w").exists()
+
+
+def test_segment_volume_refuses_an_existing_output_unless_overwrite(data, tmp_path, capsys):
+    root, _, labels = data
+    out = tmp_path / "seg.zarr"
+    save_volume(str(out), np.full((4, 4, 4), 7, np.uint64))  # someone else's volume
+    argv = ["--oracle", "--image", root / "labels.zarr", "--output", out, "--block", "20,24,24",
+            "--overlap", "0,0,0", "--scheduler", "sync", "--quiet", "--fov", "5,5,5",
+            "--deltas", "2,2,2"]
+    before = snapshot(tmp_path)
+    err = fails(segment_volume_cli.main, argv, capsys)
+    assert "--output" in err and "--overwrite" in err and str(out) in err
+    assert snapshot(tmp_path) == before
+    summary = segment_volume_cli.main([str(a) for a in argv] + ["--overwrite"])
+    seg = read_all(str(out))
+    assert seg.shape == labels.shape and summary["n_objects"] == 2
+    # Rerunning the same command resumes its own run: no --overwrite needed.
+    again = segment_volume_cli.main([str(a) for a in argv])
+    assert again["blocks_skipped"] == again["n_blocks"]
+    np.testing.assert_array_equal(read_all(str(out)), seg)
+
+
+@pytest.mark.parametrize("flag", ["--output", "--prob-output", "--state", "--info-json"])
+def test_segment_never_writes_over_its_image_or_checkpoint(data, tmp_path, capsys, monkeypatch,
+                                                            flag):
+    root, image, _ = data
+    monkeypatch.setattr(segmentation, "segment_state", must_not_run)
+    outputs = {"--output": tmp_path / "seg.zarr", "--prob-output": tmp_path / "prob.zarr",
+               "--state": tmp_path / "state.npz", "--info-json": tmp_path / "info.json"}
+    before = snapshot(root, tmp_path)
+    for victim in (root / "image.zarr", root / "ckpt"):
+        argv = segment_argv(root, "--image", root / "image.zarr", "--overwrite",
+                            *[x for k, v in {**outputs, flag: victim}.items() for x in (k, v)])
+        err = fails(segment_cli.main, argv, capsys)
+        assert flag in err and str(victim) in err and "another path" in err
+    assert snapshot(root, tmp_path) == before
+    np.testing.assert_array_equal(read_all(str(root / "image.zarr")), image)
+
+
+def test_segment_refuses_two_outputs_at_one_path(data, tmp_path, capsys, monkeypatch):
+    root, _, _ = data
+    monkeypatch.setattr(segmentation, "segment_state", must_not_run)
+    out = tmp_path / "seg.zarr"
+    err = fails(segment_cli.main, segment_argv(root, "--image", root / "image.zarr", "--output",
+                                               out, "--prob-output", out), capsys)
+    assert "--output" in err and "--prob-output" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_segment_finds_an_unwritable_output_before_the_fill(data, tmp_path, capsys, monkeypatch):
+    # Running as root, permissions do not stop a write: a regular file where the
+    # output's folder should be does.
+    root, _, _ = data
+    monkeypatch.setattr(segmentation, "segment_state", must_not_run)
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    before = snapshot(tmp_path)
+    for flags in (["--output", blocker / "seg.zarr"],
+                  ["--output", tmp_path / "seg.zarr", "--state", blocker / "s.npz"],
+                  ["--output", tmp_path / "seg.zarr", "--prob-output", blocker / "p.zarr"]):
+        err = fails(segment_cli.main, segment_argv(root, "--image", root / "image.zarr", *flags),
+                    capsys)
+        assert str(blocker) in err and "not a folder" in err
+    assert snapshot(tmp_path) == before
+
+
+def test_segment_refuses_an_existing_output(data, tmp_path, capsys, monkeypatch):
+    root, _, _ = data
+    monkeypatch.setattr(segmentation, "segment_state", must_not_run)
+    (tmp_path / "info.json").write_text("{}")
+    before = snapshot(tmp_path)
+    err = fails(segment_cli.main, segment_argv(root, "--image", root / "image.zarr", "--output",
+                                               tmp_path / "seg.zarr", "--info-json",
+                                               tmp_path / "info.json"), capsys)
+    assert "--info-json" in err and "--overwrite" in err
+    assert snapshot(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------
+# Images that are not finite
+
+
+def test_nonfinite_box_finds_the_first_bad_chunk():
+    from ffnjax.volumes import nonfinite_box, require_finite
+
+    a = np.zeros((20, 24, 24), np.float32)
+    assert nonfinite_box(a, (8, 8, 8)) is None
+    a[17, 1, 1] = np.inf
+    a[12, 20, 3] = np.nan  # first in z,y,x order
+    assert nonfinite_box(a, (8, 8, 8)) == ((8, 16, 0), (16, 24, 8))
+    assert nonfinite_box(a[16:], (8, 8, 8)) == ((0, 0, 0), (4, 8, 8))  # a clipped chunk
+    with pytest.raises(ValueError, match=r"--image x\.zarr holds NaN .* box 108:116,16:24,0:8"):
+        require_finite(a, "--image x.zarr", start=(100, 0, 0), chunks=(8, 8, 8))
+    assert nonfinite_box(np.full((4, 4, 4), 255, np.uint8)) is None  # integers: finite by type
+
+
+@pytest.fixture(scope="module")
+def nan_image(data):
+    root = data[0]
+    image = data[1].astype(np.float32)
+    image[12, 20, 3] = np.nan
+    spec = str(root / "nan_image.zarr")
+    save_volume(spec, image, chunks=(8, 8, 8))
+    np.save(root / "nan_image.npy", image)
+    return spec, str(root / "nan_image.npy")
+
+
+def test_segment_refuses_an_image_with_nan(data, nan_image, tmp_path, capsys, monkeypatch):
+    root = data[0]
+    monkeypatch.setattr(segmentation, "segment_state", must_not_run)
+    err = fails(segment_cli.main, segment_argv(root, "--image", nan_image[0], "--output",
+                                               tmp_path / "seg.zarr"), capsys)
+    assert nan_image[0] in err and "NaN" in err and "8:16,16:24,0:8" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_segment_volume_refuses_an_image_with_nan(data, nan_image, tmp_path, capsys):
+    root = data[0]
+    err = fails(segment_volume_cli.main,
+                ["--checkpoint", root / "ckpt", "--image", nan_image[0], "--output",
+                 tmp_path / "seg.zarr", "--block", "20,24,24", "--overlap", "0,0,0",
+                 "--scheduler", "sync", "--quiet"], capsys)
+    assert nan_image[0] in err and "NaN" in err and "8:16,16:24,0:8" in err
+    assert not (tmp_path / "seg.zarr").exists()
+
+
+def test_train_refuses_an_image_with_nan_before_any_step(data, nan_image, tmp_path, capsys):
+    from experiments import train
+
+    root = data[0]
+    err = fails(train.main, ["--workdir", tmp_path / "run", "--image", nan_image[1],
+                             "--labels", f"{root / 'labels.zarr'}", "--depth", "1", "--features",
+                             "4", "--fov", "9,9,9", "--deltas", "2,2,2", "--batch-size", "2",
+                             "--min-object-size", "1", "--steps", "2", "--quiet"], capsys)
+    assert nan_image[1] in err and "NaN" in err and "8:16,16:24,0:8" not in err
+    assert "box 0:20,0:24,0:24" in err  # a .npy has no chunks: 64-voxel boxes
+    assert not (tmp_path / "run" / "checkpoints").exists()
