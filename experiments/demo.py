@@ -254,7 +254,9 @@ def run_demo(args: argparse.Namespace) -> dict:
                                      checkpoint_every=max(1, config.steps // 3),
                                      image_every=max(1, config.steps // 3))
         t1 = time.perf_counter()
-        metrics = train_loop.train(config, workdir, progress=progress)
+        # A rerun with more steps trains further; the warmup follows the steps.
+        metrics = train_loop.train(config, workdir, progress=progress,
+                                   allow_config_change=("warmup_steps",))
         seconds = time.perf_counter() - t1
         report["training"][name] = dict(metrics, seconds=seconds, reused="loss" not in metrics)
         if "loss" in metrics:

@@ -247,3 +247,140 @@ def test_train_refuses_an_image_with_nan_before_any_step(data, nan_image, tmp_pa
     assert nan_image[1] in err and "NaN" in err and "8:16,16:24,0:8" not in err
     assert "box 0:20,0:24,0:24" in err  # a .npy has no chunks: 64-voxel boxes
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------
+# Training: a resume keeps its configuration; unreadable checkpoints are skipped
+
+
+def smoke(**overrides):
+    from ffnjax.config import TrainConfig
+
+    base = dict(steps=4, log_every=2, checkpoint_every=2, image_every=100, keep_checkpoints=5)
+    return TrainConfig.smoke(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A smoke run with checkpoints at steps 2 and 4."""
+    from ffnjax.train_loop import train
+
+    workdir = tmp_path_factory.mktemp("trained") / "run"
+    train(smoke(), workdir, progress=False)
+    return workdir
+
+
+def copy_of(workdir, tmp_path):
+    import shutil
+
+    return shutil.copytree(workdir, tmp_path / "run")
+
+
+def test_resume_with_another_config_is_refused_listing_the_fields(trained, tmp_path, monkeypatch):
+    import dataclasses
+
+    from ffnjax import train_loop
+    from ffnjax.config import ModelConfig
+
+    workdir = copy_of(trained, tmp_path)
+    before = snapshot(workdir)
+    # Refused before any data is read.
+    monkeypatch.setattr(train_loop, "load_training_volumes", must_not_run)
+    config = smoke()
+    for changed, fields in (
+            (dict(learning_rate=config.learning_rate * 30), ["learning_rate 0.003 -> 0.09"]),
+            (dict(synthetic_seed=5, fov_moves=0), ["synthetic_seed 0 -> 5", "fov_moves 1 -> 0"])):
+        with pytest.raises(ValueError, match="--allow-config-change") as e:
+            train_loop.train(smoke(**changed), workdir, progress=False)
+        assert all(f in str(e.value) for f in fields) and str(workdir) in str(e.value)
+    # Another network or optimiser: the "different model" message, not an Orbax dump.
+    deeper = dataclasses.replace(config.model, depth=2)
+    other_fov = ModelConfig(depth=1, features=4, fov_size=(11, 11, 11), deltas=(2, 2, 2))
+    for changed, field in ((dict(model=deeper), "model.depth 1 -> 2"),
+                           (dict(model=other_fov), "model.fov_size 9,9,9 -> 11,11,11"),
+                           (dict(optimizer="sgd"), "optimizer adam -> sgd")):
+        with pytest.raises(ValueError, match="different model or optimiser") as e:
+            train_loop.train(smoke(**changed), workdir, progress=False,
+                             allow_config_change=[field.split()[0]])
+        assert field in str(e.value) and len(str(e.value).splitlines()) == 1
+    with pytest.raises(ValueError, match="'lr' is not a training or model field"):
+        train_loop.train(config, workdir, progress=False, allow_config_change=["lr"])
+    assert snapshot(workdir) == before
+
+
+def test_train_command_refuses_a_changed_resume_in_one_line(trained, tmp_path, capsys):
+    from experiments import train
+
+    workdir = copy_of(trained, tmp_path)
+    before = snapshot(workdir)
+    err = fails(train.main, ["--workdir", workdir, "--config", workdir / "train_config.json",
+                             "--learning-rate", "0.09", "--quiet"], capsys)
+    assert "learning_rate 0.003 -> 0.09" in err and "--allow-config-change learning_rate" in err
+    assert snapshot(workdir) == before
+
+
+def test_allowed_and_safe_changes_resume_and_are_recorded(trained, tmp_path):
+    from ffnjax import checkpoints, resume
+    from ffnjax.train_loop import train
+
+    workdir = copy_of(trained, tmp_path)
+    assert [h["kind"] for h in resume.read_history(workdir)] == ["new"]
+    # steps (extending the run) and the logging periods may change without a flag.
+    metrics = train(smoke(steps=5, log_every=1, learning_rate=0.01), workdir, progress=False,
+                    allow_config_change=["--learning-rate"])
+    assert metrics["step"] == 5 and checkpoints.latest_step(workdir) == 5
+    history = resume.read_history(workdir)
+    assert [h["kind"] for h in history] == ["new", "resume"]
+    assert history[1]["step"] == 4 and history[1]["allowed"] == ["learning_rate"]
+    assert history[1]["changed"] == {"steps": {"from": 4, "to": 5},
+                                     "log_every": {"from": 2, "to": 1},
+                                     "learning_rate": {"from": 0.003, "to": 0.01}}
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def test_load_checkpoint_names_the_folder_and_file_that_fail(trained, tmp_path, capsys):
+    from ffnjax import checkpoints
+
+    workdir = copy_of(trained, tmp_path)
+    meta = workdir / "checkpoints" / "4" / "state" / "_METADATA"
+    truncate(meta)
+    with pytest.raises(checkpoints.CheckpointError) as e:
+        checkpoints.load_checkpoint(workdir)
+    assert str(workdir / "checkpoints" / "4") in str(e.value) and str(meta) in str(e.value)
+    assert len(str(e.value).splitlines()) == 1
+    checkpoints.load_checkpoint(workdir, step=2)   # the older one still reads
+    # A data file TensorStore reads: the same one line, naming that file.
+    workdir2 = copy_of(trained, tmp_path / "b")
+    state = workdir2 / "checkpoints" / "4" / "state"
+    for data in (p for p in state.rglob("*") if p.is_file() and p.parent.name == "d"):
+        truncate(data)
+    err = fails(segment_cli.main, ["--checkpoint", workdir2, "--image", data_image(tmp_path),
+                                   "--output", tmp_path / "seg.zarr", "--quiet"], capsys)
+    assert str(workdir2 / "checkpoints" / "4") in err and str(state) in err
+
+
+def data_image(tmp_path):
+    np.save(tmp_path / "img.npy", np.full((12, 12, 12), 128, np.uint8))
+    return tmp_path / "img.npy"
+
+
+def test_training_falls_back_to_the_newest_checkpoint_that_restores(trained, tmp_path, capsys):
+    from ffnjax import checkpoints
+    from ffnjax.train_loop import train
+
+    workdir = copy_of(trained, tmp_path)
+    truncate(workdir / "checkpoints" / "4" / "state" / "_METADATA")
+    capsys.readouterr()
+    metrics = train(smoke(steps=6), workdir, progress=False)
+    err = capsys.readouterr().err
+    assert "skipped checkpoint 4" in err and "_METADATA" in err and "step 2" in err
+    assert metrics["step"] == 6 and checkpoints.latest_step(workdir) == 6
+    # The unreadable checkpoint is kept aside, and step 4 was saved again.
+    assert (workdir / "checkpoints_unreadable" / "4" / "state" / "_METADATA").is_file()
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                  if p.name.isdigit()) == [2, 4, 6]
+    checkpoints.load_checkpoint(workdir, step=4)
