@@ -397,6 +397,34 @@ def given(args: argparse.Namespace, cls: type, table: Mapping[str, Flag],
     return {k: v for k, v in values.items() if v is not None}
 
 
+def build(cls: type, table: Mapping[str, Flag], base: Mapping[str, Any],
+          flags: Mapping[str, Any]) -> Any:
+    """`cls(**base, **flags)`, where a bad value given by one flag is named by
+    that flag: 'error: --batch-size 0: batch_size must be >= 1, got 0'.
+
+    Args:
+      base: values from elsewhere (a checkpoint's facts, a config file).
+      flags: {field: value} of the flags given (`given`).
+
+    Raises:
+      ValueError: the dataclass's message, prefixed with the flag and its
+        value when that flag's value alone is refused the same way.
+    """
+    try:
+        return cls(**{**base, **flags})
+    except ValueError as e:
+        for name, value in flags.items():
+            try:
+                cls(**{name: value})
+            except ValueError as alone:
+                if str(alone) != str(e):   # refused with other values too: not this flag alone
+                    continue
+                flag = table.get(name)
+                option = flag.names[0] if flag is not None and flag.names else _option(name)
+                raise ValueError(f"{option} {_shown(value)}: {e}") from e
+        raise
+
+
 def with_help(table: Mapping[str, Flag], **texts: str) -> dict[str, Flag]:
     """A copy of `table` where the named fields get a command's own help text."""
     return {k: dataclasses.replace(f, help=texts[k]) if k in texts else f for k, f in table.items()}

@@ -47,8 +47,8 @@ def add_option_flags(parser, table=_cli.INFERENCE_FLAGS_FROM_CHECKPOINT) -> None
 def options_from_args(args: argparse.Namespace, defaults: dict | None = None) -> InferenceOptions:
     """InferenceOptions of the flags given, over `defaults` (e.g. the checkpoint's
     `ffnjax.checkpoints.inference_defaults`), over the dataclass defaults."""
-    return InferenceOptions(**{**(defaults or {}),
-                               **_cli.given(args, InferenceOptions, _cli.INFERENCE_FLAGS)})
+    return _cli.build(InferenceOptions, _cli.INFERENCE_FLAGS, defaults or {},
+                      _cli.given(args, InferenceOptions, _cli.INFERENCE_FLAGS))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,8 +47,8 @@ def _options(text: str | None, base: InferenceOptions) -> InferenceOptions:
 def options_from_args(args: argparse.Namespace, base: InferenceOptions) -> InferenceOptions:
     """`base`, then --options, then the InferenceOptions flags given."""
     with_json = _options(args.options, base)
-    return InferenceOptions(**{**with_json.to_dict(),
-                               **_cli.given(args, InferenceOptions, _cli.INFERENCE_FLAGS)})
+    return _cli.build(InferenceOptions, _cli.INFERENCE_FLAGS, with_json.to_dict(),
+                      _cli.given(args, InferenceOptions, _cli.INFERENCE_FLAGS))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -102,7 +102,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     changes = _cli.given(args, TrainConfig, _cli.TRAIN_FLAGS, [f for fs in GROUPS.values() for f in fs])
     model = _cli.given(args, ModelConfig, _cli.MODEL_FLAGS)
     if model:
-        changes["model"] = dataclasses.replace(base.model, **model)
+        changes["model"] = _cli.build(ModelConfig, _cli.MODEL_FLAGS, base.model.to_dict(), model)
     return dataclasses.replace(base, **changes)
 
 

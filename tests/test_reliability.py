@@ -384,3 +384,71 @@ def test_training_falls_back_to_the_newest_checkpoint_that_restores(trained, tmp
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
                   if p.name.isdigit()) == [2, 4, 6]
     checkpoints.load_checkpoint(workdir, step=4)
+
+
+# ----------------------------------------------------------------------------
+# Bad input: exit 2, one line naming the culprit, nothing written
+
+
+def test_a_bad_option_value_names_its_flag_and_value(data, tmp_path, capsys):
+    root = data[0]
+    err = fails(segment_cli.main, segment_argv(root, "--image", root / "image.zarr", "--output",
+                                               tmp_path / "seg.zarr", "--batch-size", "0"), capsys)
+    assert "--batch-size 0" in err and "batch_size must be >= 1" in err
+    err = fails(segment_volume_cli.main, ["--checkpoint", root / "ckpt", "--image",
+                                          root / "image.zarr", "--output", tmp_path / "v.zarr",
+                                          "--max-steps", "-1"], capsys)
+    assert "--max-steps -1" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["npz key", "box", "fov", "existing", "unwritable"])
+def test_segment_bad_input_is_one_line_and_writes_nothing(data, tmp_path, capsys, monkeypatch,
+                                                          case):
+    root = data[0]
+    monkeypatch.setattr(segmentation, "segment_state", must_not_run)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    (tmp_path / "old.zarr").mkdir()
+    out = tmp_path / "seg.zarr"
+    argv, culprit = {
+        "npz key": (["--image", f"{root / 'image.npz'}:nokey", "--output", out], "'nokey'"),
+        "box": (["--image", root / "image.zarr", "--output", out, "--box", "0:30,:,:"],
+                "--box '0:30,:,:'"),
+        "fov": (["--image", root / "image.zarr", "--output", out, "--fov-size", "17,17,17"],
+                "(17, 17, 17)"),
+        "existing": (["--image", root / "image.zarr", "--output", tmp_path / "old.zarr"],
+                     "--output"),
+        "unwritable": (["--image", root / "image.zarr", "--output", blocker / "seg.zarr"],
+                       str(blocker)),
+    }[case]
+    before = snapshot(root, tmp_path)
+    assert culprit in fails(segment_cli.main, segment_argv(root, *argv), capsys)
+    assert snapshot(root, tmp_path) == before
+
+
+def test_train_bad_input_is_one_line_and_writes_nothing(data, tmp_path, capsys):
+    from experiments import train
+
+    root = data[0]
+    np.save(tmp_path / "short.npy", np.ones((9, 24, 24), np.uint32))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    common = ["--depth", "1", "--features", "4", "--fov", "9,9,9", "--deltas", "2,2,2",
+              "--batch-size", "2", "--quiet"]
+    image = root / "image.zarr"
+    cases = [
+        (["--workdir", tmp_path / "w", "--image", f"{root / 'image.npz'}:nokey", "--labels",
+          root / "labels.zarr"], "'nokey'"),
+        (["--workdir", tmp_path / "w", "--image", image, "--labels", tmp_path / "short.npy"],
+         "short.npy"),
+        (["--workdir", tmp_path / "w", "--image", f"{image}@30:40,:,:", "--labels",
+          root / "labels.zarr"], "outside"),
+        (["--workdir", blocker / "w", "--image", image, "--labels", root / "labels.zarr"],
+         str(blocker)),
+        (["--workdir", image, "--image", image, "--labels", root / "labels.zarr"], "workdir"),
+    ]
+    before = snapshot(root, tmp_path)
+    for argv, culprit in cases:
+        assert culprit in fails(train.main, [*argv, *common], capsys)
+    assert snapshot(root, tmp_path) == before
