@@ -117,9 +117,12 @@ def paths_of(value: Any) -> list[str]:
     """The local paths a flag's value names: those of a volume spec (its read
     grammar included, `ffnjax.volume_spec.local_paths`), else the value as a
     plain file or folder path (a JSON report, a PNG, a workdir); none for a
-    remote URL."""
+    remote URL. A list or tuple gives the paths of each of its values (the
+    files a command writes into its --out folder)."""
     if value is None or value == "":
         return []
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in paths_of(v)]
     found = volume_spec.local_paths(value)
     if found:
         return found
@@ -135,8 +138,8 @@ def check_outputs(outputs: Mapping[str, Any], inputs: Mapping[str, Any], *,
     would lose data or be found unwritable only after the compute.
 
     Args:
-      outputs: {flag: what it names (a volume spec or a path; None = not
-        given)} of everything the command writes.
+      outputs: {flag: what it names (a volume spec or a path, or a list of
+        them; None = not given)} of everything the command writes.
       inputs: {flag: volume spec or path} of everything it reads.
       overwrite: the user passed --overwrite: existing outputs may be replaced.
       existing_ok: output flags whose existing path is expected (a resume
@@ -162,11 +165,11 @@ def check_outputs(outputs: Mapping[str, Any], inputs: Mapping[str, Any], *,
             if aflag != bflag and files.overlaps(apath, bpath):
                 raise ValueError(f"{aflag} {avalue} and {bflag} {bvalue} name the same path "
                                  "(or one lies inside the other); give each its own")
-    for flag, value, path in outs:
+    for flag, _, path in outs:
         p = Path(path).expanduser()
         if (p.exists() or p.is_symlink()) and not overwrite and flag not in existing_ok:
-            raise FileExistsError(f"{flag} {value} exists; pass --overwrite to replace it")
-    for flag, value, path in outs:
+            raise FileExistsError(f"{flag} {path} exists; pass --overwrite to replace it")
+    for flag, _, path in outs:
         files.probe_writable(path, f"{flag}")
 
 

@@ -220,6 +220,9 @@ def run_demo(args: argparse.Namespace) -> dict:
     # context fits its FOV), or the last training phase's with --from-scratch.
     given = None if args.from_scratch else checkpoints.load_checkpoint(args.model)
     out = output_folder(args)
+    if not args.from_scratch and files.overlaps(out, args.model):
+        raise ValueError(f"--out {out} and --model {args.model} overlap: the demo would write "
+                         "its data and training runs into the model it reads; choose another --out")
     (out / "data").mkdir(parents=True, exist_ok=True)
     progress = not args.quiet
     report: dict = {"settings": vars(args).copy()}

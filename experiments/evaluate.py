@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --segmentation baseline: BaselineConfig.threshold_offset "
                         "(standard deviations added to Otsu's threshold)")
     p.add_argument("--json", metavar="OUT", default=None, help="write the report as JSON here")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --json, --png or --save-skeletons folder (otherwise "
+                        "that is an error, found before any work)")
     p.add_argument("--png", metavar="OUT", default=None,
                    help="write slices with ground-truth outlines, the segmentation and the "
                         "worst merges (magenta) here")
@@ -98,6 +101,11 @@ def run(args: argparse.Namespace) -> dict:
     from ffnjax.volumes import open_volume  # here, not at the top: TensorStore (~1 s); --help doesn't wait
 
     thresholds = _cli.numbers(args.merge_thresholds, "--merge-thresholds", n=None)
+    _cli.check_outputs(
+        {"--json": args.json, "--png": args.png, "--save-skeletons": args.save_skeletons},
+        {"--segmentation": None if args.segmentation == "baseline" else args.segmentation,
+         "--groundtruth": args.groundtruth, "--image": args.image, "--skeletons": args.skeletons},
+        overwrite=args.overwrite)
     gt_vol = open_volume(args.groundtruth)
     img_vol = open_volume(args.image) if args.image else None
     baseline = args.segmentation == "baseline"

@@ -452,3 +452,50 @@ def test_train_bad_input_is_one_line_and_writes_nothing(data, tmp_path, capsys):
     for argv, culprit in cases:
         assert culprit in fails(train.main, [*argv, *common], capsys)
     assert snapshot(root, tmp_path) == before
+
+
+# ----------------------------------------------------------------------------
+# The other commands that write: the same output rules
+
+
+def test_synthetic_checks_every_output_before_writing_any(tmp_path, capsys):
+    from experiments import synthetic
+
+    save_volume(str(tmp_path / "labels.zarr"), np.ones((2, 2, 2), np.uint32))
+    before = snapshot(tmp_path)
+    err = fails(synthetic.main, ["--out", tmp_path, "--shape", "8,8,8"], capsys)
+    assert str(tmp_path / "labels.zarr") in err and "--overwrite" in err
+    assert snapshot(tmp_path) == before      # image.zarr was not written first
+    paths = synthetic.main(["--out", str(tmp_path), "--shape", "8,8,8", "--overwrite"])
+    assert read_all(paths["labels"]).shape == (8, 8, 8)
+
+
+def test_evaluate_and_view_refuse_to_overwrite_a_report_or_an_input(data, tmp_path, capsys):
+    from experiments import evaluate, view
+
+    root = data[0]
+    (tmp_path / "r.json").write_text("{}")
+    before = snapshot(root, tmp_path)
+    common = ["--segmentation", root / "labels.zarr", "--groundtruth", root / "labels.zarr"]
+    assert "--json" in fails(evaluate.main, [*common, "--json", tmp_path / "r.json"], capsys)
+    err = fails(evaluate.main, [*common, "--png", root / "labels.zarr", "--overwrite"], capsys)
+    assert "--png" in err and "--segmentation" in err
+    (tmp_path / "m.png").write_text("")
+    before = snapshot(root, tmp_path)
+    err = fails(view.main, ["--image", root / "image.zarr", "--segmentation", root / "labels.zarr",
+                            "--png", tmp_path / "m.png", "--no-viewer"], capsys)
+    assert "--png" in err and "--overwrite" in err
+    assert snapshot(root, tmp_path) == before
+
+
+def test_import_tf_never_replaces_a_checkpoint_without_overwrite(data, tmp_path, capsys):
+    from experiments import import_tf
+
+    root = data[0]
+    import shutil
+    shutil.copytree(root / "ckpt", tmp_path / "wd")
+    before = snapshot(tmp_path)
+    err = fails(import_tf.main, ["--tf-checkpoint", tmp_path / "model.ckpt", "--out",
+                                 tmp_path / "wd", "--step", "0"], capsys)
+    assert "--out" in err and "holds checkpoints" in err and "--overwrite" in err
+    assert snapshot(tmp_path) == before
