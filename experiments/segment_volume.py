@@ -19,6 +19,7 @@ checkpoint was trained with (normalisation, seed and pad probabilities:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -92,9 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--oracle", action="store_true",
                     help="check the pipeline without a model: the image is a label volume and "
                          "the oracle network (ffnjax.testing) fills its objects")
-    _cli.add_flags(ap, ModelConfig, _cli.with_help(
-        _cli.MODEL_FLAGS, fov_size="with --oracle: FOV size z,y,x",
-        deltas="with --oracle: FOV moves z,y,x"), ("fov_size", "deltas"), base=ORACLE_MODEL)
+    geometry = _cli.with_help(
+        _cli.MODEL_FLAGS, fov_size="FOV size z,y,x: the oracle's with --oracle, else a guard "
+                                   "(a checkpoint of another FOV is an error)",
+        deltas="FOV moves z,y,x: the oracle's with --oracle, else a guard (a checkpoint with "
+               "other deltas is an error)")
+    for name in ("fov_size", "deltas"):
+        shown = ",".join(map(str, getattr(ORACLE_MODEL, name)))
+        geometry[name] = dataclasses.replace(
+            geometry[name], default_text=f"{shown} with --oracle, else the checkpoint's")
+    _cli.add_flags(ap, ModelConfig, geometry, ("fov_size", "deltas"))
     _cli.add_common(ap, "hide the progress bars", quiet_aliases=("--no-progress",))
     g = ap.add_argument_group("inference options (InferenceOptions)")
     _cli.add_flags(g, InferenceOptions, _cli.INFERENCE_FLAGS_FROM_CHECKPOINT)
@@ -122,7 +130,9 @@ def main(argv: list[str] | None = None) -> dict:
     check_paths(args)
     if args.oracle:
         from ffnjax.testing import oracle_apply_fn, oracle_options  # loads JAX: only when asked for
-        model_config = ModelConfig(depth=1, features=1, fov_size=args.fov, deltas=args.deltas)
+        model_config = ModelConfig(depth=1, features=1,
+                                   fov_size=args.fov or ORACLE_MODEL.fov_size,
+                                   deltas=args.deltas or ORACLE_MODEL.deltas)
         params, apply_fn = None, oracle_apply_fn
         options = options_from_args(args, oracle_options(seed_policy="grid",
                                                          seed_grid_step=model_config.deltas))
@@ -132,6 +142,12 @@ def main(argv: list[str] | None = None) -> dict:
         options_from_args(args, InferenceOptions())  # bad options fail before the model loads
         from ffnjax.checkpoints import inference_defaults, load_checkpoint  # loads JAX: after flag checks
         model_config, params = load_checkpoint(args.checkpoint, args.step)
+        for flag, name in (("--fov", "fov_size"), ("--deltas", "deltas")):
+            asked = getattr(args, _cli.dest_of(name, _cli.MODEL_FLAGS))
+            if asked is not None and tuple(asked) != tuple(getattr(model_config, name)):
+                raise ValueError(f"checkpoint {args.checkpoint} has {name} "
+                                 f"{getattr(model_config, name)} (z,y,x) but {flag} asks for "
+                                 f"{tuple(asked)}")
         apply_fn = None
         options = options_from_args(
             args, InferenceOptions(**inference_defaults(args.checkpoint, args.step)))

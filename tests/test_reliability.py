@@ -499,3 +499,19 @@ def test_import_tf_never_replaces_a_checkpoint_without_overwrite(data, tmp_path,
                                  tmp_path / "wd", "--step", "0"], capsys)
     assert "--out" in err and "holds checkpoints" in err and "--overwrite" in err
     assert snapshot(tmp_path) == before
+
+
+def test_segment_volume_refuses_a_fov_the_checkpoint_lacks(data, tmp_path, capsys):
+    # --fov used to be read with --oracle only and silently ignored with a checkpoint.
+    root = data[0]
+    for flags, culprit in ((["--fov", "17,17,17"], "--fov asks for (17, 17, 17)"),
+                           (["--deltas", "4,4,4"], "--deltas asks for (4, 4, 4)")):
+        err = fails(segment_volume_cli.main,
+                    ["--checkpoint", root / "ckpt", "--image", root / "image.zarr", "--output",
+                     tmp_path / "seg.zarr", "--block", "20,24,24", "--overlap", "0,0,0",
+                     "--scheduler", "sync", "--quiet", *flags], capsys)
+        assert culprit in err and ("(9, 9, 9)" in err or "(2, 2, 2)" in err)
+    assert list(tmp_path.iterdir()) == []
+    # The oracle keeps its defaults.
+    args = segment_volume_cli.build_parser().parse_args(["--image", "i", "--output", "o"])
+    assert args.fov is None and args.deltas is None
