@@ -342,7 +342,7 @@ def dest_of(name: str, table: Mapping[str, Flag]) -> str:
 
 
 def _shown(value: Any) -> str:
-    if isinstance(value, tuple):
+    if isinstance(value, (tuple, list)):
         return ",".join(map(str, value)) if value else "none"
     return "none" if value == "" else str(value)
 

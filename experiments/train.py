@@ -103,7 +103,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     model = _cli.given(args, ModelConfig, _cli.MODEL_FLAGS)
     if model:
         changes["model"] = _cli.build(ModelConfig, _cli.MODEL_FLAGS, base.model.to_dict(), model)
-    return dataclasses.replace(base, **changes)
+    return _cli.build(TrainConfig, _cli.TRAIN_FLAGS, base.to_dict(), changes)
 
 
 def main(argv: list[str] | None = None) -> dict:

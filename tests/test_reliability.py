@@ -399,6 +399,9 @@ def test_a_bad_option_value_names_its_flag_and_value(data, tmp_path, capsys):
                                           root / "image.zarr", "--output", tmp_path / "v.zarr",
                                           "--max-steps", "-1"], capsys)
     assert "--max-steps -1" in err
+    from experiments import train
+    err = fails(train.main, ["--workdir", tmp_path / "w", "--steps", "0"], capsys)
+    assert "--steps 0: steps must be >= 1" in err
     assert list(tmp_path.iterdir()) == []
 
 
