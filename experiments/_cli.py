@@ -15,6 +15,10 @@ Five things every command does the same way:
   field's annotation); `given` reads back the fields a user set. The help text
   of each field lives once, in `MODEL_FLAGS`, `TRAIN_FLAGS` and
   `INFERENCE_FLAGS`; a command may override a field's text or default.
+- **Outputs.** `check_outputs` runs before any work: no output may be (or
+  hold, or lie inside) a path the command reads, --overwrite or not; an
+  existing output is refused unless --overwrite (or the command resumes it);
+  an output that cannot be created is found before the compute, not after.
 - **Errors.** A bad input ends the command with exactly one line
   `error: <what>, <which file/flag/value>` on stderr and exit status 2, no
   traceback; `--debug` re-raises with it (`run`, `report_error`). Usage errors
@@ -34,9 +38,9 @@ import os
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
-from ffnjax import volume_spec
+from ffnjax import files, volume_spec
 from ffnjax.config import (COMPUTE_DTYPES, CONSENSUS_MODES, CONV_IMPLS, IMAGE_MEAN, IMAGE_STDDEV,
                            INFERENCE_FACTS, LOSS_NORMALIZATIONS, MOVE_POLICIES, OPTIMIZERS,
                            SCHEDULES, SEED_ORDERS, SEED_POLICIES, InferenceOptions, ModelConfig,
@@ -169,6 +173,70 @@ def use_compile_cache(args: Any, directory: str | os.PathLike | None = None) -> 
         jax.config.update(name, value)
         os.environ[name.upper()] = str(value)
     return path
+
+
+# ----------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------
+
+def paths_of(value: Any) -> list[str]:
+    """The local paths a flag's value names: those of a volume spec (its read
+    grammar included, `ffnjax.volume_spec.local_paths`), else the value as a
+    plain file or folder path (a JSON report, a PNG, a workdir); none for a
+    remote URL. A list or tuple gives the paths of each of its values (the
+    files a command writes into its --out folder)."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in paths_of(v)]
+    found = volume_spec.local_paths(value)
+    if found:
+        return found
+    text = str(value)
+    if "://" in text or volume_spec.is_json_spec(value):
+        return []
+    return [text]
+
+
+def check_outputs(outputs: Mapping[str, Any], inputs: Mapping[str, Any], *,
+                  overwrite: bool = False, existing_ok: Collection[str] = ()) -> None:
+    """Refuses, before any work and without writing anything, outputs that
+    would lose data or be found unwritable only after the compute.
+
+    Args:
+      outputs: {flag: what it names (a volume spec or a path, or a list of
+        them; None = not given)} of everything the command writes.
+      inputs: {flag: volume spec or path} of everything it reads.
+      overwrite: the user passed --overwrite: existing outputs may be replaced.
+      existing_ok: output flags whose existing path is expected (a resume
+        file, the output of a run being resumed).
+
+    Raises:
+      ValueError: an output that is, holds or lies inside an input (whatever
+        `overwrite` says), or two outputs at one path.
+      FileExistsError: an existing output without --overwrite.
+      NotADirectoryError / PermissionError: an output that cannot be created
+        (`ffnjax.files.probe_writable`).
+    """
+    outs = [(flag, value, path) for flag, value in outputs.items() for path in paths_of(value)]
+    ins = [(flag, value, path) for flag, value in inputs.items() for path in paths_of(value)]
+    for oflag, ovalue, opath in outs:
+        for iflag, ivalue, ipath in ins:
+            if files.overlaps(opath, ipath):
+                raise ValueError(f"{oflag} {ovalue} would overwrite the input {iflag} {ivalue} "
+                                 "(the same path, or one inside the other); write to another "
+                                 "path (--overwrite never allows this)")
+    for i, (aflag, avalue, apath) in enumerate(outs):
+        for bflag, bvalue, bpath in outs[i + 1:]:
+            if aflag != bflag and files.overlaps(apath, bpath):
+                raise ValueError(f"{aflag} {avalue} and {bflag} {bvalue} name the same path "
+                                 "(or one lies inside the other); give each its own")
+    for flag, _, path in outs:
+        p = Path(path).expanduser()
+        if (p.exists() or p.is_symlink()) and not overwrite and flag not in existing_ok:
+            raise FileExistsError(f"{flag} {path} exists; pass --overwrite to replace it")
+    for flag, _, path in outs:
+        files.probe_writable(path, f"{flag}")
 
 
 # ----------------------------------------------------------------------------
@@ -340,7 +408,7 @@ def dest_of(name: str, table: Mapping[str, Flag]) -> str:
 
 
 def _shown(value: Any) -> str:
-    if isinstance(value, tuple):
+    if isinstance(value, (tuple, list)):
         return ",".join(map(str, value)) if value else "none"
     return "none" if value == "" else str(value)
 
@@ -396,6 +464,34 @@ def given(args: argparse.Namespace, cls: type, table: Mapping[str, Flag],
     names = fields or [f.name for f in dataclasses.fields(cls)]
     values = {name: getattr(args, dest_of(name, table), None) for name in names}
     return {k: v for k, v in values.items() if v is not None}
+
+
+def build(cls: type, table: Mapping[str, Flag], base: Mapping[str, Any],
+          flags: Mapping[str, Any]) -> Any:
+    """`cls(**base, **flags)`, where a bad value given by one flag is named by
+    that flag: 'error: --batch-size 0: batch_size must be >= 1, got 0'.
+
+    Args:
+      base: values from elsewhere (a checkpoint's facts, a config file).
+      flags: {field: value} of the flags given (`given`).
+
+    Raises:
+      ValueError: the dataclass's message, prefixed with the flag and its
+        value when that flag's value alone is refused the same way.
+    """
+    try:
+        return cls(**{**base, **flags})
+    except ValueError as e:
+        for name, value in flags.items():
+            try:
+                cls(**{name: value})
+            except ValueError as alone:
+                if str(alone) != str(e):   # refused with other values too: not this flag alone
+                    continue
+                flag = table.get(name)
+                option = flag.names[0] if flag is not None and flag.names else _option(name)
+                raise ValueError(f"{option} {_shown(value)}: {e}") from e
+        raise
 
 
 def with_help(table: Mapping[str, Flag], **texts: str) -> dict[str, Flag]:

@@ -222,6 +222,9 @@ def run_demo(args: argparse.Namespace) -> dict:
     # context fits its FOV), or the last training phase's with --from-scratch.
     given = None if args.from_scratch else checkpoints.load_checkpoint(args.model)
     out = output_folder(args)
+    if not args.from_scratch and files.overlaps(out, args.model):
+        raise ValueError(f"--out {out} and --model {args.model} overlap: the demo would write "
+                         "its data and training runs into the model it reads; choose another --out")
     (out / "data").mkdir(parents=True, exist_ok=True)
     progress = not args.quiet
     report: dict = {"settings": vars(args).copy()}
@@ -256,7 +259,9 @@ def run_demo(args: argparse.Namespace) -> dict:
                                      checkpoint_every=max(1, config.steps // 3),
                                      image_every=max(1, config.steps // 3))
         t1 = time.perf_counter()
-        metrics = train_loop.train(config, workdir, progress=progress)
+        # A rerun with more steps trains further; the warmup follows the steps.
+        metrics = train_loop.train(config, workdir, progress=progress,
+                                   allow_config_change=("warmup_steps",))
         seconds = time.perf_counter() - t1
         report["training"][name] = dict(metrics, seconds=seconds, reused="loss" not in metrics)
         if "loss" in metrics:

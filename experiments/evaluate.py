@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --segmentation baseline: BaselineConfig.threshold_offset "
                         "(standard deviations added to Otsu's threshold)")
     p.add_argument("--json", metavar="OUT", default=None, help="write the report as JSON here")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --json, --png or --save-skeletons folder (otherwise "
+                        "that is an error, found before any work)")
     p.add_argument("--png", metavar="OUT", default=None,
                    help="write slices with ground-truth outlines, the segmentation and the "
                         "worst merges (magenta) here")
@@ -122,6 +125,11 @@ def run(args: argparse.Namespace) -> dict:
     from ffnjax.volumes import open_volume  # here, not at the top: TensorStore (~1 s); --help doesn't wait
 
     thresholds = _cli.numbers(args.merge_thresholds, "--merge-thresholds", n=None)
+    _cli.check_outputs(
+        {"--json": args.json, "--png": args.png, "--save-skeletons": args.save_skeletons},
+        {"--segmentation": None if args.segmentation == "baseline" else args.segmentation,
+         "--groundtruth": args.groundtruth, "--image": args.image, "--skeletons": args.skeletons},
+        overwrite=args.overwrite)
     gt_vol = open_volume(args.groundtruth)
     img_vol = open_volume(args.image) if args.image else None
     baseline = args.segmentation == "baseline"
@@ -139,6 +147,9 @@ def run(args: argparse.Namespace) -> dict:
     if img_vol is not None:
         img_off = _cli.numbers(args.image_offset, "--image-offset")
         image = frame.read(start, size) if baseline else _region(img_vol, img_off, seg_offset, start, size, "image")
+        if baseline:  # the baseline segments the image: it must be finite (the PNG copes)
+            from ffnjax.volumes import require_finite
+            require_finite(image, f"--image {args.image}", start, img_vol.chunks)
     gt_off = _cli.numbers(args.gt_offset, "--gt-offset")
     gt = _region(gt_vol, gt_off, seg_offset, start, size, "ground truth")
     if baseline:

@@ -124,6 +124,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "segmentation instead of flood filling again")
     p.add_argument("--out", default="out/fib25_tf_eval",
                    help="folder for segmentations.npz, metrics.json and slices.png")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace those files when --out holds them already (otherwise that is "
+                        "an error, found before any work)")
     _cli.add_common(p)
     _cli.add_compile_cache(p)
     return p.parse_args(argv)
@@ -152,6 +155,13 @@ def main(argv=None) -> int:
 
     offset, size = crop(args)
     ckpt = args.workdir or args.checkpoint
+    out = Path(args.out)
+    written = [str(out / name) for name in ("segmentations.npz", "metrics.json", "slices_ffn.png",
+                                            "slices_baseline.png")]
+    _cli.check_outputs({"--out": written},
+                       {"--data": str(Path(args.data) / "fib25_training_sample2"),
+                        "--checkpoint": ckpt, "--tf-checkpoint": args.tf_checkpoint,
+                        "--reuse": args.reuse}, overwrite=args.overwrite)
     if args.workdir or (ckpt and (Path(ckpt) / "checkpoints").is_dir()):
         from ffnjax.checkpoints import load_checkpoint  # loads Orbax: only for an ffnjax workdir
         config, params = load_checkpoint(ckpt)
@@ -214,7 +224,6 @@ def main(argv=None) -> int:
                   f"{r['adapted_rand']:7.3f} {r['objects']:7d} {r['unsegmented_fraction']:6.3f} "
                   f"{r.get('seconds') or float('nan'):8.1f}")
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out / "segmentations.npz", **segs, ffn_seconds=np.nan if t_ffn is None
                         else t_ffn, ffn_fov_steps=steps)

@@ -17,6 +17,7 @@ but is deprecated: in every other command --checkpoint is an ffnjax workdir.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from experiments import _cli
 from ffnjax.checkpoints import save_model
@@ -40,8 +41,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="ffnjax workdir to write the Orbax checkpoint into")
     p.add_argument("--step", type=int, default=None,
                    help="checkpoint step to save under (default: the TF global_step, else 0)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an --out that holds checkpoints already, replacing the one "
+                        "at the same step (otherwise that is an error)")
     _cli.add_common(p, "accepted for uniformity (this command draws no progress bars)")
     return p.parse_args(argv)
+
+
+def check_out(args: argparse.Namespace) -> None:
+    """--out may not hold the TF checkpoint, nor (without --overwrite) checkpoints already:
+    the import would add to or replace them."""
+    prefix = Path(args.tf_checkpoint)
+    _cli.check_outputs({"--out": args.out},
+                       {"--tf-checkpoint": [str(prefix.with_name(prefix.name + ".index"))]},
+                       existing_ok=("--out",))
+    held = Path(args.out) / "checkpoints"
+    if not args.overwrite and held.is_dir() and any(held.iterdir()):
+        raise FileExistsError(f"--out {args.out} holds checkpoints already ({held}); pass "
+                              "--overwrite to write into it, or choose another --out")
 
 
 def main(argv=None) -> int:
@@ -49,6 +66,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         config = ModelConfig(**_cli.given(args, ModelConfig, _cli.MODEL_FLAGS))
+        check_out(args)
         params, provenance = import_ffn_checkpoint(args.tf_checkpoint, config)
     except _cli.BAD_INPUT as e:
         return _cli.report_error(e, args.debug)

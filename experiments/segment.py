@@ -47,8 +47,8 @@ def add_option_flags(parser, table=_cli.INFERENCE_FLAGS_FROM_CHECKPOINT) -> None
 def options_from_args(args: argparse.Namespace, defaults: dict | None = None) -> InferenceOptions:
     """InferenceOptions of the flags given, over `defaults` (e.g. the checkpoint's
     `ffnjax.checkpoints.inference_defaults`), over the dataclass defaults."""
-    return InferenceOptions(**{**(defaults or {}),
-                               **_cli.given(args, InferenceOptions, _cli.INFERENCE_FLAGS)})
+    return _cli.build(InferenceOptions, _cli.INFERENCE_FLAGS, defaults or {},
+                      _cli.given(args, InferenceOptions, _cli.INFERENCE_FLAGS))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,21 +93,24 @@ def default_state_path(output: str) -> Path:
     return Path(path + ".segment-state.npz")
 
 
-def _output_exists(spec: str) -> bool:
-    vs = parse_spec(spec)
-    path = getattr(vs, "path", None)
-    return bool(path) and "://" not in path and Path(path).expanduser().exists()
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     options_from_args(args)  # bad option values fail before the checkpoint is read
     _cli.use_compile_cache(args)
+    # Outputs before anything is read or computed: never an input, never an existing
+    # output unless --overwrite or resuming, and writable (found now, not after the fill).
+    state_path = Path(args.state) if args.state else default_state_path(args.output)
+    resuming = state_path.exists()
+    _cli.check_outputs(
+        {"--output": args.output, "--prob-output": args.prob_output, "--state": str(state_path),
+         "--info-json": args.info_json},
+        {"--image": args.image, "--checkpoint": args.checkpoint}, overwrite=args.overwrite,
+        existing_ok=("--state",) + (("--output", "--prob-output", "--info-json") if resuming else ()))
 
     # Here, not at the top: JAX and TensorStore take seconds to load; --help and bad flags don't wait.
     from ffnjax import flood, scale, segmentation
     from ffnjax.checkpoints import inference_defaults, load_checkpoint
-    from ffnjax.volumes import create_volume, open_volume
+    from ffnjax.volumes import create_volume, open_volume, require_finite
 
     model_config, params = load_checkpoint(args.checkpoint, args.step)
     options = options_from_args(args, inference_defaults(args.checkpoint, args.step))
@@ -120,15 +123,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     raw = np.asarray(image.read(start, size))
     if raw.ndim == 4 and raw.shape[-1] == 1:
         raw = raw[..., 0]
+    require_finite(raw, f"--image {args.image}", start, image.chunks)
     flood.check_image_shape(scale.coarse_shape(raw.shape, options.downsample), model_config.fov_size)
 
-    state_path = Path(args.state) if args.state else default_state_path(args.output)
-    state = segmentation.load_state(state_path) if state_path.exists() else None
-    outputs = [args.output] + ([args.prob_output] if args.prob_output else [])
-    if state is None and not args.overwrite:
-        for out in outputs:
-            if _output_exists(out):
-                raise FileExistsError(f"output {out} exists; pass --overwrite to replace it")
+    state = segmentation.load_state(state_path) if resuming else None
     run_id = json.dumps({"image": args.image, "start": list(start), "size": list(size),
                          "checkpoint": str(Path(args.checkpoint).absolute()), "step": args.step,
                          "prob": bool(args.prob_output)})

@@ -6,7 +6,9 @@
 Volumes are any `ffnjax.volumes` spec: 'x.zarr', 'x.n5', 'precomputed://x'
 (also 'f.h5:dataset', 'f.npz:key' for the input). Rerunning the same command
 resumes: finished blocks are kept in '<output>.blocks/'. See
-`ffnjax.blockwise.segment_volume`.
+`ffnjax.blockwise.segment_volume`. An existing output that the work folder's
+run did not write is refused unless --overwrite; the output is never the
+image, --overwrite or not.
 
 Inference options come, each overriding the one before, from: the values the
 checkpoint was trained with (normalisation, seed and pad probabilities:
@@ -17,6 +19,7 @@ checkpoint was trained with (normalisation, seed and pad probabilities:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -45,8 +48,8 @@ def _options(text: str | None, base: InferenceOptions) -> InferenceOptions:
 def options_from_args(args: argparse.Namespace, base: InferenceOptions) -> InferenceOptions:
     """`base`, then --options, then the InferenceOptions flags given."""
     with_json = _options(args.options, base)
-    return InferenceOptions(**{**with_json.to_dict(),
-                               **_cli.given(args, InferenceOptions, _cli.INFERENCE_FLAGS)})
+    return _cli.build(InferenceOptions, _cli.INFERENCE_FLAGS, with_json.to_dict(),
+                      _cli.given(args, InferenceOptions, _cli.INFERENCE_FLAGS))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,12 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--retries", type=int, default=1, help="Dask retries per task (default 1)")
     ap.add_argument("--png", default=None, help="also write a PNG montage of z slices here")
     ap.add_argument("--summary", default=None, help="also write the run summary as JSON here")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an existing --output (and --summary, --png) that no run in the "
+                         "work folder wrote (otherwise that is an error; resuming needs no flag)")
     ap.add_argument("--oracle", action="store_true",
                     help="check the pipeline without a model: the image is a label volume and "
                          "the oracle network (ffnjax.testing) fills its objects")
-    _cli.add_flags(ap, ModelConfig, _cli.with_help(
-        _cli.MODEL_FLAGS, fov_size="with --oracle: FOV size z,y,x",
-        deltas="with --oracle: FOV moves z,y,x"), ("fov_size", "deltas"), base=ORACLE_MODEL)
+    geometry = _cli.with_help(
+        _cli.MODEL_FLAGS, fov_size="FOV size z,y,x: the oracle's with --oracle, else a guard "
+                                   "(a checkpoint of another FOV is an error)",
+        deltas="FOV moves z,y,x: the oracle's with --oracle, else a guard (a checkpoint with "
+               "other deltas is an error)")
+    for name in ("fov_size", "deltas"):
+        shown = ",".join(map(str, getattr(ORACLE_MODEL, name)))
+        geometry[name] = dataclasses.replace(
+            geometry[name], default_text=f"{shown} with --oracle, else the checkpoint's")
+    _cli.add_flags(ap, ModelConfig, geometry, ("fov_size", "deltas"))
     _cli.add_common(ap, "hide the progress bars", quiet_aliases=("--no-progress",))
     _cli.add_compile_cache(ap)
     g = ap.add_argument_group("inference options (InferenceOptions)")
@@ -97,13 +110,31 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    """The output checks of `_cli.check_outputs`, before the model loads: a
+    rerun that resumes (the work folder holds a run.json) may find its
+    outputs in place."""
+    from ffnjax.blockwise import default_workdir
+
+    workdir = Path(args.workdir) if args.workdir else default_workdir(args.output)
+    resuming = (workdir / "run.json").exists()
+    _cli.check_outputs(
+        {"--output": args.output, "--workdir": str(workdir), "--summary": args.summary,
+         "--png": args.png},
+        {"--image": args.image, "--checkpoint": args.checkpoint}, overwrite=args.overwrite,
+        existing_ok=("--workdir",) + (("--output", "--summary", "--png") if resuming else ()))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     _cli.use_compile_cache(args)  # Dask workers started below inherit it
+    check_paths(args)
     if args.oracle:
         from ffnjax.testing import oracle_apply_fn, oracle_options  # loads JAX: only when asked for
-        model_config = ModelConfig(depth=1, features=1, fov_size=args.fov, deltas=args.deltas)
+        model_config = ModelConfig(depth=1, features=1,
+                                   fov_size=args.fov or ORACLE_MODEL.fov_size,
+                                   deltas=args.deltas or ORACLE_MODEL.deltas)
         params, apply_fn = None, oracle_apply_fn
         options = options_from_args(args, oracle_options(seed_policy="grid",
                                                          seed_grid_step=model_config.deltas))
@@ -113,6 +144,12 @@ def main(argv: list[str] | None = None) -> dict:
         options_from_args(args, InferenceOptions())  # bad options fail before the model loads
         from ffnjax.checkpoints import inference_defaults, load_checkpoint  # loads JAX: after flag checks
         model_config, params = load_checkpoint(args.checkpoint, args.step)
+        for flag, name in (("--fov", "fov_size"), ("--deltas", "deltas")):
+            asked = getattr(args, _cli.dest_of(name, _cli.MODEL_FLAGS))
+            if asked is not None and tuple(asked) != tuple(getattr(model_config, name)):
+                raise ValueError(f"checkpoint {args.checkpoint} has {name} "
+                                 f"{getattr(model_config, name)} (z,y,x) but {flag} asks for "
+                                 f"{tuple(asked)}")
         apply_fn = None
         options = options_from_args(
             args, InferenceOptions(**inference_defaults(args.checkpoint, args.step)))
@@ -120,7 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.image, args.output, params, model_config, options, block=args.block,
         overlap=args.overlap, client=args.scheduler, apply_fn=apply_fn,
         min_overlap=args.min_overlap, workdir=args.workdir, n_workers=args.workers,
-        chunks=args.chunks, retries=args.retries, progress=not args.quiet)
+        chunks=args.chunks, retries=args.retries, progress=not args.quiet,
+        overwrite=args.overwrite)
     print(summary)
     if summary.weak_contacts:
         print(f"{len(summary.weak_contacts)} possible cuts (objects touching across an overlap with "

@@ -31,11 +31,17 @@ def main(argv: list[str] | None = None) -> dict:
                         "--anisotropy (default 8)")
     p.add_argument("--mean-radius", type=float, default=synthetic.SyntheticConfig.mean_radius,
                    help="median neurite radius in x/y voxels (default %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing volumes in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing volumes and preview in --out (otherwise any of them "
+                        "existing is an error, found before anything is written)")
     _cli.add_common(p, "accepted for uniformity (this command draws no progress bars)")
     args = p.parse_args(argv)
 
     out = Path(args.out)
+    paths = {"image": str(out / "image.zarr"), "labels": str(out / "labels.zarr")}
+    # All three outputs checked before the first is written: none is replaced without --overwrite.
+    _cli.check_outputs({"--out": [*paths.values(), str(out / "preview.png")]}, {},
+                       overwrite=args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     config = synthetic.SyntheticConfig(mean_radius=args.mean_radius)
@@ -43,10 +49,6 @@ def main(argv: list[str] | None = None) -> dict:
                                           config=config)
     seconds = time.perf_counter() - t0
     voxel_size = (args.voxel_size * args.anisotropy, args.voxel_size, args.voxel_size)
-    paths = {
-        "image": str(out / "image.zarr"),
-        "labels": str(out / "labels.zarr"),
-    }
     save_volume(paths["image"], image, voxel_size=voxel_size, overwrite=args.overwrite)
     save_volume(paths["labels"], labels, voxel_size=voxel_size, overwrite=args.overwrite)
     paths["preview"] = str(synthetic.save_preview(out / "preview.png", image, labels))

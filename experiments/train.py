@@ -12,7 +12,13 @@
 --image/--labels pair up in order and repeat for several volumes; a spec may
 end in @z0:z1,y0:y1,x0:x1 to use a box of the volume, and SPEC1+SPEC2 stacks
 volumes along z. Re-running the same command resumes from the latest
-checkpoint in --workdir and continues the same sample stream.
+checkpoint in --workdir and continues the same sample stream. A resume with
+another configuration is refused with the fields that differ, apart from
+--steps, the logging / validation / checkpoint periods and a few more that
+are safe to change (`ffnjax.resume.SAFE_ON_RESUME`); name the others in
+--allow-config-change to resume anyway (each run is recorded in
+WORKDIR/config_history.jsonl). A checkpoint that cannot be read is skipped
+for the newest that can, saying so.
 
 Every TrainConfig (and ModelConfig) field has a flag. Precedence, lowest
 first: TrainConfig's defaults (the 'ffnjax' recipe), --config (a TrainConfig
@@ -71,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "it overrides --config's values of its fields, flags override both")
     g.add_argument("--stop-at-step", type=int,
                    help="stop (with a checkpoint) at this step, keeping the --steps schedule")
+    g.add_argument("--allow-config-change", metavar="FIELD,...", default="",
+                   help="resume although these fields differ from the saved run (e.g. "
+                        "learning_rate,fov_moves); recorded in WORKDIR/config_history.jsonl. "
+                        "Without it a resume with another config is refused, listing the "
+                        "fields that differ (steps and the logging periods may always change)")
     _cli.add_common(g, quiet="no progress bar or log lines")
     _cli.add_compile_cache(g)
     for name, fields in GROUPS.items():
@@ -92,13 +103,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     changes = _cli.given(args, TrainConfig, _cli.TRAIN_FLAGS, [f for fs in GROUPS.values() for f in fs])
     model = _cli.given(args, ModelConfig, _cli.MODEL_FLAGS)
     if model:
-        changes["model"] = dataclasses.replace(base.model, **model)
+        changes["model"] = _cli.build(ModelConfig, _cli.MODEL_FLAGS, base.model.to_dict(), model)
     elif changes.get("init_from") and not args.config:
         # Fine-tuning: the network is the one --init-from holds (e.g. google/ffn's
         # published model imported by experiments.import_tf), unless flags say otherwise.
         from ffnjax.checkpoints import load_model_config  # loads JAX: only on this path
         changes["model"] = load_model_config(changes["init_from"])
-    return dataclasses.replace(base, **changes)
+    return _cli.build(TrainConfig, _cli.TRAIN_FLAGS, base.to_dict(), changes)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -111,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         # Bad data is found while loading the volumes, before the first step.
         metrics = train(config, args.workdir, stop_at_step=args.stop_at_step,
-                        progress=not args.quiet)
+                        progress=not args.quiet,
+                        allow_config_change=args.allow_config_change.split(","))
     except _cli.BAD_INPUT as e:
         raise SystemExit(_cli.report_error(e, args.debug)) from None
     print(json.dumps({"workdir": str(Path(args.workdir).absolute()), **metrics}, sort_keys=True))

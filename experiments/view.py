@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--png", default=None,
                     help="write a PNG montage of z slices (image | coloured objects) here")
     ap.add_argument("--slices", type=int, default=4, help="z slices in the montage (default 4)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an existing --png (otherwise that is an error)")
     ap.add_argument("--no-block", action="store_true",
                     help="build the viewer, print its URL and state JSON, and exit")
     ap.add_argument("--no-viewer", action="store_true",
@@ -48,6 +50,9 @@ def main(argv: list[str] | None = None):
     if args.png:
         if args.image is None or args.segmentation is None:
             parser.error("--png needs both --image and --segmentation")
+        _cli.check_outputs({"--png": args.png},
+                           {"--image": args.image, "--segmentation": args.segmentation},
+                           overwrite=args.overwrite)
         print("montage:", save_montage(args.png, args.image, args.segmentation, n_slices=args.slices))
     if args.no_viewer:
         return None

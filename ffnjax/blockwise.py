@@ -63,11 +63,12 @@ from ffnjax import dask_tasks
 from ffnjax.blockgrid import Block, BlockGrid, axis_starts, overlap_box  # noqa: F401  (old home)
 from ffnjax.config import InferenceOptions, ModelConfig
 from ffnjax.dask_tasks import LOCAL_SCHEDULERS  # noqa: F401  (its old home)
-from ffnjax.files import digest, save_npz, write_json
+from ffnjax.files import digest, overlaps, probe_writable, save_npz, write_json
 from ffnjax.handles import as_volume, spec_text
 from ffnjax.segmentation import segment
 from ffnjax.view import make_viewer, read_slices, save_montage  # noqa: F401  (their old home)
-from ffnjax.volumes import create_volume, open_volume
+from ffnjax.volume_spec import local_paths
+from ffnjax.volumes import create_volume, open_volume, require_finite
 
 SegmentFn = Callable[[np.ndarray], np.ndarray]
 FORMAT_VERSION = 1
@@ -195,7 +196,9 @@ def segment_block(image: Any, workdir: str, block: Block, segment_fn: SegmentFn)
     if meta is not None:
         return {**meta, "skipped": True}
     t0 = time.perf_counter()
-    data = as_volume(image).read(block.start, block.shape)
+    vol = as_volume(image)
+    data = require_finite(vol.read(block.start, block.shape), f"image {spec_text(image)!r}",
+                          block.start, getattr(vol, "chunks", None))
     labels = np.asarray(segment_fn(data))
     if labels.shape != block.shape:
         raise ValueError(f"segmenter returned shape {labels.shape} for block {block.name} "
@@ -401,7 +404,9 @@ class BlockwiseSummary:
                 f"peak worker RSS {self.peak_worker_rss_mb:.0f} MiB -> {self.output}")
 
 
-def _check_run_file(workdir: Path, record: dict) -> None:
+def _check_run_file(workdir: Path, record: dict, write: bool = True) -> bool:
+    """True when `workdir` holds this run's run.json (a resume); refuses one of
+    another run. Writes the record when absent (unless `write` is False)."""
     path = workdir / "run.json"
     if path.exists():
         old = json.loads(path.read_text())
@@ -409,24 +414,63 @@ def _check_run_file(workdir: Path, record: dict) -> None:
             diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
             raise ValueError(f"work folder {workdir} holds blocks of a different run (differs in "
                              f"{diff}); delete it or pass another workdir")
-    else:
+        return True
+    if write:
         write_json(path, record)
+    return False
 
 
-def _prepare_output(output: Any, shape, voxel_size, chunks) -> Any:
-    """Opens the output for writing, creating a uint64 volume when absent."""
+def _check_output(output: Any, image_spec: Any, workdir: Path, shape, resuming: bool,
+                  overwrite: bool) -> bool:
+    """Checks the output before any work; returns whether it must be created.
+
+    Refused, naming the output: one that is (or holds, or lies inside) the
+    image or the work folder, whatever `overwrite` says; an existing one
+    unless this run resumes it (its work folder holds this run's run.json) or
+    `overwrite`; one of the wrong shape or dtype when resuming; one that
+    cannot be created (`ffnjax.files.probe_writable`).
+    """
     if not isinstance(output, (str, os.PathLike)):
         if tuple(output.shape) != tuple(shape):
             raise ValueError(f"output volume has shape {tuple(output.shape)}, image has {tuple(shape)}")
-        return output
-    try:
-        vol = open_volume(output, "r+")
-    except FileNotFoundError:
-        create_volume(output, shape, "uint64", chunks=chunks, voxel_size=voxel_size)
-        return output
-    if tuple(vol.shape) != tuple(shape) or vol.dtype.kind not in "iu":
-        raise ValueError(f"existing output {spec_text(output)!r} has shape {vol.shape} and dtype "
-                         f"{vol.dtype}; the image needs shape {tuple(shape)} with an integer dtype")
+        return False
+    text = spec_text(output)
+    out_paths = local_paths(output)
+    for path in out_paths:
+        for ipath in local_paths(image_spec):
+            if overlaps(path, ipath):
+                raise ValueError(f"output {text!r} would overwrite the image {spec_text(image_spec)!r}"
+                                 " (the same path, or one inside the other); write to another path")
+        if overlaps(path, workdir):
+            raise ValueError(f"output {text!r} and the work folder {workdir} overlap; give each "
+                             "its own path")
+    exists = any(Path(p).expanduser().exists() for p in out_paths)
+    if not out_paths:  # a remote output: ask the store
+        try:
+            open_volume(output).close()
+            exists = True
+        except FileNotFoundError:
+            exists = False
+    if exists and resuming:
+        vol = open_volume(output)
+        if tuple(vol.shape) != tuple(shape) or vol.dtype.kind not in "iu":
+            raise ValueError(f"existing output {text!r} has shape {vol.shape} and dtype "
+                             f"{vol.dtype}; the image needs shape {tuple(shape)} with an integer dtype")
+        return False
+    if exists and not overwrite:
+        raise FileExistsError(f"output {text!r} exists and work folder {workdir} holds no run "
+                              "that wrote it; pass overwrite=True (--overwrite) to replace it")
+    for path in out_paths:
+        probe_writable(path, f"output {text!r}")
+    return True
+
+
+def _prepare_output(output: Any, shape, voxel_size, chunks, create: bool, replace: bool) -> Any:
+    """The output, created as a uint64 volume when `create` (replacing an old
+    one when `replace`); checked by `_check_output` before any work."""
+    if create:
+        create_volume(output, shape, "uint64", chunks=chunks, voxel_size=voxel_size,
+                      overwrite=replace)
     return output
 
 
@@ -438,14 +482,16 @@ def segment_volume(image_spec: Any, output_spec: Any, params: Any = None,
                    min_overlap: int = 1, workdir: str | os.PathLike | None = None,
                    segment_fn: SegmentFn | None = None, n_workers: int | None = None,
                    chunks: Sequence[int] | None = None, retries: int = 1,
-                   progress: bool = True) -> BlockwiseSummary:
+                   progress: bool = True, overwrite: bool = False) -> BlockwiseSummary:
     """Segments a whole volume block by block and writes one global segmentation.
 
     Args:
       image_spec: the image volume (any `ffnjax.volumes` spec, or an opened
         Volume-like object with shape/voxel_size/read when running in-process).
       output_spec: where the uint64 segmentation goes ('x.zarr', 'x.n5',
-        'precomputed://x'); created when absent, reused when resuming.
+        'precomputed://x'); created when absent (after the blocks are
+        segmented), reused when resuming (`workdir` holds this run's
+        run.json). It may never be (or hold, or lie inside) the image.
       params, model_config, options, apply_fn: the model, as for
         `ffnjax.segmentation.segment` (apply_fn=`ffnjax.testing.oracle_apply_fn` with
         `oracle_options()` runs the oracle on a label volume).
@@ -464,14 +510,20 @@ def segment_volume(image_spec: Any, output_spec: Any, params: Any = None,
       chunks: chunk shape of a newly created output (default: volumes' default).
       retries: Dask retries per task on a distributed client.
       progress: show tqdm bars (blocks, pairs, writes).
+      overwrite: replace an existing output that this run did not write
+        (without it, such an output is refused before any work).
 
     Returns:
       A BlockwiseSummary.
 
     Raises:
-      ValueError: bad geometry, a workdir holding another run, an existing
-        output of the wrong shape, or neither params/model_config nor
-        segment_fn given.
+      ValueError: bad geometry, a workdir holding another run, an output
+        that is the image, an existing output of the wrong shape, or neither
+        params/model_config nor segment_fn given.
+      FileExistsError: an existing output this run did not write, without
+        `overwrite`.
+      NotADirectoryError / PermissionError: an output or work folder that
+        cannot be written (found before any work).
     """
     t_start = time.perf_counter()
     if segment_fn is None:
@@ -487,12 +539,19 @@ def segment_volume(image_spec: Any, output_spec: Any, params: Any = None,
     if min_overlap < 1:
         raise ValueError(f"min_overlap must be >= 1 voxel, got {min_overlap}")
     workdir = Path(workdir) if workdir is not None else default_workdir(output_spec)
+    for ipath in local_paths(image_spec):
+        if overlaps(workdir, ipath):
+            raise ValueError(f"work folder {workdir} would write into the image "
+                             f"{spec_text(image_spec)!r}; pass another workdir")
+    record = {"format": FORMAT_VERSION, "image": spec_text(image_spec), "shape": list(shape),
+              "block": list(grid.block), "overlap": list(grid.overlap),
+              "segmenter": json.loads(json.dumps(_fingerprint(segment_fn)))}
+    resuming = _check_run_file(workdir, record, write=False)
+    create = _check_output(output_spec, image_spec, workdir, shape, resuming, overwrite)
+    probe_writable(workdir / "blocks", "work folder")
+    # Checks done: from here on files are written.
     (workdir / "blocks").mkdir(parents=True, exist_ok=True)
-    _check_run_file(workdir, {
-        "format": FORMAT_VERSION, "image": spec_text(image_spec), "shape": list(shape),
-        "block": list(grid.block), "overlap": list(grid.overlap),
-        "segmenter": json.loads(json.dumps(_fingerprint(segment_fn)))})
-    output = _prepare_output(output_spec, shape, getattr(image, "voxel_size", (1, 1, 1)), chunks)
+    _check_run_file(workdir, record)
     wd = str(workdir)
     seconds = {}
     with dask_tasks.engine(client, len(grid), n_workers) as engine:
@@ -519,6 +578,8 @@ def segment_volume(image_spec: Any, output_spec: Any, params: Any = None,
         seconds["reconcile"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        output = _prepare_output(output_spec, shape, getattr(image, "voxel_size", (1, 1, 1)), chunks,
+                                 create, replace=overwrite and not resuming)
         dask_tasks.run_tasks(engine, write_block,
                              [(output, wd, b, rec.luts[b.name]) for b in grid.blocks],
                              desc="write", progress=progress, retries=retries)

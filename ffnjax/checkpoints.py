@@ -13,11 +13,19 @@ Layout of a workdir (one Orbax `CheckpointManager` under `workdir/checkpoints`):
 `load_checkpoint(workdir)` is the one call a notebook or the segmenter needs;
 `inference_defaults(workdir)` gives the flood-fill settings the model was
 trained with (meta['inference']), which the segmenters start from.
+
+A checkpoint that cannot be read (a truncated file, a half-copied folder)
+raises `CheckpointError`, a ValueError whose one-line message names the
+checkpoint folder and, where it can be told, the file that failed
+(`restore`); training then falls back to an older checkpoint
+(`ffnjax.train_loop`).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -28,6 +36,58 @@ import orbax.checkpoint as ocp
 from ffnjax.config import INFERENCE_FACTS, InferenceOptions, ModelConfig
 
 ITEMS = ("state", "model_config", "meta")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that exists but cannot be restored; the message names its
+    folder and the file at fault. `step` is the checkpoint's step."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
+
+
+# Orbax stores these items as plain JSON files inside a step folder.
+_JSON_FILES = ("model_config/metadata", "meta/metadata", "state/_METADATA",
+               "_CHECKPOINT_METADATA")
+
+
+def _culprit(folder: Path, error: BaseException) -> str:
+    """The file of `folder` that made a restore fail: the last local file that
+    TensorStore names in the error, else the first JSON file that does not parse."""
+    found = [f for f in re.findall(r'local file "([^"]+)"', str(error)) if not f.endswith("/")]
+    if found:
+        return found[-1]
+    for name in _JSON_FILES:
+        path = folder / name
+        if path.is_file():
+            try:
+                json.loads(path.read_text())
+            except (ValueError, UnicodeDecodeError):
+                return str(path)
+    return ""
+
+
+def restore(mngr: ocp.CheckpointManager, workdir: str | os.PathLike, step: int,
+            args: ocp.args.Composite) -> Any:
+    """`mngr.restore(step, args=args)`, with any failure to read the checkpoint
+    raised as one `CheckpointError` line naming the checkpoint folder and the
+    file at fault (Orbax and TensorStore errors are long and name neither
+    reliably).
+
+    Raises:
+      CheckpointError: the checkpoint exists but cannot be read, or does not
+        match the tree asked for.
+    """
+    folder = checkpoint_dir(workdir) / str(step)
+    try:
+        return mngr.restore(step, args=args)
+    except Exception as e:  # noqa: BLE001 -- Orbax/TensorStore raise many types; all mean unreadable
+        culprit = _culprit(folder, e)
+        first = " ".join(str(e).split())[:300] or type(e).__name__
+        where = f" ({culprit})" if culprit else ""
+        raise CheckpointError(f"checkpoint {folder} cannot be restored{where}: "
+                              f"{type(e).__name__}: {first}", step) from e
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> Path:
@@ -163,7 +223,8 @@ def load_model_config(workdir: str | os.PathLike, step: int | None = None) -> Mo
     mngr = _open_existing(workdir)
     try:
         step = _resolve_step(mngr, workdir, step)
-        restored = mngr.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
+        restored = restore(mngr, workdir, step,
+                           ocp.args.Composite(model_config=ocp.args.JsonRestore()))
     finally:
         mngr.close()
     return ModelConfig.from_dict(restored["model_config"])
@@ -182,11 +243,13 @@ def load_checkpoint(workdir: str | os.PathLike, step: int | None = None, *,
 
     Raises:
       FileNotFoundError: naming the workdir (or step) that holds no checkpoint.
+      CheckpointError: naming the checkpoint folder and the file that cannot
+        be read.
     """
     mngr = _open_existing(workdir)
     try:
         step = _resolve_step(mngr, workdir, step)
-        restored = mngr.restore(step, args=ocp.args.Composite(
+        restored = restore(mngr, workdir, step, ocp.args.Composite(
             model_config=ocp.args.JsonRestore(), state=ocp.args.StandardRestore()))
     finally:
         mngr.close()
@@ -204,7 +267,8 @@ def load_meta(workdir: str | os.PathLike, step: int | None = None) -> dict:
     mngr = _open_existing(workdir)
     try:
         step = _resolve_step(mngr, workdir, step)
-        return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        return dict(restore(mngr, workdir, step,
+                            ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
     finally:
         mngr.close()
 

@@ -229,9 +229,9 @@ class InferenceOptions(_JsonMixin):
         if self.consensus_mode not in CONSENSUS_MODES:
             raise ValueError(f"consensus_mode must be one of {CONSENSUS_MODES}, "
                              f"got {self.consensus_mode!r}")
-        if int(self.min_segment_size) < 0 or int(self.max_steps) < 0 or int(self.batch_size) < 1:
-            raise ValueError("min_segment_size and max_steps must be >= 0 and batch_size >= 1, got "
-                             f"{self.min_segment_size}, {self.max_steps}, {self.batch_size}")
+        for name, least in (("min_segment_size", 0), ("max_steps", 0), ("batch_size", 1)):
+            if int(getattr(self, name)) < least:
+                raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
 
 
 MOVE_POLICIES = ("fixed", "max_pred_moves")

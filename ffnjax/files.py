@@ -20,6 +20,10 @@ temporary file, which nothing reads. When two writers race, the last
 `write_bytes`, `write_json`, `save_npy` and `save_npz` are `atomic_write` for
 the formats the package writes.
 
+`overlaps` and `probe_writable` are the checks a command makes before any
+work: it never writes where it reads, and learns that it cannot write before
+it computes, not after.
+
 `digest` is the one content hash: hashlib over a sequence of pieces
 (bytes, str as UTF-8, NumPy arrays as their raw C-order bytes), for resume
 checks and cache keys.
@@ -112,6 +116,48 @@ def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], *,
     with atomic_write(path) as f:
         (np.savez_compressed if compressed else np.savez)(f, **arrays)
     return Path(path)
+
+
+def overlaps(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when paths `a` and `b` are the same file or folder, or one lies
+    inside the other, after resolving symbolic links, '..' and '~'.
+
+    Writing to `a` then can change what is read from `b` (replacing a folder
+    removes everything inside it).
+    """
+    ra, rb = (Path(p).expanduser().resolve() for p in (a, b))
+    return ra == rb or ra in rb.parents or rb in ra.parents
+
+
+def probe_writable(path: str | os.PathLike, what: str = "output") -> None:
+    """Checks, without leaving anything behind, that `path` can be created.
+
+    The nearest existing folder on the way to `path` (the path itself when it
+    is a folder that exists) must be a folder in which a file can be created:
+    a temporary file is created there and removed at once. Folders still
+    missing below it are not created.
+
+    Raises:
+      NotADirectoryError: naming the path and the file that stands where a
+        folder is needed.
+      PermissionError: naming the path and the folder that refuses the write
+        (read-only, no permission, ...).
+    """
+    target = Path(path).expanduser().absolute()
+    folder = target if target.is_dir() else target.parent
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"cannot write {what} {path}: {folder} is not a folder")
+    probe = folder / f".{target.name}.probe-{uuid.uuid4().hex}"
+    try:
+        with open(probe, "xb"):
+            pass
+    except OSError as e:
+        raise PermissionError(f"cannot write {what} {path}: folder {folder} is not writable "
+                              f"({e.strerror or e})") from e
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
 
 
 def digest(pieces: Iterable[bytes | str | np.ndarray], algorithm: str = "sha256") -> str:

@@ -24,7 +24,7 @@ from ffnjax.augment import AugmentOptions
 from ffnjax.config import IMAGE_MEAN, IMAGE_STDDEV, TrainConfig
 from ffnjax.examples import BalancedSampler, TrainingVolume
 from ffnjax.synthetic import SyntheticConfig, make_volume
-from ffnjax.volumes import read_spec
+from ffnjax.volumes import read_spec, require_finite
 
 __all__ = ["load_training_volumes", "load_volume_pair", "load_validation_batch", "make_sampler",
            "Prefetcher", "sampler_states"]
@@ -56,9 +56,11 @@ def load_volume_pair(ispec: str, lspec: str, mean: float = IMAGE_MEAN,
                      stddev: float = IMAGE_STDDEV, mask_spec: str | None = None,
                      downsample: tuple[int, int, int] = (1, 1, 1)) -> TrainingVolume:
     """One image / labels (/ mask) spec pair as a TrainingVolume, with checks
-    that name the spec at fault; reduced by `downsample` (`ffnjax.scale`)
+    that name the spec at fault (an image holding NaN or infinity is refused,
+    naming its first such box); reduced by `downsample` (`ffnjax.scale`)
     after the checks, so shapes are compared on the native grid."""
-    image, labels = read_spec(ispec), read_spec(lspec)
+    image = require_finite(read_spec(ispec), f"image {ispec!r}")
+    labels = read_spec(lspec)
     if image.ndim == 4 and image.shape[-1] == 1:
         image = image[..., 0]
     if labels.ndim == 4 and labels.shape[-1] == 1:

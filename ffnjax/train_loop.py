@@ -15,16 +15,27 @@ update step, checkpoint restore, then one loop whose periodic actions (log,
 validation, example image, checkpoint) all follow one rule (`due`). A run
 resumes the same sample stream: the sampler state after each batch is saved
 with the checkpoint taken after that batch's step.
+
+Before any data is read, the workdir is probed for writing and, when it
+holds checkpoints, the new config is compared with the saved one
+(`ffnjax.resume`: changes other than the safe ones are refused unless
+allowed); every run is recorded in ``workdir/config_history.jsonl``. A
+checkpoint that cannot be read is skipped for the newest one that can (and
+moved to ``workdir/checkpoints_unreadable/``, so that the run can save that
+step again).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -34,13 +45,14 @@ from jax.sharding import PartitionSpec as P
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
-from ffnjax import checkpoints, devices, view
+from ffnjax import checkpoints, devices, files, resume, view
 from ffnjax.checkpoints import load_checkpoint  # noqa: F401  (re-exported for notebooks)
 from ffnjax.config import ModelConfig, TrainConfig
 from ffnjax.inputs import (Prefetcher, load_training_volumes, load_validation_batch, make_sampler,
                            sampler_states)
 from ffnjax.step import (AXIS, evaluate, inference_params, init_state, make_mesh, make_optimizer,
                          make_sharded_step, predict_example)
+from ffnjax.volume_spec import local_paths
 from ffnjax.volumes import read_spec  # noqa: F401  (alias: ffnjax.train_loop.read_spec, its old home)
 
 __all__ = ["train", "due"]
@@ -68,12 +80,57 @@ def _training_mesh(batch_size: int, process_count: int) -> Mesh:
     return mesh
 
 
-def _restore_latest(mngr: ocp.CheckpointManager, step: int, state: dict, config: TrainConfig,
-                    workdir: Path) -> tuple[dict, list[dict]]:
+def _check_workdir(config: TrainConfig, workdir: Path, allowed: tuple[str, ...]
+                   ) -> tuple[int | None, dict]:
+    """The checks made before any data is read: the workdir is not (inside) an
+    input and can be written, and a resume keeps the saved config apart from
+    safe or `allowed` changes (`ffnjax.resume.check_resume`).
+
+    Returns:
+      (the step of the newest checkpoint whose meta reads, or None for a new
+      run; {field: (old, new)} of the changes).
+    """
+    inputs = [*config.images, *config.labels, *config.masks, *config.val_images,
+              *config.val_labels]
+    for spec in inputs:
+        for path in local_paths(spec):
+            if files.overlaps(workdir, path):
+                raise ValueError(f"workdir {workdir} would be written over (or inside) the input "
+                                 f"{spec}; choose another workdir")
+    files.probe_writable(workdir, "workdir")
+    if not checkpoints.checkpoint_dir(workdir).is_dir():
+        return None, {}
+    mngr = checkpoints.make_manager(workdir, create=False)
+    try:
+        for step in sorted(mngr.all_steps(), reverse=True):
+            try:
+                restored = checkpoints.restore(mngr, workdir, step, ocp.args.Composite(
+                    meta=ocp.args.JsonRestore(), model_config=ocp.args.JsonRestore()))
+            except checkpoints.CheckpointError:
+                continue   # unreadable: the restore below skips it and says why
+            saved = restored["meta"].get("train_config")
+            if saved is None:   # a model saved without training (an import): its model only
+                saved_model = ModelConfig.from_dict(restored["model_config"])
+                saved_config = dataclasses.replace(config, model=saved_model)
+            else:
+                saved_config = resume.saved_config(saved)
+            return step, resume.check_resume(saved_config, config, allowed, workdir)
+        return None, {}
+    finally:
+        mngr.close()
+
+
+def _restore(mngr: ocp.CheckpointManager, step: int, state: dict, config: TrainConfig,
+             workdir: Path) -> tuple[dict, list[dict]]:
     """(state, every host's sampler state) of checkpoint `step`, restored with
-    `state`'s shapes and shardings; refuses a checkpoint of another model, and
-    one that does (not) keep the EMA `config.ema_decay` asks for."""
-    saved = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    `state`'s shapes and shardings; refuses a checkpoint that does (not) keep
+    the EMA `config.ema_decay` asks for, or holds another model.
+
+    Raises:
+      checkpoints.CheckpointError: the checkpoint cannot be read.
+    """
+    saved = checkpoints.restore(mngr, workdir, step,
+                                ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     saved_ema = float(saved.get("train_config", {}).get("ema_decay", 0.0)) > 0
     if saved_ema != ("ema" in state):
         raise ValueError(f"workdir {workdir} holds a checkpoint {'with' if saved_ema else 'without'}"
@@ -81,14 +138,51 @@ def _restore_latest(mngr: ocp.CheckpointManager, step: int, state: dict, config:
                          f"{config.ema_decay}; keep the run's ema_decay or use a new workdir")
     abstract = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    restored = mngr.restore(step, args=ocp.args.Composite(
+    restored = checkpoints.restore(mngr, workdir, step, ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), model_config=ocp.args.JsonRestore(),
         meta=ocp.args.JsonRestore()))
     saved_model = ModelConfig.from_dict(restored["model_config"])
-    if saved_model != config.model:
+    how = dict(conv_impl=config.model.conv_impl, compute_dtype=config.model.compute_dtype)
+    if dataclasses.replace(saved_model, **how) != config.model:
         raise ValueError(f"workdir {workdir} holds a checkpoint of a different model "
                          f"({saved_model}) than the config ({config.model}); use a new workdir")
     return restored["state"], restored["meta"]["sampler_states"]
+
+
+def _restore_newest(mngr: ocp.CheckpointManager, state: dict, config: TrainConfig,
+                    workdir: Path, primary: bool) -> tuple[int, dict, list[dict]]:
+    """(step, state, sampler states) of the newest checkpoint that restores.
+
+    Newer checkpoints that cannot be read are skipped, each named with the
+    file at fault on stderr, and moved to ``workdir/checkpoints_unreadable/``
+    (kept, not deleted) so that the resumed run can save those steps again.
+
+    Raises:
+      ValueError: naming every checkpoint and why, when none restores (then
+        nothing is moved).
+    """
+    skipped: list[checkpoints.CheckpointError] = []
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            restored_state, streams = _restore(mngr, step, state, config, workdir)
+        except checkpoints.CheckpointError as e:
+            skipped.append(e)
+            continue
+        if skipped and primary:
+            aside = workdir / "checkpoints_unreadable"
+            aside.mkdir(exist_ok=True)
+            for e in skipped:
+                dest = aside / str(e.step)
+                n = 1
+                while dest.exists():
+                    dest, n = aside / f"{e.step}.{n}", n + 1
+                shutil.move(str(checkpoints.checkpoint_dir(workdir) / str(e.step)), str(dest))
+                print(f"skipped checkpoint {e.step}, it cannot be read ({e}); moved it to {dest} "
+                      f"and resumed from step {step}", file=sys.stderr)
+            mngr.reload()
+        return step, restored_state, streams
+    raise ValueError(f"no checkpoint in {checkpoints.checkpoint_dir(workdir)} can be restored: "
+                     + "; ".join(str(e) for e in skipped))
 
 
 def _init_from(state: dict, config: TrainConfig, tx: Any) -> dict:
@@ -144,7 +238,7 @@ def _example_png(path: Path, params: Any, batch: dict[str, np.ndarray], config: 
 # ----------------------------------------------------------------------------
 
 def train(config: TrainConfig, workdir: str | Path, *, stop_at_step: int | None = None,
-          progress: bool = True) -> dict[str, float]:
+          progress: bool = True, allow_config_change: Sequence[str] = ()) -> dict[str, float]:
     """Trains (or resumes training) in `workdir`; returns the final metrics.
 
     Writes `workdir/checkpoints/<step>/` (Orbax: state, model_config, meta),
@@ -158,6 +252,9 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_at_step: int | None 
       stop_at_step: stop (with a checkpoint) at this step although the schedule
         runs to `config.steps` -- a clean stand-in for a pre-emption.
       progress: show a tqdm bar and print log lines.
+      allow_config_change: TrainConfig fields (model fields as 'fov_size' or
+        'model.fov_size') a resumed run may change beyond
+        `ffnjax.resume.SAFE_ON_RESUME`; recorded in config_history.jsonl.
 
     Returns:
       dict with step, loss, precision, recall, f1, moves, learning_rate,
@@ -165,11 +262,18 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_at_step: int | None 
       input_wait_fraction and wall_s (of this session).
 
     Raises:
-      ValueError / FileNotFoundError: bad data or configuration, before any step.
+      ValueError / FileNotFoundError: bad data or configuration, before any
+        step; a resume whose config differs from the saved one
+        (`ffnjax.resume.check_resume`), before any data is read.
+      OSError: a workdir that cannot be written, before any data is read.
       FloatingPointError: the loss became NaN or infinite (naming the steps).
     """
     t_start = time.perf_counter()
     workdir = Path(workdir)
+
+    # --- Workdir (checked before any data is read or anything compiled) ----------
+    allowed = resume.field_names(allow_config_change)
+    _, changes = _check_workdir(config, workdir, allowed)
 
     # --- Mesh -------------------------------------------------------------------
     if config.distributed:
@@ -201,24 +305,31 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_at_step: int | None 
 
     # --- Checkpoint restore -------------------------------------------------------
     # Resume order:
-    # 1. the latest checkpoint in workdir: the full state and every host's
-    #    sampler stream (a resumed run continues the uninterrupted one);
-    # 2. else `config.init_from`: its parameters only, a fresh optimiser state;
+    # 1. the newest checkpoint in workdir that restores (newer unreadable ones
+    #    are skipped and moved aside): the full state and every host's sampler
+    #    stream (a resumed run continues the uninterrupted one); its config was
+    #    compared with this one before the data was read (_check_workdir);
+    # 2. else `config.init_from`: its parameters only, a fresh optimiser state
+    #    (a fresh run: not compared with init_from's config);
     # 3. else the fresh initialisation from `config.seed` (above).
     workdir.mkdir(parents=True, exist_ok=True)
     mngr = checkpoints.make_manager(workdir, max_to_keep=config.keep_checkpoints)
-    latest = mngr.latest_step()
-    if latest is not None:                                              # (1)
-        state, saved_streams = _restore_latest(mngr, latest, state, config, workdir)
+    if mngr.all_steps():                                                # (1)
+        latest, state, saved_streams = _restore_newest(mngr, state, config, workdir, primary)
         sampler.set_state(saved_streams[process_index])
+        kind = "resume"
         if primary and progress:
             print(f"resuming from step {latest} of {checkpoints.checkpoint_dir(workdir)}")
     elif config.init_from:                                              # (2)
         state = jax.device_put(_init_from(state, config, tx), replicated)
+        kind, changes = "init_from", {}
+    else:                                                               # (3)
+        kind, changes = "new", {}
     step = int(state["step"])
     end = config.steps if stop_at_step is None else min(config.steps, int(stop_at_step))
     if primary:
-        (workdir / "train_config.json").write_text(config.to_json())
+        resume.record_run(workdir, kind, step, config, changes, allowed)
+        files.write_bytes(workdir / "train_config.json", config.to_json().encode())
 
     def save(at_step: int, sampler_state: dict):
         if at_step in mngr.all_steps():

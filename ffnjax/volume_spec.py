@@ -177,6 +177,42 @@ def split_box(text: str) -> tuple[str, str | None]:
     return spec, box
 
 
+def local_paths(spec: Any) -> list[str]:
+    """The local files or folders a volume spec reads or writes (no I/O).
+
+    Follows the read grammar (``SPEC@box``, ``A+B``): one path per part. A
+    ``precomputed://`` spec gives its path, ``file.npz:key`` and
+    ``file.h5:dataset`` their file, a TensorStore JSON spec its 'file' kvstore
+    path. Remote stores (gs://, s3://, memory://...) and unparseable specs give
+    nothing: there is no local path to compare.
+    """
+    if isinstance(spec, VolumeSpec):
+        parts = [spec]
+    elif isinstance(spec, dict) or is_json_spec(spec):
+        parts = [spec]
+    else:
+        text = os.fspath(spec) if isinstance(spec, os.PathLike) else spec
+        if not isinstance(text, str):
+            return []
+        parts = [split_box(part)[0] for part in text.split("+")] if "+" in text else \
+            [split_box(text)[0]]
+    paths = []
+    for part in parts:
+        try:
+            vs = parse_spec(part)
+        except ValueError:
+            continue
+        path = vs.path
+        if vs.kind == "tensorstore":
+            kv = (vs.ts_spec or {}).get("kvstore")
+            path = kv.get("path", "") if isinstance(kv, dict) and kv.get("driver") == "file" else ""
+        if path.startswith("file://"):
+            path = path[len("file://"):]
+        if path and "://" not in path:
+            paths.append(path)
+    return paths
+
+
 def is_json_spec(spec: Any) -> bool:
     """True for a TensorStore JSON spec: a dict, or a string starting with '{'."""
     return isinstance(spec, dict) or (isinstance(spec, str) and spec.lstrip().startswith("{"))

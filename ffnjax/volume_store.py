@@ -106,6 +106,50 @@ def _kv_read_json(kvstore: Any, key: str) -> dict | None:
         return None
 
 
+def nonfinite_box(array: np.ndarray, chunks: Sequence[int] | None = None
+                  ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(start, stop) z,y,x of the chunk that holds the first NaN or infinity
+    of `array` (in C order), or None when every value is finite.
+
+    Checked slab by slab (one chunk row along z at a time), so the temporary
+    mask never exceeds one slab; integer and boolean arrays are finite by
+    type and cost nothing.
+
+    Args:
+      array: z,y,x[,c].
+      chunks: the box grid z,y,x to report in (the volume's storage chunks);
+        default 64 voxels along each axis.
+    """
+    array = np.asarray(array)
+    if array.dtype.kind not in "fc" or array.size == 0:
+        return None
+    chunks = tuple(int(c) for c in (chunks or (DEFAULT_CHUNK,) * 3))[:3]
+    for z0 in range(0, array.shape[0], chunks[0]):
+        slab = array[z0:z0 + chunks[0]]
+        bad = ~np.isfinite(slab)
+        if bad.any():
+            first = np.unravel_index(int(np.argmax(bad)), bad.shape)
+            voxel = (z0 + int(first[0]), int(first[1]), int(first[2]))
+            start = tuple(v // c * c for v, c in zip(voxel, chunks))
+            stop = tuple(min(a + c, n) for a, c, n in zip(start, chunks, array.shape))
+            return start, stop
+    return None
+
+
+def require_finite(array: np.ndarray, what: str, start: Sequence[int] = (0, 0, 0),
+                   chunks: Sequence[int] | None = None) -> np.ndarray:
+    """`array` as it is when every value is finite (`nonfinite_box`), else a
+    ValueError naming `what` (the image's flag and spec) and the first chunk
+    box z0:z1,y0:y1,x0:x1 holding a NaN or infinity, in volume coordinates
+    (`start` is where `array` was read from; chunk boxes count from it)."""
+    box = nonfinite_box(array, chunks)
+    if box is None:
+        return array
+    text = ",".join(f"{a + o}:{b + o}" for a, b, o in zip(*box, start))
+    raise ValueError(f"{what} holds NaN or infinite values in box {text} (z,y,x; the first such "
+                     "chunk); an image must be finite everywhere: fix or crop it")
+
+
 # ----------------------------------------------------------------------------
 # The Volume object
 

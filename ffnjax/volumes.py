@@ -63,11 +63,12 @@ from tqdm import tqdm
 
 from ffnjax.volume_spec import VolumeSpec, clipped_box, is_json_spec, parse_spec, split_box, uses_grammar
 from ffnjax.volume_store import (DEFAULT_CHUNK, PRECOMPUTED_DTYPES, SUPPORTED_DTYPES, Volume, check_dtype,
-                                 default_chunks, is_url, kvstore_spec, open_volume, to_zyx, zyx_triple)
+                                 default_chunks, is_url, kvstore_spec, nonfinite_box, open_volume,
+                                 require_finite, to_zyx, zyx_triple)
 
 __all__ = ["DEFAULT_CHUNK", "PRECOMPUTED_DTYPES", "SUPPORTED_DTYPES", "Volume", "VolumeSpec",
-           "copy_volume", "create_volume", "default_chunks", "iter_blocks", "open_volume",
-           "parse_spec", "read_all", "read_spec", "save_volume"]
+           "copy_volume", "create_volume", "default_chunks", "iter_blocks", "nonfinite_box",
+           "open_volume", "parse_spec", "read_all", "read_spec", "require_finite", "save_volume"]
 
 
 # ----------------------------------------------------------------------------

@@ -208,7 +208,7 @@ def test_evaluate_cli(tmp_path, capsys):
     # --gt-offset finds the same region in a larger ground truth
     rc = cli.main(["--segmentation", f"{tmp_path}/v.npz:seg", "--groundtruth", f"{tmp_path}/v.npz:big_gt",
                    "--gt-offset", "3,0,0", "--voxel-size", "10,10,10", "--dust-threshold", "10",
-                   "--json", str(out)])
+                   "--json", str(out), "--overwrite"])
     assert rc == 0 and json.loads(out.read_text())["voi_split"] == pytest.approx(direct["voi_split"])
     # bad flags fail early, naming the flag
     assert cli.main(["--segmentation", f"{tmp_path}/v.npz:seg", "--groundtruth",
