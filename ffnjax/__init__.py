@@ -35,7 +35,8 @@ __version__ = "0.1.0"
 
 # Submodules reachable as `ffnjax.<name>` after a plain `import ffnjax`.
 SUBMODULES = ("augment", "baseline", "blockwise", "checkpoints", "erl", "flood", "nets",
-              "segmentation", "synthetic", "tf_import", "train_loop", "view", "volumes")
+              "resume", "scale", "segmentation", "synthetic", "tf_import", "train_loop", "view",
+              "volumes")
 
 
 def __getattr__(name: str):

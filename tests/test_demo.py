@@ -219,7 +219,7 @@ def _fake_model_and_fill(monkeypatch, trained_phases=()):
         info = _segment_info(passes=2, committed=42, voxels=2 * seg.size, fills=50)
         return seg, info
 
-    def train(config, workdir, progress=True):
+    def train(config, workdir, progress=True, **_):
         if workdir.name in trained_phases:
             return {"step": config.steps, "loss": 0.5, "f1": 0.1, "moves": 0.0}
         return {"step": config.steps}

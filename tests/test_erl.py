@@ -268,8 +268,9 @@ def test_evaluate_cli_needs_a_voxel_size_the_ground_truth_does_not_store(tmp_pat
     assert json.loads(out.read_text())["voxel_size"] == [20, 10, 10]
     # A ground truth that stores its voxel size needs no flag, and its own size is used.
     save_volume(str(tmp_path / "gt.zarr"), labels, voxel_size=(30, 6, 6))
-    assert cli.main(base + ["--groundtruth", f"{tmp_path}/gt.zarr", "--json", str(out)]) == 0
-    rep = json.loads(out.read_text())
+    out2 = tmp_path / "r2.json"
+    assert cli.main(base + ["--groundtruth", f"{tmp_path}/gt.zarr", "--json", str(out2)]) == 0
+    rep = json.loads(out2.read_text())
     assert rep["voxel_size"] == [30, 6, 6]
     one_voxel = erl.evaluate(labels, labels, (1, 1, 1), skeleton_options={"dust_threshold": 10})
     assert rep["skeleton_length"] > 5 * one_voxel["skeleton_length"]
