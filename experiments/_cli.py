@@ -32,8 +32,8 @@ from typing import Any, Callable, Mapping, Sequence
 from ffnjax import volume_spec
 from ffnjax.config import (COMPUTE_DTYPES, CONSENSUS_MODES, CONV_IMPLS, IMAGE_MEAN, IMAGE_STDDEV,
                            INFERENCE_FACTS, LOSS_NORMALIZATIONS, MOVE_POLICIES, OPTIMIZERS,
-                           SCHEDULES, SEED_ORDERS, SEED_POLICIES, InferenceOptions, ModelConfig,
-                           TrainConfig)
+                           PEAKS_METHODS, SCHEDULES, SEED_ORDERS, SEED_POLICIES, InferenceOptions,
+                           ModelConfig, TrainConfig)
 
 # Exceptions that mean "the input is bad" (their message names the input);
 # anything else is a bug and keeps its traceback.
@@ -258,7 +258,7 @@ class Flag:
 CHOICES = {"optimizer": OPTIMIZERS, "move_policy": MOVE_POLICIES, "compute_dtype": COMPUTE_DTYPES,
            "conv_impl": CONV_IMPLS, "seed_policy": SEED_POLICIES, "seed_order": SEED_ORDERS,
            "consensus_mode": CONSENSUS_MODES, "schedule": SCHEDULES,
-           "loss_normalization": LOSS_NORMALIZATIONS}
+           "loss_normalization": LOSS_NORMALIZATIONS, "peaks_method": PEAKS_METHODS}
 
 
 def _option(name: str) -> str:
@@ -371,6 +371,13 @@ INFERENCE_FLAGS: dict[str, Flag] = {
                            "oversegmentation consensus) or 'contested' (keep the forward "
                            "objects, unlabel voxels the reverse pass gives to a "
                            "non-corresponding object)"),
+    "peaks_method": Flag("how the 'peaks' seed policy finds its maxima: 'ffnjax' or "
+                         "'google_ffn' (google/ffn's PolicyPeaks exactly)"),
+    "disco_active_fraction": Flag("with --disconnected-seeds, freeze only FOVs where more than "
+                                  "this fraction of the prediction reaches --move-threshold "
+                                  "(google/ffn's disco_seed_threshold); negative: always"),
+    "skip_segmented": Flag("do not evaluate FOVs centred on voxels of earlier objects "
+                           "(google/ffn's Canvas.is_valid_pos)"),
 }
 
 # The InferenceOptions a checkpoint records from its training (see

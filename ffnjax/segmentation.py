@@ -329,7 +329,9 @@ def _segment_pass(state: SegmentState, spec: FillSpec, apply_fn: ApplyFn, params
             else:
                 t0 = time.perf_counter()
                 # blocks; checks overflow; reports progress inside the fill
-                st = run_fill(spec, apply_fn, params, image_dev, seed, report=report, every=16)
+                blocked = seg > 0 if spec.skip_segmented else None
+                st = run_fill(spec, apply_fn, params, image_dev, seed, report=report, every=16,
+                              blocked=blocked)
                 canvas = np.asarray(st.canvas)
                 steps, lo, hi = int(st.steps), np.asarray(st.lo), np.asarray(st.hi)
                 t1 = time.perf_counter()
