@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ffnjax import volume_spec
 from ffnjax.config import (COMPUTE_DTYPES, CONSENSUS_MODES, CONV_IMPLS, IMAGE_MEAN, IMAGE_STDDEV,
-                           INFERENCE_FACTS, LOSS_NORMALIZATIONS, MOVE_POLICIES, OPTIMIZERS,
+                           INFERENCE_FACTS, INFERENCE_MODES, LOSS_NORMALIZATIONS, MOVE_POLICIES, OPTIMIZERS,
                            PEAKS_METHODS, SCHEDULES, SEED_ORDERS, SEED_POLICIES, InferenceOptions,
                            ModelConfig, TrainConfig)
 
@@ -379,6 +379,24 @@ INFERENCE_FLAGS: dict[str, Flag] = {
     "skip_segmented": Flag("do not evaluate FOVs centred on voxels of earlier objects "
                            "(google/ffn's Canvas.is_valid_pos)"),
 }
+
+def add_compat_flag(group) -> None:
+    """`--compat NAME`: a named inference mode (`InferenceOptions.<NAME>`) under the flags."""
+    group.add_argument("--compat", choices=INFERENCE_MODES, default=None,
+                       help="infer as this implementation does: 'google_ffn' is "
+                            "InferenceOptions.google_ffn() (google/ffn's seeds, FOV moves and "
+                            "objects, voxel for voxel with the same model: "
+                            "docs/google_ffn_parity.md), 'ffnjax' the defaults; option flags "
+                            "given beside it win (default ffnjax)")
+
+
+def inference_options(args: argparse.Namespace, defaults: Mapping[str, Any] | None = None
+                      ) -> InferenceOptions:
+    """InferenceOptions of the option flags given, over `defaults` (e.g. a
+    checkpoint's facts), in the mode of `--compat` (ffnjax's when absent)."""
+    fields = {**(defaults or {}), **given(args, InferenceOptions, INFERENCE_FLAGS)}
+    return getattr(InferenceOptions, getattr(args, "compat", None) or "ffnjax")(**fields)
+
 
 # The InferenceOptions a checkpoint records from its training (see
 # ffnjax.checkpoints.inference_defaults); their help says where the default comes from.

@@ -150,6 +150,9 @@ SEED_ORDERS = ("zyx", "distance")
 # How the 'peaks' seed policy finds its maxima (`ffnjax.seeds.peaks_seeds`):
 # ffnjax's own way, or exactly as google/ffn's PolicyPeaks does.
 PEAKS_METHODS = ("ffnjax", "google_ffn")
+# Named inference modes: `InferenceOptions.<name>(**overrides)` and
+# `python -m experiments.segment --compat NAME`.
+INFERENCE_MODES = ("ffnjax", "google_ffn")
 CONSENSUS_MODES = ("split", "contested")
 # The InferenceOptions fields fixed by training: the normalisation of the
 # image and the initial mask (training's seed_prob / pad_prob). Inference with
@@ -262,6 +265,11 @@ class InferenceOptions(_JsonMixin):
         if int(self.min_segment_size) < 0 or int(self.max_steps) < 0 or int(self.batch_size) < 1:
             raise ValueError("min_segment_size and max_steps must be >= 0 and batch_size >= 1, got "
                              f"{self.min_segment_size}, {self.max_steps}, {self.batch_size}")
+
+    @classmethod
+    def ffnjax(cls, **overrides: Any) -> "InferenceOptions":
+        """ffnjax's own inference: the defaults, with `overrides`."""
+        return cls(**overrides)
 
     @classmethod
     def google_ffn(cls, **overrides: Any) -> "InferenceOptions":
