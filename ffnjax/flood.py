@@ -8,11 +8,14 @@ The algorithm is google/ffn's `Canvas.segment_at` / `segment_all` with the
   reads NaN as the pad value), a FIFO queue of FOV centres (array + head/tail),
   a lattice of visited positions (centres quantised by the deltas, relative to
   the seed, so no lattice cell is evaluated twice), step counter, bounding box of
-  the evaluated centres, and an overflow flag.
+  the evaluated centres, an overflow flag and, with `skip_segmented`, the
+  voxels of earlier objects (`blocked`).
 * **One iteration** (`body_fn`) takes, from the next `8 * batch_size` queue
   entries, the first `batch_size` valid ones (valid = a whole FOV fits inside
   the subvolume, its lattice cell is unvisited, the canvas there is at least
-  the move threshold; checked for the whole window at once, no nested loop),
+  the move threshold and, with `skip_segmented`, no earlier object holds it:
+  google/ffn's `Canvas.is_valid_pos`; checked for the whole window at once,
+  no nested loop),
   cuts their FOVs with `lax.dynamic_slice`, runs the network once on the batch,
   writes each prediction back with `lax.dynamic_update_slice` (in queue order),
   and pushes, for each of the 6 faces of the cube of half-size `deltas` around
@@ -28,6 +31,13 @@ valid centre can fall into). Every evaluation claims one distinct lattice cell
 and pushes at most one position per face, so the queue cannot overflow; an
 overflow flag is still carried and raises if it is ever set.
 
+The disconnected-seed rule (`disconnected_seeds`, google/ffn's
+`Canvas.update_at`): a prediction may not raise a canvas voxel that an earlier
+prediction drove below probability 0.5. ffnjax applies it to every
+prediction; google/ffn only to a prediction that reaches the move threshold in
+more than `disco_seed_threshold` of its voxels (`disco_active_fraction`; its
+unset default 0 means: anywhere at all).
+
 Departures from google/ffn (none of them change the result with batch_size 1):
 
 * Lattice cells are marked visited when a position is *popped* and accepted
@@ -36,6 +46,9 @@ Departures from google/ffn (none of them change the result with batch_size 1):
   visited or whose FOV would leave the subvolume are not pushed at all (google
   pushes them and discards them on pop). With `batch_size > 1` marking at pop
   time is what keeps two positions of one batch from sharing a cell.
+* `skip_segmented` is read from the segmentation as it was when the fill
+  started (`blocked`); google/ffn reads the same array, which changes only
+  between fills.
 * `batch_size > 1` evaluates several queued positions in one network call, all
   cut from the canvas as it was before the batch. This is an approximation of
   the sequential algorithm (later positions of a batch do not see the

@@ -6,10 +6,16 @@ whether the seed may start a fill (`seed_allowed`), runs one device fill
 (`commit_object`) in NumPy, between fills:
 
 * seeds inside an object, tried before, or within `min_boundary_dist` of an
-  object are skipped;
+  object are skipped (google/ffn also marks the latter -1: no result differs,
+  since only ids > 0 are ever tested and -1 becomes 0 in the output);
 * a fill whose seed voxel ends below the move threshold is dropped;
-* earlier objects win overlaps; objects below `min_segment_size` are dropped;
-  a dropped seed's voxel is marked -1 so it is not tried again.
+* an object is every voxel at or above the segment threshold in the box of
+  the evaluated centres padded by the FOV radius (no connected-component
+  step, as google/ffn); earlier objects win overlaps; objects below
+  `min_segment_size` are dropped; a dropped seed's voxel is marked -1 so it
+  is not tried again;
+* with `skip_segmented`, each fill gets the voxels of the objects so far, on
+  which it centres no FOV (google/ffn's `Canvas.is_valid_pos`).
 
 The thresholds come as logits from the run's `ffnjax.flood.FillSpec`,
 converted there once; nothing here converts a probability again.
