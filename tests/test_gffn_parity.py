@@ -270,11 +270,15 @@ def test_google_ffn_mode_reproduces_google_ffn_on_the_reference_crop(reference_d
 @pytest.mark.slow
 def test_ffnjax_defaults_against_google_ffn_on_the_reference_crop(reference_data):
     """A report, not an equality: ffnjax's own defaults with the request's
-    min_segment_size. Prints the agreement (docs/google_ffn_parity.md quotes
-    it); asserts only that it stays near what it was measured at."""
+    min_segment_size (about 10 minutes on 2 CPU cores). Prints the agreement
+    that docs/google_ffn_parity.md quotes (measured: 171 of 314 seeds shared,
+    18 objects against 19, 93.7% of voxels matched, adapted Rand error 0.066)
+    and fails when it drops well below that."""
     _, _, result = gffn_parity.run(InferenceOptions(min_segment_size=1000), reference_data,
                                    progress=False)
     print("\n" + json.dumps(result, indent=1))
     s = result["segmentation"]
-    assert not result["seeds"]["equal"]  # the jitter differs: see the docs
-    assert s["matched_voxel_fraction"] >= 0.0
+    # ffnjax's peak jitter picks other voxels of equal-distance plateaus (the docs, row 1).
+    assert not result["seeds"]["equal"] and result["seeds"]["common"] >= 150
+    assert s["matched_voxel_fraction"] >= 0.9 and s["adapted_rand_error"] <= 0.1
+    assert abs(s["objects"]["ours"] - s["objects"]["reference"]) <= 3
