@@ -207,6 +207,11 @@ def test_device_loop_equals_google_ffns_canvas_in_numpy(skip_segmented, fraction
     assert info.counters["committed"] >= 5 and len(ref_path) >= 40, "fills should be real"
     if skip_segmented:
         assert stopped > 0, "earlier objects should stop some FOV moves here"
+    if fraction > 0:  # the fraction should decide something here
+        always = dataclasses.replace(opt, disco_active_fraction=-1.0)
+        _, other = segmentation.segment(img, params, TINY, always, net, seeds=seeds,
+                                        progress=False, record_positions=True)
+        assert not np.array_equal(other.positions, info.positions)
     np.testing.assert_array_equal(info.positions, ref_path)
     np.testing.assert_array_equal(seg, ref)
 
