@@ -42,9 +42,9 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 
 from ffnjax import files, volume_spec
 from ffnjax.config import (COMPUTE_DTYPES, CONSENSUS_MODES, CONV_IMPLS, IMAGE_MEAN, IMAGE_STDDEV,
-                           INFERENCE_FACTS, LOSS_NORMALIZATIONS, MOVE_POLICIES, OPTIMIZERS,
-                           SCHEDULES, SEED_ORDERS, SEED_POLICIES, InferenceOptions, ModelConfig,
-                           TrainConfig)
+                           INFERENCE_FACTS, INFERENCE_MODES, LOSS_NORMALIZATIONS, MOVE_POLICIES, OPTIMIZERS,
+                           PEAKS_METHODS, SCHEDULES, SEED_ORDERS, SEED_POLICIES, InferenceOptions,
+                           ModelConfig, TrainConfig)
 
 # Exceptions that mean "the input is bad" (their message names the input);
 # anything else is a bug and keeps its traceback.
@@ -393,7 +393,7 @@ class Flag:
 CHOICES = {"optimizer": OPTIMIZERS, "move_policy": MOVE_POLICIES, "compute_dtype": COMPUTE_DTYPES,
            "conv_impl": CONV_IMPLS, "seed_policy": SEED_POLICIES, "seed_order": SEED_ORDERS,
            "consensus_mode": CONSENSUS_MODES, "schedule": SCHEDULES,
-           "loss_normalization": LOSS_NORMALIZATIONS}
+           "loss_normalization": LOSS_NORMALIZATIONS, "peaks_method": PEAKS_METHODS}
 
 
 def _option(name: str) -> str:
@@ -536,12 +536,39 @@ INFERENCE_FLAGS: dict[str, Flag] = {
                            "non-corresponding object)"),
     "downsample": Flag("z,y,x factors: segment the image downsampled by these (block mean) "
                        "and write labels on the native grid (ffnjax.scale)"),
+    "peaks_method": Flag("how the 'peaks' seed policy finds its maxima: 'ffnjax' or "
+                         "'google_ffn' (google/ffn's PolicyPeaks exactly)"),
+    "disco_active_fraction": Flag("with --disconnected-seeds, freeze only FOVs where more than "
+                                  "this fraction of the prediction reaches --move-threshold "
+                                  "(google/ffn's disco_seed_threshold); negative: always"),
+    "skip_segmented": Flag("do not evaluate FOVs centred on voxels of earlier objects "
+                           "(google/ffn's Canvas.is_valid_pos)"),
 }
 
 def _default_text(obj: Any, name: str) -> str:
     """A default as help prints it: numbers with :g, z,y,x triples as 'z,y,x'."""
     v = getattr(obj, name)
     return ",".join(str(x) for x in v) if isinstance(v, tuple) else f"{v:g}"
+
+
+def add_compat_flag(group) -> None:
+    """`--compat NAME`: a named inference mode (`InferenceOptions.<NAME>`) under the flags."""
+    group.add_argument("--compat", choices=INFERENCE_MODES, default=None,
+                       help="infer as this implementation does: 'google_ffn' is "
+                            "InferenceOptions.google_ffn() (google/ffn's seeds, FOV moves and "
+                            "objects, voxel for voxel with the same model: "
+                            "docs/google_ffn_parity.md), 'ffnjax' the defaults; option flags "
+                            "given beside it win (default ffnjax)")
+
+
+def inference_options(args: argparse.Namespace, defaults: Mapping[str, Any] | None = None
+                      ) -> InferenceOptions:
+    """InferenceOptions of the option flags given, over `defaults` (e.g. a
+    checkpoint's facts), in the mode of `--compat` (ffnjax's when absent); a
+    bad value is named by its flag (`build`)."""
+    mode = getattr(InferenceOptions, getattr(args, "compat", None) or "ffnjax")
+    return build(mode, INFERENCE_FLAGS, defaults or {},
+                 given(args, InferenceOptions, INFERENCE_FLAGS))
 
 
 # The InferenceOptions a checkpoint records from its training (see

@@ -20,6 +20,16 @@ Every InferenceOptions field has a flag below. Flags left out keep the values
 the checkpoint's model was trained with (image normalisation, seed and pad
 probabilities: `ffnjax.checkpoints.inference_defaults`), else FFN's usual
 defaults (google/ffn's FIB-25 settings use --min-segment-size 1000).
+
+`--compat google_ffn` infers exactly as google/ffn does (its seeds, the FOV
+positions it evaluates and its objects, voxel for voxel, with the same model):
+for users who migrate and want their old segmentations back
+(docs/google_ffn_parity.md). A published google/ffn model, imported::
+
+    python -m experiments.import_tf --tf-checkpoint model.ckpt-27465036 \\
+        --depth 12 --fov 33,33,33 --deltas 8,8,8 --out out/fib25_tf
+    python -m experiments.segment --checkpoint out/fib25_tf --compat google_ffn \\
+        --image crop.h5:raw --output out/seg.zarr
 """
 
 from __future__ import annotations
@@ -41,14 +51,15 @@ from ffnjax.volume_spec import parse_spec
 def add_option_flags(parser, table=_cli.INFERENCE_FLAGS_FROM_CHECKPOINT) -> None:
     """One flag per InferenceOptions field (default None: keep the checkpoint's or dataclass's)."""
     g = parser.add_argument_group("inference options (InferenceOptions)")
+    _cli.add_compat_flag(g)
     _cli.add_flags(g, InferenceOptions, table)
 
 
 def options_from_args(args: argparse.Namespace, defaults: dict | None = None) -> InferenceOptions:
     """InferenceOptions of the flags given, over `defaults` (e.g. the checkpoint's
-    `ffnjax.checkpoints.inference_defaults`), over the dataclass defaults."""
-    return _cli.build(InferenceOptions, _cli.INFERENCE_FLAGS, defaults or {},
-                      _cli.given(args, InferenceOptions, _cli.INFERENCE_FLAGS))
+    `ffnjax.checkpoints.inference_defaults`), over the `--compat` mode's
+    values (the dataclass defaults without it)."""
+    return _cli.inference_options(args, defaults)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import struct
 from typing import Any, Self
 
 
@@ -146,6 +147,12 @@ IMAGE_STDDEV = 33.0
 
 SEED_POLICIES = ("peaks", "grid")
 SEED_ORDERS = ("zyx", "distance")
+# How the 'peaks' seed policy finds its maxima (`ffnjax.seeds.peaks_seeds`):
+# ffnjax's own way, or exactly as google/ffn's PolicyPeaks does.
+PEAKS_METHODS = ("ffnjax", "google_ffn")
+# Named inference modes: `InferenceOptions.<name>(**overrides)` and
+# `python -m experiments.segment --compat NAME`.
+INFERENCE_MODES = ("ffnjax", "google_ffn")
 CONSENSUS_MODES = ("split", "contested")
 # The InferenceOptions fields fixed by training: the normalisation of the
 # image, the initial mask (training's seed_prob / pad_prob) and the scale
@@ -153,6 +160,18 @@ CONSENSUS_MODES = ("split", "contested")
 # other values shows the network inputs it never saw. A checkpoint records
 # them (`ffnjax.checkpoints.inference_defaults`).
 INFERENCE_FACTS = ("image_mean", "image_stddev", "init_activation", "pad_value", "downsample")
+
+
+# The InferenceOptions fields that google/ffn's request holds in float32 proto
+# fields (`InferenceOptions.google_ffn` rounds them the same way).
+PROTO_FLOATS = ("image_mean", "image_stddev", "init_activation", "pad_value", "move_threshold",
+                "segment_threshold", "disco_active_fraction")
+
+
+def as_float32(value: float) -> float:
+    """`value` rounded to the nearest float32, as a Python float (what a
+    protocol-buffer `float` field gives back)."""
+    return float(struct.unpack("<f", struct.pack("<f", float(value)))[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +209,18 @@ class InferenceOptions(_JsonMixin):
         model trained with `TrainConfig.downsample` records its factors and
         the segmenters default to them. Seeds, FOV steps and
         `min_segment_size` count coarse voxels.
+      peaks_method: how the 'peaks' seed policy finds its maxima: 'ffnjax'
+        or 'google_ffn' (PolicyPeaks exactly: `ffnjax.seeds.peaks_seeds`).
+      disco_active_fraction: with `disconnected_seeds`, a FOV's prediction
+        freezes the voxels below 0.5 only when more than this fraction of it
+        reaches `move_threshold` (google/ffn's `disco_seed_threshold`, 0 when
+        its request leaves it unset); negative: always (ffnjax).
+      skip_segmented: a fill does not evaluate a FOV centred on a voxel of an
+        earlier object (google/ffn's `Canvas.is_valid_pos`); False: a fill
+        depends on the image and its seed only (ffnjax).
+
+    `InferenceOptions.google_ffn()` sets every option where google/ffn's
+    inference differs (docs/google_ffn_parity.md lists them).
     """
 
     image_mean: float = IMAGE_MEAN
@@ -209,6 +240,9 @@ class InferenceOptions(_JsonMixin):
     consensus: bool = False
     consensus_mode: str = "split"
     downsample: tuple[int, int, int] = (1, 1, 1)
+    peaks_method: str = "ffnjax"
+    disco_active_fraction: float = -1.0
+    skip_segmented: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "downsample", _as_zyx("downsample", self.downsample))
@@ -229,9 +263,56 @@ class InferenceOptions(_JsonMixin):
         if self.consensus_mode not in CONSENSUS_MODES:
             raise ValueError(f"consensus_mode must be one of {CONSENSUS_MODES}, "
                              f"got {self.consensus_mode!r}")
+        if self.peaks_method not in PEAKS_METHODS:
+            raise ValueError(f"peaks_method must be one of {PEAKS_METHODS}, "
+                             f"got {self.peaks_method!r}")
+        v = float(self.disco_active_fraction)
+        if not v < 1.0:
+            raise ValueError(f"disco_active_fraction must be below 1 (negative: always), got {v}")
+        object.__setattr__(self, "disco_active_fraction", v)
         for name, least in (("min_segment_size", 0), ("max_steps", 0), ("batch_size", 1)):
             if int(getattr(self, name)) < least:
                 raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
+
+    @classmethod
+    def ffnjax(cls, **overrides: Any) -> "InferenceOptions":
+        """ffnjax's own inference: the defaults, with `overrides`."""
+        return cls(**overrides)
+
+    @classmethod
+    def google_ffn(cls, **overrides: Any) -> "InferenceOptions":
+        """google/ffn's inference (`ffn/inference/inference.py`, `movement.py`,
+        `seed.py`) with its FIB-25 settings (`configs/inference_training_sample2.pbtxt`);
+        `overrides` win.
+
+        With batch_size 1 (its `--batch_size` default) and the same network,
+        `ffnjax.segmentation.segment` then reproduces google/ffn's segmentation
+        of the same subvolume: its seeds, the FOV positions it evaluates and
+        in which order, and the voxels of every object
+        (tests/test_gffn_parity.py; docs/google_ffn_parity.md says what
+        differs from ffnjax's defaults and why). Unlike the defaults:
+
+        - probabilities and the normalisation are held as google/ffn's
+          float32 proto fields hold them (0.95 as 0.949999988...), so that
+          each threshold, made a logit once, is the float32 number google/ffn
+          compares with (`overrides` of these fields are rounded the same
+          way);
+        - min_segment_size 1000 (the FIB-25 request);
+        - PolicyPeaks exactly (`peaks_method='google_ffn'`);
+        - the disconnected-seed freeze only where the prediction reaches the
+          move threshold somewhere (`disco_active_fraction=0`);
+        - FOVs are not centred on earlier objects (`skip_segmented`).
+        """
+        base = dict(image_mean=IMAGE_MEAN, image_stddev=IMAGE_STDDEV, init_activation=0.95,
+                    pad_value=0.05, move_threshold=0.9, segment_threshold=0.6,
+                    min_segment_size=1000, min_boundary_dist=(1, 1, 1), disconnected_seeds=True,
+                    disco_active_fraction=0.0, max_steps=0, seed_policy="peaks",
+                    seed_order="zyx", batch_size=1, consensus=False,
+                    peaks_method="google_ffn", skip_segmented=True)
+        base.update(overrides)
+        for name in PROTO_FLOATS:
+            base[name] = as_float32(base[name])
+        return cls(**base)
 
 
 MOVE_POLICIES = ("fixed", "max_pred_moves")

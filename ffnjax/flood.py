@@ -8,11 +8,14 @@ The algorithm is google/ffn's `Canvas.segment_at` / `segment_all` with the
   reads NaN as the pad value), a FIFO queue of FOV centres (array + head/tail),
   a lattice of visited positions (centres quantised by the deltas, relative to
   the seed, so no lattice cell is evaluated twice), step counter, bounding box of
-  the evaluated centres, and an overflow flag.
+  the evaluated centres, an overflow flag and, with `skip_segmented`, the
+  voxels of earlier objects (`blocked`).
 * **One iteration** (`body_fn`) takes, from the next `8 * batch_size` queue
   entries, the first `batch_size` valid ones (valid = a whole FOV fits inside
   the subvolume, its lattice cell is unvisited, the canvas there is at least
-  the move threshold; checked for the whole window at once, no nested loop),
+  the move threshold and, with `skip_segmented`, no earlier object holds it:
+  google/ffn's `Canvas.is_valid_pos`; checked for the whole window at once,
+  no nested loop),
   cuts their FOVs with `lax.dynamic_slice`, runs the network once on the batch,
   writes each prediction back with `lax.dynamic_update_slice` (in queue order),
   and pushes, for each of the 6 faces of the cube of half-size `deltas` around
@@ -28,6 +31,13 @@ valid centre can fall into). Every evaluation claims one distinct lattice cell
 and pushes at most one position per face, so the queue cannot overflow; an
 overflow flag is still carried and raises if it is ever set.
 
+The disconnected-seed rule (`disconnected_seeds`, google/ffn's
+`Canvas.update_at`): a prediction may not raise a canvas voxel that an earlier
+prediction drove below probability 0.5. ffnjax applies it to every
+prediction; google/ffn only to a prediction that reaches the move threshold in
+more than `disco_seed_threshold` of its voxels (`disco_active_fraction`; its
+unset default 0 means: anywhere at all).
+
 Departures from google/ffn (none of them change the result with batch_size 1):
 
 * Lattice cells are marked visited when a position is *popped* and accepted
@@ -36,6 +46,9 @@ Departures from google/ffn (none of them change the result with batch_size 1):
   visited or whose FOV would leave the subvolume are not pushed at all (google
   pushes them and discards them on pop). With `batch_size > 1` marking at pop
   time is what keeps two positions of one batch from sharing a cell.
+* `skip_segmented` is read from the segmentation as it was when the fill
+  started (`blocked`); google/ffn reads the same array, which changes only
+  between fills.
 * `batch_size > 1` evaluates several queued positions in one network call, all
   cut from the canvas as it was before the batch. This is an approximation of
   the sequential algorithm (later positions of a batch do not see the
@@ -93,7 +106,10 @@ class FillSpec:
       shape: subvolume shape z,y,x.
       fov_size, deltas: from the ModelConfig.
       init_logit, pad_logit, move_logit: thresholds of InferenceOptions as logits.
-      disconnected_seeds, max_steps, batch_size: from InferenceOptions.
+      disconnected_seeds, max_steps, batch_size, skip_segmented: from InferenceOptions.
+      disco_min_active: with disconnected_seeds, a prediction freezes voxels
+        only when more than this many of its voxels reach the move threshold
+        (from InferenceOptions.disco_active_fraction; -1: always).
       segment_logit: `segment_threshold` as a logit. Only the host reads it
         (which canvas voxels an object keeps), so it is left out of equality
         and hash: specs that differ only there share one compiled fill.
@@ -111,19 +127,25 @@ class FillSpec:
     batch_size: int
     segment_logit: float = dataclasses.field(compare=False)
     trace: bool = False
+    disco_min_active: int = -1
+    skip_segmented: bool = False
 
     @classmethod
     def from_configs(cls, shape: Sequence[int], model_config: ModelConfig,
                      options: InferenceOptions, trace: bool = False) -> "FillSpec":
         shape = tuple(int(s) for s in shape)
         check_image_shape(shape, model_config.fov_size)
+        fraction = float(options.disco_active_fraction)
+        # more than fraction * N voxels <=> more than floor(fraction * N) of them
+        min_active = -1 if fraction < 0 else math.floor(fraction * math.prod(model_config.fov_size))
         return cls(shape=shape, fov_size=model_config.fov_size, deltas=model_config.deltas,
                    init_logit=logit(options.init_activation), pad_logit=logit(options.pad_value),
                    move_logit=logit(options.move_threshold),
                    segment_logit=logit(options.segment_threshold),
                    disconnected_seeds=bool(options.disconnected_seeds),
                    max_steps=int(options.max_steps), batch_size=int(options.batch_size),
-                   trace=bool(trace))
+                   trace=bool(trace), disco_min_active=min_active,
+                   skip_segmented=bool(options.skip_segmented))
 
     @property
     def radius(self) -> tuple[int, int, int]:
@@ -184,6 +206,7 @@ class FillState(NamedTuple):
     hi: jax.Array        # (3,) int32 largest evaluated centre
     overflow: jax.Array  # bool, a push found the queue full (never expected)
     trace: jax.Array     # (trace_capacity or 1, 3) int32 evaluated centres, in order
+    blocked: jax.Array   # (Z, Y, X) bool voxels of earlier objects with skip_segmented, else (1, 1, 1)
 
 
 # ----------------------------------------------------------------------------
@@ -222,9 +245,21 @@ def _face_moves(spec: FillSpec, pred: jax.Array, pos: jax.Array):
     return scores, pos[None, :] + rels, rels
 
 
-def init_fill_state(spec: FillSpec, seed: jax.Array) -> FillState:
-    """Canvas all NaN but the seed voxel (init logit); the queue holds the seed."""
+def init_fill_state(spec: FillSpec, seed: jax.Array, blocked: jax.Array | None = None) -> FillState:
+    """Canvas all NaN but the seed voxel (init logit); the queue holds the seed.
+
+    `blocked` (z,y,x bool, only with `spec.skip_segmented`): the voxels of
+    earlier objects, on which no FOV is centred; None: none.
+    """
     seed = jnp.asarray(seed, jnp.int32)
+    if not spec.skip_segmented:
+        blocked = jnp.zeros((1, 1, 1), bool)
+    elif blocked is None:
+        blocked = jnp.zeros(spec.shape, bool)
+    else:
+        blocked = jnp.asarray(blocked, bool)
+        if blocked.shape != spec.shape:
+            raise ValueError(f"blocked has shape {blocked.shape}, the fill {spec.shape}")
     canvas = jnp.full(spec.shape, jnp.nan, jnp.float32)
     canvas = canvas.at[tuple(seed)].set(jnp.float32(spec.init_logit))
     # Padded by one pop window so that dynamic_slice at any head never clamps.
@@ -235,7 +270,8 @@ def init_fill_state(spec: FillSpec, seed: jax.Array) -> FillState:
         visited=jnp.zeros(spec.lattice_shape, bool), steps=jnp.int32(0), calls=jnp.int32(0),
         lo=jnp.full((3,), big, jnp.int32), hi=jnp.full((3,), -1, jnp.int32),
         overflow=jnp.bool_(False),
-        trace=jnp.full((spec.trace_capacity if spec.trace else 1, 3), -1, jnp.int32))
+        trace=jnp.full((spec.trace_capacity if spec.trace else 1, 3), -1, jnp.int32),
+        blocked=blocked)
 
 
 def make_fill_fns(spec: FillSpec, apply_fn: ApplyFn):
@@ -274,9 +310,11 @@ def make_fill_fns(spec: FillSpec, apply_fn: ApplyFn):
         order = jnp.arange(K, dtype=jnp.int32)
         present = st.head + order < st.tail
         cells = jax.vmap(lambda p: _cell(spec, p, seed))(window)
-        value = st.canvas[tuple(jnp.clip(window, 0, jnp.asarray(spec.shape) - 1).T)]
+        inside = tuple(jnp.clip(window, 0, jnp.asarray(spec.shape) - 1).T)
         cand = (present & _in_bounds(spec, window) & ~st.visited[tuple(cells.T)]
-                & (value >= move))
+                & (st.canvas[inside] >= move))
+        if spec.skip_segmented:  # google/ffn's is_valid_pos: not inside an earlier object
+            cand &= ~st.blocked[inside]
         same_cell = jnp.all(cells[:, None, :] == cells[None, :, :], axis=-1)
         earlier = order[None, :] < order[:, None]
         valid = cand & ~jnp.any(same_cell & earlier & cand[None, :], axis=1)
@@ -311,7 +349,12 @@ def make_fill_fns(spec: FillSpec, apply_fn: ApplyFn):
             new = logits[i]
             if spec.disconnected_seeds:
                 # NaN (never visited) compares False, so such voxels may rise.
-                new = jnp.where((old < DISCO_LOGIT) & (new > old), old, new)
+                freeze = (old < DISCO_LOGIT) & (new > old)
+                if spec.disco_min_active >= 0:
+                    # google/ffn's disco_seed_threshold: only a prediction that
+                    # reaches the move threshold in more than that many voxels.
+                    freeze &= jnp.sum(new >= move, dtype=jnp.int32) > spec.disco_min_active
+                new = jnp.where(freeze, old, new)
             new = jnp.where(valid, new, old)
             canvas = jax.lax.dynamic_update_slice(canvas, new, starts[i])
 
@@ -391,8 +434,8 @@ def compiled_fill(spec: FillSpec, apply_fn: ApplyFn):
     start, resume = fill_stepper(spec, apply_fn)
     never = jnp.iinfo(jnp.int32).max
 
-    def run(params, image, seed):
-        return resume(params, image, seed, start(seed), never)[0]
+    def run(params, image, seed, blocked=None):
+        return resume(params, image, seed, start(seed, blocked), never)[0]
 
     return run
 
@@ -401,7 +444,8 @@ def compiled_fill(spec: FillSpec, apply_fn: ApplyFn):
 def fill_stepper(spec: FillSpec, apply_fn: ApplyFn):
     """`(start, resume)`: the fill of `compiled_fill` cut into bounded runs.
 
-    `start(seed) -> FillState` is the initial state; `resume(params, image,
+    `start(seed, blocked=None) -> FillState` is the initial state
+    (`init_fill_state`); `resume(params, image,
     seed, state, stop_at) -> (state, alive)` runs the same loop on until the fill
     ends or `state.steps` reaches `stop_at` (one iteration may pass it by less
     than a batch), and says whether the fill would go on. Cutting the loop this
@@ -421,8 +465,8 @@ def fill_stepper(spec: FillSpec, apply_fn: ApplyFn):
             lambda s: body_fn(params, image, seed, s), st)
         return st, cond_fn(params, image, seed, st)
 
-    def init(seed):
-        return init_fill_state(spec, seed)
+    def init(seed, blocked):
+        return init_fill_state(spec, seed, blocked)
 
     if mesh is None:
         jitted_init, jitted = jax.jit(init), jax.jit(run, donate_argnums=(3,))
@@ -431,8 +475,11 @@ def fill_stepper(spec: FillSpec, apply_fn: ApplyFn):
         jitted_init = jax.jit(init, out_shardings=replicated)
         jitted = jax.jit(run, donate_argnums=(3,), out_shardings=replicated)
 
-    def start(seed):
-        return jitted_init(jnp.asarray(seed, jnp.int32))
+    def start(seed, blocked=None):
+        if spec.skip_segmented and blocked is None:
+            blocked = np.zeros(spec.shape, bool)
+        return jitted_init(jnp.asarray(seed, jnp.int32), None if blocked is None
+                           else jnp.asarray(blocked, bool))
 
     def resume(params, image, seed, st, stop_at):
         if mesh is not None:
@@ -494,22 +541,25 @@ def _check_seed(seed: Sequence[int], spec: FillSpec) -> np.ndarray:
 
 def run_fill(spec: FillSpec, apply_fn: ApplyFn, params: Any, image_dev: jax.Array,
              seed: Sequence[int], report: Callable[[int], Any] | None = None,
-             every: int = 64) -> FillState:
+             every: int = 64, blocked: np.ndarray | None = None) -> FillState:
     """Runs one compiled fill (blocking) and raises if the queue ever overflowed.
 
     Args:
       report: called with the FOV steps taken so far after every `every` of
         them (and at the end), for progress inside one long fill; the fill is
         then run in bounded pieces (`fill_stepper`), with the same result.
+      blocked: with `spec.skip_segmented`, the z,y,x bool voxels of earlier
+        objects (no FOV is centred on them); ignored otherwise.
 
     The one place the overflow flag is checked: `fill` and the seed loop of
     `ffnjax.segmentation` both run their fills through here.
     """
     if report is None:
-        st = compiled_fill(spec, apply_fn)(params, image_dev, jnp.asarray(seed, jnp.int32))
+        st = compiled_fill(spec, apply_fn)(params, image_dev, jnp.asarray(seed, jnp.int32),
+                                           blocked)
     else:
         start, resume = fill_stepper(spec, apply_fn)
-        st, alive, steps = start(seed), True, 0
+        st, alive, steps = start(seed, blocked), True, 0
         while alive:
             st, alive = resume(params, image_dev, seed, st, steps + max(int(every), 1))
             steps = int(st.steps)

@@ -8,7 +8,8 @@ order they will be tried:
   smoothed version, the Euclidean distance transform of the non-edge region is
   computed with `edt`, and its local maxima (scikit-image `peak_local_max`,
   minimum distance 3) are the seeds. A deterministic tiny jitter breaks ties
-  between equal distances.
+  between equal distances. `options.peaks_method='google_ffn'` follows
+  PolicyPeaks exactly instead (see `peaks_seeds`).
 * `grid_seeds`: a regular lattice with step `options.seed_grid_step`.
 
 `make_seeds` returns them in `options.seed_order`: 'zyx' (ascending z, then y,
@@ -93,8 +94,16 @@ def peaks_seeds(image: np.ndarray, options: InferenceOptions = InferenceOptions(
 
     Args:
       image: z,y,x raw image (any real dtype; not normalised).
-      options: unused apart from documenting the policy ('peaks'); kept so both
-        policies share a signature.
+      options: `peaks_method` chooses how: 'ffnjax' (the edge map of the raw
+        image, a float32 jitter from `np.random.default_rng(42)`, peaks up to
+        the border) or 'google_ffn' (PolicyPeaks exactly: the edge map of the
+        image normalised with `image_mean` / `image_stddev` in float32, SciPy's
+        distance transform, a float64 jitter from
+        `np.random.RandomState(42)`, scikit-image's default exclusion of
+        peaks within `min_distance` of the border; `anisotropy` must be
+        isotropic). Both give the same seeds wherever no two jittered
+        distances tie differently; the 'google_ffn' list is google/ffn's to
+        the voxel (tests/test_gffn_parity.py).
       margin: drop seeds closer than this to the border, z,y,x (the FOV radius
         when used for flood filling).
       sigma: Gaussian sigma of the adaptive edge threshold.
@@ -105,9 +114,41 @@ def peaks_seeds(image: np.ndarray, options: InferenceOptions = InferenceOptions(
     Returns:
       (N, 3) int64 z,y,x seeds in ascending lexicographic order.
     """
-    del options
     image = _check_volume(image)
+    if options.peaks_method == "google_ffn":
+        if tuple(float(a) for a in anisotropy) != (1.0, 1.0, 1.0):
+            raise ValueError("peaks_method 'google_ffn' assumes isotropic voxels (PolicyPeaks); "
+                             f"got anisotropy {tuple(anisotropy)}")
+        return _google_ffn_peaks(google_ffn_edge_distance(image, options, sigma), margin,
+                                 min_distance)
     return _distance_peaks(edge_distance(image, sigma, anisotropy), margin, min_distance)
+
+
+def google_ffn_edge_distance(image: np.ndarray, options: InferenceOptions = InferenceOptions(),
+                             sigma: float = PEAKS_SMOOTHING_SIGMA) -> np.ndarray:
+    """`edge_distance` as google/ffn's PolicyPeaks computes it: the edge map of
+    the image normalised as the network sees it (float32, in NumPy), and
+    SciPy's exact Euclidean distance transform made float32."""
+    image = _check_volume(image)
+    normalised = ((image.astype(np.float32) - np.float32(options.image_mean))
+                  / np.float32(options.image_stddev))
+    non_edge = ~edge_mask(normalised, sigma)
+    return ndimage.distance_transform_edt(non_edge).astype(np.float32)
+
+
+def _google_ffn_peaks(dist: np.ndarray, margin: Sequence[int] | None,
+                      min_distance: int = PEAKS_MIN_DISTANCE) -> np.ndarray:
+    """PolicyPeaks' maxima of `dist`: a float64 jitter (the legacy Mersenne
+    Twister seeded with 42, so the draws are google/ffn's), scikit-image's
+    default border exclusion (`exclude_border=True`: no peak within
+    `min_distance` of the border), ascending z,y,x, then the margin."""
+    jitter = np.random.RandomState(PEAKS_JITTER_SEED).random_sample(dist.shape) * PEAKS_JITTER
+    peaks = peak_local_max(dist + jitter, min_distance=int(min_distance), threshold_abs=0,
+                           threshold_rel=0)
+    peaks = np.asarray(peaks, np.int64).reshape(-1, 3)
+    if margin is not None:
+        peaks = peaks[inside_margin(peaks, dist.shape, margin)]
+    return order_seeds(peaks, "zyx")
 
 
 def _distance_peaks(dist: np.ndarray, margin: Sequence[int] | None,
@@ -166,9 +207,12 @@ def make_seeds(image: np.ndarray, options: InferenceOptions = InferenceOptions()
     if options.seed_policy not in SEED_POLICIES:
         raise ValueError(f"unknown seed_policy {options.seed_policy!r}; expected one of {SEED_POLICIES}")
     needs_distance = options.seed_policy == "peaks" or options.seed_order == "distance"
-    dist = edge_distance(image) if needs_distance else None
+    google = options.peaks_method == "google_ffn"
+    dist = None
+    if needs_distance:
+        dist = google_ffn_edge_distance(image, options) if google else edge_distance(image)
     if options.seed_policy == "peaks":
-        seeds = _distance_peaks(dist, margin)
+        seeds = _google_ffn_peaks(dist, margin) if google else _distance_peaks(dist, margin)
     else:
         seeds = grid_seeds(image.shape, options, margin)
     return order_seeds(seeds, options.seed_order, dist)

@@ -6,10 +6,16 @@ whether the seed may start a fill (`seed_allowed`), runs one device fill
 (`commit_object`) in NumPy, between fills:
 
 * seeds inside an object, tried before, or within `min_boundary_dist` of an
-  object are skipped;
+  object are skipped (google/ffn also marks the latter -1: no result differs,
+  since only ids > 0 are ever tested and -1 becomes 0 in the output);
 * a fill whose seed voxel ends below the move threshold is dropped;
-* earlier objects win overlaps; objects below `min_segment_size` are dropped;
-  a dropped seed's voxel is marked -1 so it is not tried again.
+* an object is every voxel at or above the segment threshold in the box of
+  the evaluated centres padded by the FOV radius (no connected-component
+  step, as google/ffn); earlier objects win overlaps; objects below
+  `min_segment_size` are dropped; a dropped seed's voxel is marked -1 so it
+  is not tried again;
+* with `skip_segmented`, each fill gets the voxels of the objects so far, on
+  which it centres no FOV (google/ffn's `Canvas.is_valid_pos`).
 
 The thresholds come as logits from the run's `ffnjax.flood.FillSpec`,
 converted there once; nothing here converts a probability again.
@@ -175,6 +181,8 @@ class SegmentState:
       fingerprint: JSON of what the run depends on (image shape, configs);
         resuming checks it.
       elapsed_s: wall time spent so far over all runs.
+      positions: with `record_positions`, every evaluated FOV centre z,y,x
+        of every fill so far, in order ((N, 3) int64); else None.
     """
 
     segmentation: np.ndarray
@@ -188,6 +196,7 @@ class SegmentState:
     forward: np.ndarray | None = None
     fingerprint: str = ""
     elapsed_s: float = 0.0
+    positions: np.ndarray | None = None
 
 
 def save_state(path: str | os.PathLike, state: SegmentState) -> Path:
@@ -204,6 +213,8 @@ def save_state(path: str | os.PathLike, state: SegmentState) -> Path:
         arrays["probabilities"] = state.probabilities
     if state.forward is not None:
         arrays["forward"] = state.forward
+    if state.positions is not None:
+        arrays["positions"] = state.positions
     return save_npz(path, arrays)
 
 
@@ -229,7 +240,7 @@ def load_state(path: str | os.PathLike) -> SegmentState:
         counters={**dict.fromkeys(COUNTER_NAMES, 0), **meta["counters"]},
         probabilities=data.get("probabilities"), phase=int(meta["phase"]),
         forward=data.get("forward"), fingerprint=meta["fingerprint"],
-        elapsed_s=float(meta["elapsed_s"]))
+        elapsed_s=float(meta["elapsed_s"]), positions=data.get("positions"))
 
 
 def run_fingerprint(shape: Sequence[int], model_config: ModelConfig, options: InferenceOptions,
@@ -253,6 +264,11 @@ class SegmentInfo:
     from any fill: a run bounded at zero FOV steps), 'first_fill' (the first
     fill, without compilation), 'fill' (the other device fills incl. transfer of
     the canvas), 'commit' (host NumPy), 'total'.
+
+    seeds: the seeds in the order tried ((N, 3) z,y,x; with consensus, the
+    forward order). positions: with `record_positions`, every evaluated FOV
+    centre of every fill in order ((M, 3) z,y,x: google/ffn's sequence of
+    `Canvas.update_at` calls), else None.
     """
 
     objects: list[ObjectRecord]
@@ -260,6 +276,8 @@ class SegmentInfo:
     timings: dict[str, float]
     num_seeds: int
     passes: int = 1
+    seeds: np.ndarray | None = None
+    positions: np.ndarray | None = None
 
     def summary(self) -> str:
         c = self.counters
@@ -349,9 +367,14 @@ def _segment_pass(state: SegmentState, spec: FillSpec, apply_fn: ApplyFn, params
             else:
                 t0 = time.perf_counter()
                 # blocks; checks overflow; reports progress inside the fill
-                st = run_fill(spec, apply_fn, params, image_dev, seed, report=report, every=16)
+                blocked = seg > 0 if spec.skip_segmented else None
+                st = run_fill(spec, apply_fn, params, image_dev, seed, report=report, every=16,
+                              blocked=blocked)
                 canvas = np.asarray(st.canvas)
                 steps, lo, hi = int(st.steps), np.asarray(st.lo), np.asarray(st.hi)
+                if state.positions is not None:
+                    state.positions = np.concatenate(
+                        [state.positions, np.asarray(st.trace)[:steps].astype(np.int64)])
                 t1 = time.perf_counter()
                 timings["first_fill" if c["fills"] == 0 else "fill"] += t1 - t0
                 c["fills"] += 1
@@ -383,8 +406,8 @@ def segment_state(image: Any, params: Any, model_config: ModelConfig,
                   *, state: SegmentState | None = None, seeds: np.ndarray | None = None,
                   keep_probabilities: bool = False,
                   checkpoint_fn: Callable[[SegmentState], Any] | None = None,
-                  checkpoint_every_s: float = 300.0, progress: bool = True, run_id: str = ""
-                  ) -> tuple[SegmentState, SegmentInfo]:
+                  checkpoint_every_s: float = 300.0, progress: bool = True, run_id: str = "",
+                  record_positions: bool = False) -> tuple[SegmentState, SegmentInfo]:
     """`segment` that returns its full `SegmentState` (for resuming and for the CLI).
 
     Args:
@@ -398,6 +421,9 @@ def segment_state(image: Any, params: Any, model_config: ModelConfig,
       progress: show a tqdm bar over seeds.
       run_id: extra identity of the run stored in the state's fingerprint
         (the CLI passes the image spec and bbox); a resumed state must match.
+      record_positions: keep every evaluated FOV centre in order
+        (`SegmentState.positions`, `SegmentInfo.positions`); a resumed state
+        keeps recording when it did.
     """
     t_start = time.perf_counter()
     # At a coarser scale (options.downsample) the whole state lives on the
@@ -405,7 +431,8 @@ def segment_state(image: Any, params: Any, model_config: ModelConfig,
     arr = scale.downsample_image(as_image_array(image), options.downsample)
     if seeds is not None:
         seeds = scale.to_coarse_points(seeds, options.downsample)
-    spec = FillSpec.from_configs(arr.shape, model_config, options)
+    record_positions = record_positions or (state is not None and state.positions is not None)
+    spec = FillSpec.from_configs(arr.shape, model_config, options, trace=record_positions)
     apply_fn = apply_fn or default_apply_fn(model_config)
     check_apply_fn(apply_fn, params, model_config, spec.batch_size)
     timings = dict.fromkeys(("seeds", "compile", "first_fill", "fill", "commit", "total"), 0.0)
@@ -421,7 +448,8 @@ def segment_state(image: Any, params: Any, model_config: ModelConfig,
         timings["seeds"] = time.perf_counter() - t0
         state = SegmentState(segmentation=np.zeros(arr.shape, np.int64), seeds=seed_arr,
                              probabilities=np.zeros(arr.shape, np.uint8) if keep_probabilities else None,
-                             fingerprint=fingerprint)
+                             fingerprint=fingerprint,
+                             positions=np.zeros((0, 3), np.int64) if record_positions else None)
         state.counters["seeds"] = len(seed_arr)
     else:
         if state.fingerprint != fingerprint:
@@ -460,7 +488,9 @@ def segment_state(image: Any, params: Any, model_config: ModelConfig,
     timings["total"] = time.perf_counter() - t_start
     state.elapsed_s = elapsed0 + timings["total"]
     info = SegmentInfo(objects=list(state.objects), counters=dict(state.counters), timings=timings,
-                       num_seeds=len(state.seeds), passes=passes)
+                       num_seeds=len(state.seeds), passes=passes,
+                       seeds=state.seeds[::-1].copy() if state.phase > 1 else state.seeds.copy(),
+                       positions=None if state.positions is None else state.positions.copy())
     return state, info
 
 
@@ -481,8 +511,8 @@ def segment(image: Any, params: Any, model_config: ModelConfig,
             options: InferenceOptions = InferenceOptions(), apply_fn: ApplyFn | None = None,
             *, state: SegmentState | None = None, seeds: np.ndarray | None = None,
             checkpoint_fn: Callable[[SegmentState], Any] | None = None,
-            checkpoint_every_s: float = 300.0, progress: bool = True
-            ) -> tuple[np.ndarray, SegmentInfo]:
+            checkpoint_every_s: float = 300.0, progress: bool = True,
+            record_positions: bool = False) -> tuple[np.ndarray, SegmentInfo]:
     """Segments a whole subvolume by flood filling from every seed in turn.
 
     Args:
@@ -499,6 +529,8 @@ def segment(image: Any, params: Any, model_config: ModelConfig,
       checkpoint_fn: called with the `SegmentState` every `checkpoint_every_s`
         seconds and at the end (e.g. `lambda s: save_state(path, s)`).
       progress: tqdm bar over seeds.
+      record_positions: also return every evaluated FOV centre, in order
+        (`SegmentInfo.positions`).
 
     Returns:
       (segmentation uint64 z,y,x with 0 = background, SegmentInfo).
@@ -510,5 +542,6 @@ def segment(image: Any, params: Any, model_config: ModelConfig,
     image = as_image_array(image)
     state, info = segment_state(image, params, model_config, options, apply_fn, state=state,
                                 seeds=seeds, checkpoint_fn=checkpoint_fn,
-                                checkpoint_every_s=checkpoint_every_s, progress=progress)
+                                checkpoint_every_s=checkpoint_every_s, progress=progress,
+                                record_positions=record_positions)
     return final_segmentation(state, options, image.shape[:3]), info

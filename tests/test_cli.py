@@ -33,6 +33,7 @@ FLAGS_BEFORE = {
     "fib25_tf_eval": "--batch-size --checkpoint --compute-dtype --data --min-size --offset --out "
                      "--reuse --size --skip-baseline --workdir",
     "fib25_eval": "--box --checkpoint --context --data --name --out --overwrite --skip-baseline",
+    "gffn_parity": "--compat --data --json --min-segment-size --quiet",
     "import_tf": "--checkpoint --deltas --depth --features --fov --out --step",
     "segment": "--batch-size --bbox --checkpoint --checkpoint-every --consensus --consensus-mode "
                "--disconnected-seeds --fov-size --image --image-mean --image-stddev --info-json "
@@ -73,6 +74,7 @@ def missing_input_argv(tmp: Path) -> dict[str, tuple[list[str], str]]:
                            str(tmp / "f")], str(gone / "model.ckpt")),
         "fib25_eval": (["--checkpoint", str(gone / "run"), "--out", str(tmp / "e")],
                        str(gone / "run")),
+        "gffn_parity": (["--data", str(gone), "--quiet"], str(gone)),
         "import_tf": (["--tf-checkpoint", str(gone / "model.ckpt"), "--out", str(tmp / "i")],
                       str(gone / "model.ckpt")),
         "segment": (["--checkpoint", str(gone / "run"), "--image", str(gone / "img.npy"),
