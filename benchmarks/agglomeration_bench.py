@@ -17,7 +17,6 @@ volume) agree.
 
 from __future__ import annotations
 
-import argparse
 from typing import Sequence
 
 import numpy as np
