@@ -337,6 +337,14 @@ def _arand_from_table(table, return_precision_recall: bool = False):
 # Everything at once
 
 
+def merges_per_mm(merges: int, skeleton_length_nm: float) -> float:
+    """Merge rate: merging segments per millimetre of scored skeleton path
+    length (lengths in nm, as `voxel_size` is; 0 when there is no length).
+    With a voxel size of 1 the 'nm' are voxels and the rate is per 10^6 voxels
+    of path."""
+    return float(merges) / (skeleton_length_nm * 1e-6) if skeleton_length_nm > 0 else 0.0
+
+
 def evaluate(segmentation: np.ndarray, groundtruth: np.ndarray,
              voxel_size: Sequence[float] = (1, 1, 1), skeletons: Sequence[Skeleton] | None = None, *,
              merge_thresholds: Sequence[int] = (1, 50), min_skeleton_length: float = 0.0,
@@ -358,8 +366,9 @@ def evaluate(segmentation: np.ndarray, groundtruth: np.ndarray,
     Returns:
       {"voi_split", "voi_merge", "voi", "adapted_rand", "arand_precision",
        "arand_recall", "erl": {str(threshold): ERLResult.summary() with
-       "erl_um" added}, "n_skeletons", "skeleton_length", "voxel_size",
-       "shape", "n_segments", "n_gt_objects", "seconds"}.
+       "erl_um", "max_erl_um" and "merges_per_mm" added}, "n_skeletons",
+       "skeleton_length", "voxel_size", "shape", "n_segments", "n_gt_objects",
+       "seconds"}.
     """
     t0 = time.perf_counter()
     seg, gt = _check_pair(segmentation, groundtruth)
@@ -378,6 +387,7 @@ def evaluate(segmentation: np.ndarray, groundtruth: np.ndarray,
         d = r.summary()
         d["erl_um"] = r.erl / 1000.0
         d["max_erl_um"] = r.max_erl / 1000.0
+        d["merges_per_mm"] = merges_per_mm(r.merges, r.total_length)
         erl[str(int(t))] = d
     n_seg = len(fastremap.unique(seg))
     n_gt = len(fastremap.unique(gt))

@@ -8,7 +8,9 @@ The algorithm is google/ffn's `Canvas.segment_at` / `segment_all` with the
   reads NaN as the pad value), a FIFO queue of FOV centres (array + head/tail),
   a lattice of visited positions (centres quantised by the deltas, relative to
   the seed, so no lattice cell is evaluated twice), step counter, bounding box of
-  the evaluated centres, an overflow flag and, with `skip_segmented`, the
+  the evaluated centres, an overflow flag, the count of *deleted* voxels
+  (google/ffn's `history_deleted`: confident voxels a later prediction turned
+  down; per evaluation as well when tracing) and, with `skip_segmented`, the
   voxels of earlier objects (`blocked`).
 * **One iteration** (`body_fn`) takes, from the next `8 * batch_size` queue
   entries, the first `batch_size` valid ones (valid = a whole FOV fits inside
@@ -88,6 +90,11 @@ ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 # A voxel once driven below probability 0.5 (logit 0) is not revived when
 # `disconnected_seeds` is on (google/ffn's `disco_seeds`).
 DISCO_LOGIT = 0.0
+# A *deleted* voxel (google/ffn's `history_deleted`): one the canvas held at
+# probability >= 0.8 that a new prediction puts below 0.5 (before the
+# disconnected-seeds rule undoes it). Counted per FOV evaluation; many of them
+# mean the network kept changing its mind (agglomeration's merge rules read it).
+DELETED_FROM_LOGIT = math.log(0.8 / 0.2)
 
 
 # ----------------------------------------------------------------------------
@@ -207,6 +214,8 @@ class FillState(NamedTuple):
     overflow: jax.Array  # bool, a push found the queue full (never expected)
     trace: jax.Array     # (trace_capacity or 1, 3) int32 evaluated centres, in order
     blocked: jax.Array   # (Z, Y, X) bool voxels of earlier objects with skip_segmented, else (1, 1, 1)
+    deleted: jax.Array   # int32 voxels deleted so far (DELETED_FROM_LOGIT -> below DISCO_LOGIT)
+    trace_deleted: jax.Array  # (trace_capacity or 1,) int32 voxels deleted by each evaluation
 
 
 # ----------------------------------------------------------------------------
@@ -271,7 +280,9 @@ def init_fill_state(spec: FillSpec, seed: jax.Array, blocked: jax.Array | None =
         lo=jnp.full((3,), big, jnp.int32), hi=jnp.full((3,), -1, jnp.int32),
         overflow=jnp.bool_(False),
         trace=jnp.full((spec.trace_capacity if spec.trace else 1, 3), -1, jnp.int32),
-        blocked=blocked)
+        blocked=blocked,
+        deleted=jnp.int32(0),
+        trace_deleted=jnp.zeros((spec.trace_capacity if spec.trace else 1,), jnp.int32))
 
 
 def make_fill_fns(spec: FillSpec, apply_fn: ApplyFn):
@@ -340,13 +351,18 @@ def make_fill_fns(spec: FillSpec, apply_fn: ApplyFn):
         logits = logits.reshape((B, *spec.fov_size)).astype(jnp.float32)
 
         canvas, queue, tail, lo, hi, trace = st.canvas, st.queue, st.tail, st.lo, st.hi, st.trace
-        overflow = st.overflow
+        overflow, deleted, trace_deleted = st.overflow, st.deleted, st.trace_deleted
+        deleted_from = jnp.float32(DELETED_FROM_LOGIT)
         cap = spec.queue_capacity
         drop = queue.shape[0]  # beyond the padded queue: a push that is not made
         for i in range(B):  # static: B is small; writes are applied in queue order
             valid = i < n
             old = cut(canvas, starts[i])
             new = logits[i]
+            # NaN (never visited) compares False: only voxels once confident count.
+            gone = jnp.where(valid, jnp.sum((old >= deleted_from) & (new < DISCO_LOGIT),
+                                            dtype=jnp.int32), 0)
+            deleted += gone
             if spec.disconnected_seeds:
                 # NaN (never visited) compares False, so such voxels may rise.
                 freeze = (old < DISCO_LOGIT) & (new > old)
@@ -374,11 +390,12 @@ def make_fill_fns(spec: FillSpec, apply_fn: ApplyFn):
             lo = jnp.where(valid, jnp.minimum(lo, slots[i]), lo)
             hi = jnp.where(valid, jnp.maximum(hi, slots[i]), hi)
             if spec.trace:
-                trace = trace.at[jnp.where(valid, st.steps + i, spec.trace_capacity)].set(
-                    slots[i], mode="drop")
+                at = jnp.where(valid, st.steps + i, spec.trace_capacity)
+                trace = trace.at[at].set(slots[i], mode="drop")
+                trace_deleted = trace_deleted.at[at].set(gone, mode="drop")
         return st._replace(canvas=canvas, queue=queue, tail=tail, steps=st.steps + n,
-                           calls=st.calls + 1,
-                           lo=lo, hi=hi, overflow=overflow, trace=trace)
+                           calls=st.calls + 1, lo=lo, hi=hi, overflow=overflow, trace=trace,
+                           deleted=deleted, trace_deleted=trace_deleted)
 
     def body_fn(params, image, seed, st: FillState) -> FillState:
         head, visited, slots, n = pop(seed, st)
@@ -583,8 +600,9 @@ def fill(image: Any, seed_zyx: Sequence[int], params: Any, model_config: ModelCo
       options: InferenceOptions (thresholds, disco seeds, step budget, batch size).
       apply_fn: `apply_fn(params, image_fov, mask_logits_fov) -> logits`
         (default: the convstack of `model_config`).
-      with_trace: also return a dict with 'steps' and 'positions' (the
-        evaluated FOV centres in order, (steps, 3)).
+      with_trace: also return a dict with 'steps', 'positions' (the
+        evaluated FOV centres in order, (steps, 3)) and 'deleted' (voxels
+        each evaluation deleted, `DELETED_FROM_LOGIT`; (steps,)).
 
     Returns:
       float32 z,y,x probabilities (sigmoid of the canvas; never-visited voxels
@@ -602,4 +620,5 @@ def fill(image: Any, seed_zyx: Sequence[int], params: Any, model_config: ModelCo
     if not with_trace:
         return prob
     steps = int(st.steps)
-    return prob, {"steps": steps, "positions": np.asarray(st.trace)[:steps].astype(np.int64)}
+    return prob, {"steps": steps, "positions": np.asarray(st.trace)[:steps].astype(np.int64),
+                  "deleted": np.asarray(st.trace_deleted)[:steps].astype(np.int64)}

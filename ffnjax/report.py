@@ -19,10 +19,11 @@ from ffnjax import view
 def format_table(report: dict) -> str:
     """A plain-text table of an `evaluate` report."""
     lines = [f"{'merge threshold':>16} {'ERL (um)':>10} {'max ERL (um)':>13} {'NERL':>7} "
-             f"{'merges':>7} {'splits':>7}"]
+             f"{'merges':>7} {'merges/mm':>10} {'splits':>7}"]
     for t, r in report["erl"].items():
+        rate = r.get("merges_per_mm", float("nan"))  # reports written before it existed
         lines.append(f"{t:>16} {r['erl_um']:>10.3f} {r['max_erl_um']:>13.3f} {r['nerl']:>7.3f} "
-                     f"{r['merges']:>7d} {r['splits']:>7d}")
+                     f"{r['merges']:>7d} {rate:>10.4g} {r['splits']:>7d}")
     lines.append(f"VOI split {report['voi_split']:.3f}  merge {report['voi_merge']:.3f}  "
                  f"total {report['voi']:.3f} bits   adapted Rand error {report['adapted_rand']:.4f}")
     lines.append(f"{report['n_skeletons']} skeletons, {report['skeleton_length'] / 1000:.2f} um; "

@@ -22,6 +22,9 @@ COMMANDS = sorted(p.stem for p in (REPO / "experiments").glob("*.py")
 
 # Every flag each command had before the one CLI layer (issue 18); they all keep working.
 FLAGS_BEFORE = {
+    "agglomerate": "--analysis-radius --checkpoint --fills-per-call --image --max-deleted-fraction "
+                   "--max-distance --merge-graph --min-consistency --min-iou --output --overwrite "
+                   "--radius --restart --results --segmentation --seed-radius --voxel-size",
     "demo": "--batch-size --consensus --deltas --depth --features --fov --learning-rate "
             "--max-moves --min-boundary-dist --min-segment-size --move-steps --no-update-per-fov "
             "--out --quiet --refine-steps --seed --seed-order --steps --test-context --test-shape "
@@ -67,6 +70,9 @@ def missing_input_argv(tmp: Path) -> dict[str, tuple[list[str], str]]:
     blocker = tmp / "a_file"
     blocker.write_text("")
     return {
+        "agglomerate": (["--checkpoint", str(gone / "run"), "--image", str(gone / "img.zarr"),
+                         "--segmentation", str(gone / "seg.zarr"), "--output",
+                         str(tmp / "a.zarr")], str(gone / "seg.zarr")),
         "demo": (["--out", str(blocker / "out"), "--steps", "1"], str(blocker)),
         "evaluate": (["--segmentation", str(gone / "seg.npy"), "--groundtruth",
                       str(gone / "gt.npy")], str(gone)),

@@ -176,6 +176,29 @@ def test_fill_trace_and_probabilities_equal_reference():
     np.testing.assert_allclose(prob, expect, rtol=1e-5, atol=1e-6)
 
 
+
+def test_deleted_voxels_are_counted_per_evaluation():
+    """google/ffn's `history_deleted`: a net that answers 0.05 wherever the
+    canvas already holds >= 0.8 (0.95 elsewhere and at its FOV centre) deletes,
+    at its second evaluation, the overlap of the two FOVs less that centre;
+    the seed then falls below the move threshold and the fill stops."""
+    hi, lo = logit(0.95), logit(0.05)
+
+    def flip(params, img, mask):
+        out = jnp.where(mask >= logit(0.8), lo, hi)
+        z, y, x = (s // 2 for s in mask.shape[1:4])
+        return out.at[:, z, y, x, :].set(hi)
+
+    opt = InferenceOptions(image_mean=0.0, image_stddev=1.0)
+    img = np.zeros((20, 20, 20), np.float32)
+    _, trace = flood.fill(img, (10, 10, 10), None, TINY, opt, flip, with_trace=True)
+    pos = trace["positions"]
+    assert len(pos) == 2
+    overlap = int(np.prod(np.maximum(0, np.array(TINY.fov_size) - np.abs(pos[1] - pos[0]))))
+    assert overlap > 100 and trace["deleted"].tolist() == [0, overlap - 1]
+    spec = flood.FillSpec.from_configs(img.shape, TINY, opt)
+    assert int(flood.run_fill(spec, flip, None, jnp.asarray(img), (10, 10, 10)).deleted) == overlap - 1
+
 # ----------------------------------------------------------------------------
 # Queue semantics.
 

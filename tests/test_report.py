@@ -46,6 +46,7 @@ def test_evaluate_report_and_png(tmp_path):
     assert (rgb == (255, 0, 255)).all(-1).any()  # the merger is marked
     perfect = erl.evaluate(labels, labels, (1, 1, 1), skeleton_options={"dust_threshold": 10})
     assert perfect["erl"]["1"]["nerl"] == pytest.approx(1) and perfect["voi"] == 0
+    assert perfect["erl"]["1"]["merges_per_mm"] == 0
 
 
 def _two_halves():
@@ -93,3 +94,20 @@ def test_merge_png_colours_are_vivid(tmp_path):
                      np.float32)
     chroma = rgb.max(-1) - rgb.min(-1)
     assert (chroma > 80).sum() > 3 * 2 * 6 * 36 * 16  # both objects, 3 slices, enlarged >= 4x
+
+
+
+def test_merge_rate_is_per_mm_of_skeleton_in_the_voxel_size_units():
+    labels = np.zeros((8, 16, 40), np.uint32)
+    labels[1:7, 1:7, 2:38] = 1
+    labels[1:7, 9:15, 2:38] = 2
+    merged = np.where(labels > 0, 9, 0).astype(np.uint32)  # one segment holds both
+    opts = {"dust_threshold": 10}
+    fine = erl.evaluate(merged, labels, (1, 1, 1), skeleton_options=opts)["erl"]["1"]
+    coarse = erl.evaluate(merged, labels, (10, 10, 10), skeleton_options=opts)["erl"]["1"]
+    assert fine["merges"] == coarse["merges"] == 1
+    assert fine["merges_per_mm"] == pytest.approx(1e6 / fine["total_length"])
+    assert coarse["merges_per_mm"] == pytest.approx(fine["merges_per_mm"] / 10)
+    table = report.format_table(erl.evaluate(merged, labels, (10, 10, 10), skeleton_options=opts))
+    assert "merges/mm" in table.splitlines()[0]
+    assert f"{coarse['merges_per_mm']:.4g}" in table.splitlines()[1]
