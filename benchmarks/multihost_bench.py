@@ -1,6 +1,6 @@
 """Training examples/s: 1 process with 2 devices against 2 processes with 1 device each.
 
-    python -m benchmarks.multihost_bench                  # about 2 minutes on 2 cores
+    python -m benchmarks.multihost_bench                  # a few minutes on 2 cores
     python -m benchmarks.multihost_bench --repeats 3 --steps 40
 
 Both sides train the same run through `python -m experiments.train` on this

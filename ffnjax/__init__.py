@@ -34,8 +34,8 @@ __all__ = ["InferenceOptions", "ModelConfig", "TrainConfig", "logit",
 __version__ = "0.1.0"
 
 # Submodules reachable as `ffnjax.<name>` after a plain `import ffnjax`.
-SUBMODULES = ("augment", "baseline", "blockwise", "checkpoints", "erl", "flood", "nets",
-              "segmentation", "synthetic", "tf_import", "train_loop", "view", "volumes")
+SUBMODULES = ("augment", "baseline", "blockwise", "checkpoints", "erl", "flood", "multihost",
+              "nets", "segmentation", "synthetic", "tf_import", "train_loop", "view", "volumes")
 
 
 def __getattr__(name: str):
