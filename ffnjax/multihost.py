@@ -126,11 +126,13 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                                    None if process_id is None else int(process_id),
                                    initialization_timeout=int(timeout_s) + _JAX_GRACE_S)
     except ValueError as e:                     # the environment form found no cluster
-        raise ValueError(f"jax.distributed.initialize ({where}): {e}; give --coordinator, "
+        raise ValueError(f"no multi-process cluster found in the environment "
+                         f"(jax.distributed.initialize: {str(e).rstrip('.')}); give --coordinator, "
                          f"--num-processes and --process-id") from e
     except RuntimeError as e:                   # JaxRuntimeError: the service could not start
         if "Failed to start RPC server" in str(e):
-            raise _port_error(coordinator or "from the environment") from e
+            from jax._src import distributed
+            raise _port_error(coordinator or str(distributed.global_state.coordinator_address)) from e
         raise
     finally:
         watchdog.cancel()
