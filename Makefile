@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-full test test-slow bench install clean
+.PHONY: demo demo-full test test-slow test-multihost bench install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# Two-process training on this machine (jax.distributed over 127.0.0.1, gloo):
+# each test starts its own processes, so no xdist.
+test-multihost: $(STAMP)
+	$(PY) -m pytest -q -p no:xdist -m multihost tests/test_multihost.py
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all

@@ -584,8 +584,13 @@ TRAIN_FLAGS: dict[str, Flag] = {
     # run
     "steps": Flag("total optimiser steps"),
     "seed": Flag("seed of parameters, sampler and move orders"),
-    "distributed": Flag("call jax.distributed.initialize() first (multi-host runs; each host "
-                        "feeds its share of the batch)"),
+    "distributed": Flag("join a multi-process run whose coordinator, process count and id "
+                        "come from the cluster (TPU pod, SLURM, Kubernetes, "
+                        "JAX_COORDINATOR_ADDRESS); each process feeds its share of the batch"),
+    "input_streams": Flag("independent sampler streams the global batch is drawn from, each "
+                          "seeded by its index; the processes split them evenly, so one process "
+                          "with --input-streams N sees what N processes see",
+                          default_text="0: one per process"),
     "init_from": Flag("workdir whose latest parameters (its EMA when it kept one) start a "
                       "fresh run (e.g. an imported google/ffn model); without model flags or "
                       "--config the network is the one it holds"),

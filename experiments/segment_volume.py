@@ -14,6 +14,13 @@ Inference options come, each overriding the one before, from: the values the
 checkpoint was trained with (normalisation, seed and pad probabilities:
 `ffnjax.checkpoints.inference_defaults`), else InferenceOptions' defaults;
 --options (JSON); one flag per InferenceOptions field, as in experiments.segment.
+
+Run it once, on one machine: on a cluster of hosts the Dask scheduler spreads
+the blocks over the workers (one per accelerator) and this command drives it
+with --scheduler. Started once per host (srun with several tasks, a TPU pod's
+--worker=all, jax.distributed) every copy would segment every block, so it
+refuses, naming what it saw (`ffnjax.multihost.launch_reasons`); recipes in
+docs/multihost.md.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import json
 from pathlib import Path
 
 from experiments import _cli
+from ffnjax import multihost
 from ffnjax.blockwise import segment_volume
 from ffnjax.view import save_montage
 from ffnjax.config import InferenceOptions, ModelConfig
@@ -123,11 +131,20 @@ def check_paths(args: argparse.Namespace) -> None:
          "--png": args.png},
         {"--image": args.image, "--checkpoint": args.checkpoint}, overwrite=args.overwrite,
         existing_ok=("--workdir",) + (("--output", "--summary", "--png") if resuming else ()))
+def refuse_multi_process() -> None:
+    """Raises ValueError when this looks like one of several copies of the command."""
+    reasons = multihost.launch_reasons()
+    if reasons:
+        raise ValueError(f"segment_volume runs once and spreads blocks over Dask workers, but "
+                         f"this process is one of several launched together "
+                         f"({'; '.join(reasons)}), so every copy would segment every block; "
+                         f"start it once with --scheduler tcp://HOST:8786 (docs/multihost.md)")
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    refuse_multi_process()
     _cli.use_compile_cache(args)  # Dask workers started below inherit it
     check_paths(args)
     if args.oracle:

@@ -20,6 +20,12 @@ are safe to change (`ffnjax.resume.SAFE_ON_RESUME`); name the others in
 WORKDIR/config_history.jsonl). A checkpoint that cannot be read is skipped
 for the newest that can, saying so.
 
+Several hosts train as one when every host runs the same command with
+--coordinator HOST:PORT --num-processes N --process-id I (I = 0 on the host
+at HOST), or with --distributed alone where the cluster says who is who (TPU
+pod, SLURM, Kubernetes); the workdir must be on a filesystem they share.
+Recipes: docs/multihost.md.
+
 Every TrainConfig (and ModelConfig) field has a flag. Precedence, lowest
 first: TrainConfig's defaults (the 'ffnjax' recipe), --config (a TrainConfig
 JSON file), --recipe (google_ffn: google/ffn's optimiser, clipping, loss and
@@ -37,12 +43,13 @@ import json
 from pathlib import Path
 
 from experiments import _cli
+from ffnjax import multihost
 from ffnjax.config import ModelConfig, TrainConfig
 from ffnjax.recipes import RECIPES
 
 # The flag groups of --help: every TrainConfig field (and the model's) is in one.
 GROUPS = {
-    "run": ("steps", "seed", "distributed", "init_from"),
+    "run": ("steps", "seed", "distributed", "input_streams", "init_from"),
     "data": ("images", "labels", "masks", "downsample", "image_means", "image_stddevs", "synthetic_shape",
              "synthetic_seed", "synthetic_radius", "min_object_size", "partition_thresholds",
              "cache_dir", "full_crop_margin", "augment", "transpose_yx", "brightness", "contrast",
@@ -82,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "learning_rate,fov_moves); recorded in WORKDIR/config_history.jsonl. "
                         "Without it a resume with another config is refused, listing the "
                         "fields that differ (steps and the logging periods may always change)")
+    m = p.add_argument_group("multi-process (docs/multihost.md)")
+    m.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="address of process 0, which serves jax.distributed's coordinator "
+                        "there; with --num-processes and --process-id (implies --distributed)")
+    m.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    m.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1")
+    m.add_argument("--init-timeout", type=float, default=multihost.INIT_TIMEOUT_S, metavar="S",
+                   help="seconds to wait for the coordinator and every process before failing "
+                        f"(default {multihost.INIT_TIMEOUT_S:g})")
     _cli.add_common(g, quiet="no progress bar or log lines")
     _cli.add_compile_cache(g)
     for name, fields in GROUPS.items():
@@ -112,12 +128,34 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return _cli.build(TrainConfig, _cli.TRAIN_FLAGS, base.to_dict(), changes)
 
 
+def join_processes(args: argparse.Namespace, config: TrainConfig) -> None:
+    """Joins the multi-process run the flags (or `config.distributed`) ask for."""
+    explicit = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
+                "--process-id": args.process_id}
+    given = [k for k, v in explicit.items() if v is not None]
+    if given and len(given) < 3:
+        missing = [k for k in explicit if k not in given]
+        raise ValueError(f"{', '.join(given)} needs {' and '.join(missing)} too "
+                         "(--coordinator, --num-processes and --process-id go together)")
+    if args.num_processes is not None and args.num_processes < 1:
+        raise ValueError(f"--num-processes must be >= 1, got {args.num_processes}")
+    if args.process_id is not None and not 0 <= args.process_id < args.num_processes:
+        raise ValueError(f"--process-id must lie in 0..{args.num_processes - 1} "
+                         f"(--num-processes {args.num_processes}), got {args.process_id}")
+    if args.init_timeout <= 0:
+        raise ValueError(f"--init-timeout must be positive, got {args.init_timeout:g}")
+    if given or config.distributed:
+        multihost.initialize(args.coordinator, args.num_processes, args.process_id,
+                             timeout_s=args.init_timeout)
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Trains; bad input (flags, config, data) exits with status 2 and one error line."""
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
         _cli.use_compile_cache(args)
+        join_processes(args, config)
         from ffnjax.train_loop import train  # after flag parsing: --help stays fast
 
         # Bad data is found while loading the volumes, before the first step.

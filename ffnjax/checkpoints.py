@@ -250,7 +250,8 @@ def load_checkpoint(workdir: str | os.PathLike, step: int | None = None, *,
     try:
         step = _resolve_step(mngr, workdir, step)
         restored = restore(mngr, workdir, step, ocp.args.Composite(
-            model_config=ocp.args.JsonRestore(), state=ocp.args.StandardRestore()))
+            model_config=ocp.args.JsonRestore(),
+            state=ocp.args.StandardRestore(_on_this_device(workdir, step))))
     finally:
         mngr.close()
     config = ModelConfig.from_dict(restored["model_config"])
@@ -260,6 +261,21 @@ def load_checkpoint(workdir: str | os.PathLike, step: int | None = None, *,
     params = jax.tree_util.tree_map(np.asarray, state["ema"] if use_ema and "ema" in state
                                     else state["params"])
     return config, params
+
+
+def _on_this_device(workdir: str | os.PathLike, step: int) -> Any:
+    """The saved state's shapes and dtypes, placed on this process's first
+    device: the restore target that reads a checkpoint whatever topology wrote
+    it (Orbax refuses the saved shardings of a multi-process run otherwise);
+    None when the metadata cannot be read, so that the restore itself fails
+    with the message that names the file."""
+    try:
+        saved = ocp.StandardCheckpointHandler().metadata(checkpoint_dir(workdir) / str(step) / "state")
+    except Exception:  # noqa: BLE001 -- unreadable metadata: `restore` names the file at fault
+        return None
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                                                 sharding=device), saved)
 
 
 def load_meta(workdir: str | os.PathLike, step: int | None = None) -> dict:

@@ -410,7 +410,13 @@ class TrainConfig(_JsonMixin):
       log_every, checkpoint_every, image_every: periods in steps.
       keep_checkpoints: how many checkpoints the manager keeps.
       prefetch: batches prepared ahead by the background input thread.
-      distributed: call `jax.distributed.initialize()` (multi-host runs).
+      distributed: call `jax.distributed.initialize()` (multi-host runs;
+        `ffnjax.multihost`, docs/multihost.md).
+      input_streams: independent sampler streams the global batch is drawn
+        from, each `batch_size / input_streams` examples per step from its own
+        seed (`seed`, stream index); 0 means one per process. Processes split
+        the streams evenly, so a one-process run with `input_streams=N` sees
+        exactly the examples of an N-process run (and can resume it).
       init_from: a workdir whose latest parameters start a fresh run.
       cache_dir: where balanced-sampling partitions are cached ('' = none).
       val_images, val_labels: optional held-out volume pairs; every
@@ -474,6 +480,7 @@ class TrainConfig(_JsonMixin):
     keep_checkpoints: int = 3
     prefetch: int = 4
     distributed: bool = False
+    input_streams: int = 0
     init_from: str = ""
     cache_dir: str = ""
     val_images: tuple[str, ...] = ()
@@ -513,10 +520,13 @@ class TrainConfig(_JsonMixin):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
             object.__setattr__(self, name, int(getattr(self, name)))
         for name in ("warmup_steps", "fov_moves", "max_moves", "min_object_size", "seed",
-                     "synthetic_seed", "misalign_max"):
+                     "synthetic_seed", "misalign_max", "input_streams"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
             object.__setattr__(self, name, int(getattr(self, name)))
+        if self.input_streams and self.batch_size % self.input_streams:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of input_streams "
+                             f"{self.input_streams}")
         if float(self.synthetic_radius) <= 0:
             raise ValueError(f"synthetic_radius must be positive, got {self.synthetic_radius}")
         if float(self.learning_rate) <= 0:

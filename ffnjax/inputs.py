@@ -9,17 +9,15 @@ boxes, ``A+B`` stacking along z).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import json
 import queue
 import threading
 import time
 
-import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
-from ffnjax import scale
+from ffnjax import multihost, scale
 from ffnjax.augment import AugmentOptions
 from ffnjax.config import IMAGE_MEAN, IMAGE_STDDEV, TrainConfig
 from ffnjax.examples import BalancedSampler, TrainingVolume
@@ -27,7 +25,8 @@ from ffnjax.synthetic import SyntheticConfig, make_volume
 from ffnjax.volumes import read_spec, require_finite
 
 __all__ = ["load_training_volumes", "load_volume_pair", "load_validation_batch", "make_sampler",
-           "Prefetcher", "sampler_states"]
+           "stream_count", "StreamSampler", "process_sampler", "restore_streams", "Prefetcher",
+           "sampler_states"]
 
 
 # ----------------------------------------------------------------------------
@@ -120,18 +119,103 @@ def load_validation_batch(config: TrainConfig) -> dict[str, np.ndarray] | None:
     return make_sampler(val_config, vols).batch(config.val_examples)
 
 
-def sampler_states(state: dict) -> list[dict]:
-    """Every host's sampler state (gathered when there are several hosts), in
-    process order: what a checkpoint's meta saves as 'sampler_states'."""
-    if jax.process_count() == 1:
-        return [state]
-    raw = json.dumps(state).encode()
-    buf = np.zeros(4096, np.uint8)
-    if len(raw) > len(buf):
-        raise ValueError(f"sampler state too large to gather ({len(raw)} bytes)")
-    buf[:len(raw)] = np.frombuffer(raw, np.uint8)
-    gathered = np.asarray(multihost_utils.process_allgather(buf))
-    return [json.loads(bytes(row).rstrip(b"\0")) for row in gathered]
+def stream_count(config: TrainConfig, process_count: int = 1) -> int:
+    """The sampler streams the global batch is drawn from: `config.input_streams`,
+    or one per process when it is 0.
+
+    Raises:
+      ValueError: naming input_streams when it is not a multiple of the
+        process count, or batch_size when the streams cannot share it evenly.
+    """
+    n = config.input_streams or process_count
+    if n % process_count:
+        raise ValueError(f"input_streams {n} must be a multiple of the process count "
+                         f"{process_count}")
+    if config.batch_size % n:
+        raise ValueError(f"batch_size {config.batch_size} must be a multiple of the "
+                         f"{n} input stream(s) (one per process unless --input-streams)")
+    return n
+
+
+class StreamSampler:
+    """Several sampler streams drawn by one process: a batch of n is n/k
+    examples from each of the k streams, stacked in stream order. The streams
+    share `base`'s volumes and partitions; each has its own generator.
+
+    `get_state` / `set_state` take the list of the streams' states.
+    """
+
+    def __init__(self, base: BalancedSampler, seeds: list[np.random.SeedSequence]):
+        self.streams = []
+        for seed in seeds:
+            stream = copy.copy(base)
+            stream.rng = np.random.Generator(np.random.PCG64(seed))
+            self.streams.append(stream)
+
+    def batch(self, n: int) -> dict[str, np.ndarray]:
+        k = len(self.streams)
+        if n % k:
+            raise ValueError(f"a batch of {n} cannot be split evenly over {k} input streams")
+        parts = [stream.batch(n // k) for stream in self.streams]
+        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+    def get_state(self) -> list[dict]:
+        return [stream.get_state() for stream in self.streams]
+
+    def set_state(self, states: list[dict]) -> None:
+        for stream, state in zip(self.streams, states, strict=True):
+            stream.set_state(state)
+
+
+def process_sampler(config: TrainConfig, volumes: list[TrainingVolume], process_index: int = 0,
+                    process_count: int = 1) -> BalancedSampler | StreamSampler:
+    """This process's share of the run's sampler streams (`stream_count`).
+
+    Stream s is seeded by (config.seed, s) and process p draws streams
+    p*k .. p*k + k - 1 (k = streams / processes), so the global batch, read in
+    process order, is the same whatever the number of processes. With one
+    stream per process (the default) this is `make_sampler(config, volumes,
+    process_index)` itself, the stream every single-process run has drawn.
+    """
+    k = stream_count(config, process_count) // process_count
+    first = process_index * k
+    base = make_sampler(config, volumes, first)
+    if k == 1:
+        return base
+    return StreamSampler(base, [np.random.SeedSequence([config.seed, first + j]) for j in range(k)])
+
+
+def sampler_states(state: dict | list[dict]) -> list[dict]:
+    """Every stream's sampler state (gathered when there are several hosts), in
+    stream order: what a checkpoint's meta saves as 'sampler_states'.
+
+    Args:
+      state: this process's state: one stream's dict, or a `StreamSampler`'s list.
+
+    Collective when there are several processes (every process calls it).
+    """
+    mine = state if isinstance(state, list) else [state]
+    return [s for process in multihost.allgather_json(mine) for s in process]
+
+
+def restore_streams(sampler: BalancedSampler | StreamSampler, saved: list[dict],
+                    process_index: int = 0, process_count: int = 1) -> None:
+    """Sets `sampler` (this process's, from `process_sampler`) to its streams'
+    states in a checkpoint's 'sampler_states'.
+
+    Raises:
+      ValueError: when the checkpoint holds another number of streams than
+        this run draws, naming both and the --input-streams that resumes it.
+    """
+    mine = sampler.get_state()
+    k = len(mine) if isinstance(mine, list) else 1
+    if len(saved) != k * process_count:
+        raise ValueError(
+            f"the checkpoint holds {len(saved)} sampler stream(s) but this run draws "
+            f"{k * process_count} ({process_count} process(es) x {k}); to continue the same "
+            f"sample stream give --input-streams {len(saved)} (a multiple of the process count)")
+    part = saved[process_index * k:(process_index + 1) * k]
+    sampler.set_state(part if isinstance(mine, list) else part[0])
 
 
 # ----------------------------------------------------------------------------

@@ -45,11 +45,11 @@ from jax.sharding import PartitionSpec as P
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
-from ffnjax import checkpoints, devices, files, resume, view
+from ffnjax import checkpoints, devices, files, multihost, resume, view
 from ffnjax.checkpoints import load_checkpoint  # noqa: F401  (re-exported for notebooks)
 from ffnjax.config import ModelConfig, TrainConfig
-from ffnjax.inputs import (Prefetcher, load_training_volumes, load_validation_batch, make_sampler,
-                           sampler_states)
+from ffnjax.inputs import (Prefetcher, load_training_volumes, load_validation_batch,
+                           process_sampler, restore_streams, sampler_states)
 from ffnjax.step import (AXIS, evaluate, inference_params, init_state, make_mesh, make_optimizer,
                          make_sharded_step, predict_example)
 from ffnjax.volume_spec import local_paths
@@ -68,15 +68,17 @@ def due(step: int, every: int, last: int) -> bool:
 
 
 def _training_mesh(batch_size: int, process_count: int) -> Mesh:
-    """The data-parallel mesh: every device, or on one host the most devices
-    that share the batch evenly (e.g. the per-core CPU devices of
-    ffnjax.hostdevices with an odd batch size)."""
+    """The data-parallel mesh: every device, or the most devices of each
+    process that share its share of the batch evenly (e.g. the per-core CPU
+    devices of ffnjax.hostdevices with an odd batch size), in process order."""
     mesh = make_mesh()
     if batch_size % mesh.size:
-        if process_count > 1:
-            raise ValueError(f"batch_size {batch_size} must be a multiple of the device "
-                             f"count {mesh.size}")
-        mesh = make_mesh(devices.devices_for_batch(batch_size, jax.devices()))
+        if batch_size % process_count:
+            raise ValueError(f"batch_size {batch_size} must be a multiple of the process "
+                             f"count {process_count}")
+        n = len(devices.devices_for_batch(batch_size // process_count, jax.local_devices()))
+        mesh = make_mesh([d for p in range(process_count)
+                          for d in [d for d in jax.devices() if d.process_index == p][:n]])
     return mesh
 
 
@@ -276,8 +278,9 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_at_step: int | None 
     _, changes = _check_workdir(config, workdir, allowed)
 
     # --- Mesh -------------------------------------------------------------------
-    if config.distributed:
-        jax.distributed.initialize()   # coordinator / process ids from the environment
+    if config.distributed:   # the environment form, unless the caller joined already
+        multihost.initialize()   # (experiments.train: --coordinator, ffnjax.multihost)
+    multihost.check_same_config(config, stop_at_step=stop_at_step)
     process_index, process_count = jax.process_index(), jax.process_count()
     primary = process_index == 0
     mesh = _training_mesh(config.batch_size, process_count)
@@ -287,7 +290,7 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_at_step: int | None 
 
     # --- Input (fails here, before any compilation, on bad data) ---------------
     volumes = load_training_volumes(config)
-    sampler = make_sampler(config, volumes, process_index)
+    sampler = process_sampler(config, volumes, process_index, process_count)
     val_batch = load_validation_batch(config) if primary else None
 
     def to_global(batch_np: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -314,9 +317,12 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_at_step: int | None 
     # 3. else the fresh initialisation from `config.seed` (above).
     workdir.mkdir(parents=True, exist_ok=True)
     mngr = checkpoints.make_manager(workdir, max_to_keep=config.keep_checkpoints)
-    if mngr.all_steps():                                                # (1)
+    latest = mngr.latest_step()
+    multihost.check_same("the latest checkpoint step", latest,
+                         hint=f"every process needs the same workdir ({workdir}), on a shared filesystem")
+    if latest is not None:                                              # (1)
         latest, state, saved_streams = _restore_newest(mngr, state, config, workdir, primary)
-        sampler.set_state(saved_streams[process_index])
+        restore_streams(sampler, saved_streams, process_index, process_count)
         kind = "resume"
         if primary and progress:
             print(f"resuming from step {latest} of {checkpoints.checkpoint_dir(workdir)}")
@@ -393,9 +399,10 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_at_step: int | None 
             if primary and due(step, config.image_every, end):
                 _example_png(workdir / "images" / f"step_{step:06d}.png",
                              jax.device_get(inference_params(state)), batch_np, config, seed=step)
-            if due(step, config.checkpoint_every, end) or terminated.is_set():
+            stop = multihost.any_process(terminated.is_set())   # SIGTERM on any host
+            if due(step, config.checkpoint_every, end) or stop:
                 save(step, sampler_state)
-            if terminated.is_set():
+            if stop:
                 if primary and progress:
                     bar.write(f"SIGTERM: saved checkpoint at step {step}, stopping")
                 break
