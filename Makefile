@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-full test test-slow test-multihost bench install clean
+.PHONY: demo demo-full test test-slow test-multihost test-parity ci bench install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ test-slow: $(STAMP)
 # each test starts its own processes, so no xdist.
 test-multihost: $(STAMP)
 	$(PY) -m pytest -q -p no:xdist -m multihost tests/test_multihost.py
+
+# google/ffn's own inference reproduced voxel for voxel on its reference crop
+# (about 10 minutes at batch 1 on a CPU; skips without ../shared/data).
+test-parity: $(STAMP)
+	$(PY) -m pytest -q -p no:xdist -m slow tests/test_gffn_parity.py -k google_ffn_mode
+
+# What CI runs (.ci/run): the fast suite, two-process training, google/ffn parity.
+ci: test test-multihost test-parity
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
