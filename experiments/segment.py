@@ -100,12 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     _cli.add_box_flags(g, "segment only this box of the image")
     g.add_argument("--prob-output", metavar="SPEC", default=None,
                    help="also write the probability of each committed voxel (uint8, 255 = 1.0)")
-    g.add_argument("--mask", metavar="SPEC", action="append", default=None,
-                   help="exclusion mask: no FOV is centred on its non-zero voxels and no fill "
-                        "starts there (google/ffn's masks); read over the same box; repeatable")
-    g.add_argument("--seed-mask", metavar="SPEC", action="append", default=None,
-                   help="no fill starts on its non-zero voxels (google/ffn's seed_masks); "
-                        "repeatable")
+    for flag, what in (("--mask", "no FOV is centred on its non-zero voxels and no fill starts "
+                                  "there (google/ffn's masks)"),
+                       ("--seed-mask", "no fill starts on its non-zero voxels (google/ffn's "
+                                       "seed_masks)")):
+        g.add_argument(flag, metavar="SPEC", action="append", default=None,
+                       help=f"{what}; read over the image's box; repeatable")
     g.add_argument("--init-segmentation", metavar="SPEC", default=None,
                    help="labels to continue: their objects are kept (ids too) and new fills "
                         "neither start in them nor take their voxels (google/ffn's "
@@ -263,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.request is None and missing:
         parser.error(f"the following arguments are required: {', '.join(missing)} (or run a "
                      "google/ffn request: --request FILE.pbtxt)")
+    if args.request is not None and args.compat is None:
+        args.compat = "google_ffn"  # a request's option flags are proto floats too
     job = job_from_args(args)
     from ffnjax import seed_policies
     seed_policies.options_args(options_from_args(args, job.base))  # bad values fail now

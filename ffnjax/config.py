@@ -67,13 +67,7 @@ class _JsonMixin:
 
     @classmethod
     def from_json(cls, text: str) -> Self:
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cls.__name__}: invalid JSON: {e}") from e
-        if not isinstance(d, dict):
-            raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(d).__name__}")
-        return cls.from_dict(d)
+        return cls.from_dict(json_object(f"{cls.__name__}", text))
 
 
 def _jsonable(v: Any) -> Any:
@@ -166,20 +160,22 @@ def seed_policy_name(name: str) -> str:
     return name
 
 
+def json_object(name: str, text: str) -> dict:
+    """The JSON object in `text`; ValueError naming `name` when it is invalid
+    JSON or not an object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name}: invalid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def json_object_text(name: str, text: Any) -> str:
     """`text` (a JSON object as text, or a dict; '' = none) as canonical JSON
     text (sorted keys); ValueError naming `name` when it is not an object."""
-    if isinstance(text, dict):
-        value = text
-    elif not text:
-        return ""
-    else:
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{name} must be a JSON object, got {text!r}: {e}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{name} must be a JSON object, got {text!r}")
+    value = text if isinstance(text, dict) else json_object(name, text) if text else {}
     return json.dumps(value, sort_keys=True) if value else ""
 SEED_ORDERS = ("zyx", "distance")
 # How the 'peaks' seed policy finds its maxima (`ffnjax.seeds.peaks_seeds`):

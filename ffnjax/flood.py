@@ -18,8 +18,8 @@ The algorithm is google/ffn's `Canvas.segment_at` / `segment_all` with the
   the subvolume, its lattice cell is unvisited, the canvas there is at least
   the move threshold and it is not `blocked`: google/ffn's
   `Canvas.is_valid_pos` and `MovementRestrictor.is_valid_pos`, where a
-  refused position does not take its lattice cell; checked for the whole window at once,
-  no nested loop),
+  refused position does not take its lattice cell; checked for the whole
+  window at once, no nested loop),
   cuts their FOVs with `lax.dynamic_slice`, runs the network once on the batch,
   writes each prediction back with `lax.dynamic_update_slice` (in queue order),
   and pushes, for each of the 6 faces of the cube of half-size `deltas` around

@@ -113,9 +113,8 @@ def save_subvolume(output_dir: str | os.PathLike, corner: Sequence[int], labels:
 class _OriginsUnpickler(pickle.Unpickler):
     """Builds NumPy arrays, plain containers and OriginInfo only."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+    ALLOWED = {(module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+               for name in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype")}
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("ffn.inference.storage", "OriginInfo"):

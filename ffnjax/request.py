@@ -55,12 +55,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from ffnjax.config import InferenceOptions, ModelConfig
+from ffnjax.config import InferenceOptions, ModelConfig, json_object
 from ffnjax.restrict import MaskChannel, MaskSource
 
 # (name, number, type, label, message type or default); google/ffn's inference.proto.
@@ -99,7 +98,8 @@ _FIELDS: dict[str, list[tuple]] = {
         ("inference_options", 14, "InferenceOptions"), ("segmentation_output_dir", 15, _S),
         ("checkpoint_interval", 16, _I32), ("seed_policy", 17, _S), ("seed_policy_args", 19, _S),
         ("self_prediction", 18, "SelfPredictionOptions"),
-        ("alignment_options", 20, "AlignmentOptions"), ("init_segmentation", 25, "DecoratedVolume")],
+        ("alignment_options", 20, "AlignmentOptions"),
+        ("init_segmentation", 25, "DecoratedVolume")],
 }
 _ALIGN_TYPES = ("UNKNOWN_ALIGNMENT", "NO_ALIGNMENT", "TRANSLATION", "RIGID", "SIMILARITY", "AFFINE")
 CONVSTACK_NAMES = ("convstack_3d.ConvStack3DFFNModel",
@@ -249,12 +249,9 @@ def request_model(r: Any, where: str = "request") -> ModelConfig | None:
     if r.model_name not in CONVSTACK_NAMES:
         raise ValueError(f"{where}: model_name {r.model_name!r} is not google/ffn's "
                          f"convstack ({CONVSTACK_NAMES[0]})")
-    try:
-        args = json.loads(r.model_args or "{}")
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: model_args is not JSON: {e}") from None
+    args = json_object(f"{where}: model_args", r.model_args or "{}")
     unknown = sorted(set(args) - {"depth", "fov_size", "deltas"})
-    if not isinstance(args, dict) or unknown:
+    if unknown:
         raise ValueError(f"{where}: model_args may give depth, fov_size and deltas, got {unknown}")
     try:
         return ModelConfig(depth=args.get("depth", 9), features=32,

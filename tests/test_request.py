@@ -10,7 +10,6 @@ import dataclasses
 import json
 
 import h5py
-import jax
 import numpy as np
 import pytest
 
@@ -21,11 +20,10 @@ from experiments import segment as cli
 from ffnjax import gffn_output, request, segmentation
 from ffnjax.checkpoints import save_model
 from ffnjax.config import InferenceOptions, ModelConfig
-from ffnjax.nets import init_params
 from ffnjax.restrict import MaskChannel, MaskSource, Restriction
 from ffnjax.tf_import import ffn_tensors_from_params
 from ffnjax.volumes import open_volume
-from test_flood import cell_image
+from test_flood import cell_image, moving_convstack
 
 # google/ffn's convstack always has 32 features; depth 1 keeps it quick.
 CFG = ModelConfig(depth=1, features=32, fov_size=(9, 9, 9), deltas=(2, 2, 2))
@@ -53,10 +51,7 @@ def setup(tmp_path_factory):
     """A 32-feature depth-1 convstack whose fills move, as an ffnjax workdir and
     as a TensorFlow checkpoint; an image, a mask and labels as HDF5."""
     root = tmp_path_factory.mktemp("request")
-    params = jax.jit(lambda key: init_params(CFG, key))(jax.random.PRNGKey(1))
-    params = jax.tree_util.tree_map(np.asarray, params)
-    lom = params["params"]["conv_lom"]
-    lom["kernel"], lom["bias"] = lom["kernel"] * 2.0, lom["bias"] + 4.0
+    params = moving_convstack(CFG, key=1, kernel_scale=2.0)
     save_model(root / "ckpt", CFG, params)
     tf_reference.write_checkpoint(root / "model.ckpt-7", ffn_tensors_from_params(params))
     img = np.zeros((24, 32, 32), np.uint8)
@@ -120,6 +115,13 @@ def test_request_fields_map_and_unknown_or_unsupported_ones_are_named():
             "20\n}", "20\n  consistency_threshold: 0.5\n}")))
 
 
+def _args(path, *extra):
+    """The parsed flags of a --request run, in the mode main() gives them."""
+    args = cli.build_parser().parse_args(["--request", str(path), *extra])
+    args.compat = "google_ffn"
+    return args
+
+
 def _run_request(path, *extra):
     return cli.main(["--request", str(path), "--quiet", *extra])
 
@@ -172,6 +174,8 @@ def test_a_box_names_the_subvolume_and_flags_win(setup):
     with np.load(root / "out" / "2" / "2" / "seg-2_2_2.npz") as z:
         seg = z["segmentation"]
     opts = dataclasses.replace(request.read_request(path).options, min_segment_size=40)
+    assert cli.options_from_args(_args(path, "--move-threshold", "0.8"), opts.to_dict()) == \
+        InferenceOptions.google_ffn(**{**opts.to_dict(), "move_threshold": 0.8})
     want, _ = _expected(root, params, img[2:22, 2:30, 2:30], opts)
     np.testing.assert_array_equal(seg, want)
 
@@ -194,11 +198,8 @@ def test_bad_requests_are_one_error_line_and_exit_2(setup, tmp_path, capsys):
 
 def test_mask_and_init_segmentation_flags(setup, tmp_path):
     root, _, img, mask, labels = setup
-    from ffnjax.nets import init_params as _init  # the tiny 4-feature model of test_segment_cli
     small = ModelConfig(depth=1, features=4, fov_size=(9, 9, 9), deltas=(2, 2, 2))
-    params = jax.tree_util.tree_map(np.asarray, jax.jit(lambda k: _init(small, k))(
-        jax.random.PRNGKey(0)))
-    params["params"]["conv_lom"]["bias"] = params["params"]["conv_lom"]["bias"] + 4.0
+    params = moving_convstack(small)
     save_model(tmp_path / "small", small, params)
     np.save(tmp_path / "seedmask.npy", (np.arange(32) < 10)[None, :, None] * np.ones(img.shape))
     out = tmp_path / "seg.zarr"

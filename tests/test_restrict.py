@@ -18,11 +18,16 @@ from test_flood import TINY, cell_image, random_net
 from test_gffn_parity import canvas_reference
 
 
-def _setup():
+def _setup(skip_segmented=True):
+    """The toy image, the random net (and jitted for the NumPy Canvas), the
+    mode's options and dense seeds (so that fills meet masks and objects)."""
     img = cell_image()
     params, net = random_net(0)
     jnet = jax.jit(lambda i, m: net(params, i, m))
-    return img, params, net, jnet
+    opt = InferenceOptions.google_ffn(min_segment_size=20, skip_segmented=skip_segmented)
+    seeds = seeds_lib.grid_seeds(img.shape, dataclasses.replace(opt, seed_grid_step=(3, 3, 3)),
+                                 margin=TINY.fov_radius)
+    return img, params, net, jnet, opt, seeds
 
 
 def _masks(shape):
@@ -37,10 +42,7 @@ def _masks(shape):
 
 @pytest.mark.parametrize("skip_segmented", [True, False])
 def test_masked_fills_equal_google_ffns_restrictor(skip_segmented):
-    img, params, net, jnet = _setup()
-    opt = InferenceOptions.google_ffn(min_segment_size=20, skip_segmented=skip_segmented)
-    seeds = seeds_lib.grid_seeds(img.shape, dataclasses.replace(opt, seed_grid_step=(3, 3, 3)),
-                                 margin=TINY.fov_radius)
+    img, params, net, jnet, opt, seeds = _setup(skip_segmented)
     mask, seed_mask = _masks(img.shape)
     ref, ref_path, _ = canvas_reference(img, seeds, jnet, TINY, opt, move_mask=mask,
                                         seed_mask=seed_mask)
@@ -57,7 +59,7 @@ def test_masked_fills_equal_google_ffns_restrictor(skip_segmented):
 
 
 def test_an_empty_restriction_changes_nothing():
-    img, params, net, _ = _setup()
+    img, params, net, *_ = _setup()
     opt = InferenceOptions(min_segment_size=20, seed_policy="grid", seed_grid_step=(4, 4, 4))
     a, _ = segmentation.segment(img, params, TINY, opt, net, progress=False)
     b, _ = segmentation.segment(img, params, TINY, opt, net, progress=False,
@@ -67,10 +69,7 @@ def test_an_empty_restriction_changes_nothing():
 
 @pytest.mark.parametrize("skip_segmented", [True, False])
 def test_init_segmentation_is_kept_and_blocks_new_fills(skip_segmented):
-    img, params, net, jnet = _setup()
-    opt = InferenceOptions.google_ffn(min_segment_size=20, skip_segmented=skip_segmented)
-    seeds = seeds_lib.grid_seeds(img.shape, dataclasses.replace(opt, seed_grid_step=(3, 3, 3)),
-                                 margin=TINY.fov_radius)
+    img, params, net, jnet, opt, seeds = _setup(skip_segmented)
     first, _ = segmentation.segment(img, params, TINY, opt, net, seeds=seeds, progress=False)
     ids, sizes = np.unique(first[first > 0], return_counts=True)
     keep = ids[np.argsort(-sizes)[:2]]

@@ -51,7 +51,7 @@ def test_google_names_are_accepted_and_stored_as_ffnjaxs():
         InferenceOptions(seed_policy="PolicyTipTracer")
     o = InferenceOptions(seed_policy="PolicyGrid2d", seed_policy_args='{"step": 4}')
     assert InferenceOptions.from_json(o.to_json()) == o and o.seed_policy_args == '{"step": 4}'
-    with pytest.raises(ValueError, match="JSON object"):
+    with pytest.raises(ValueError, match="seed_policy_args: expected a JSON object"):
         InferenceOptions(seed_policy_args="[1]")
     with pytest.raises(ValueError, match=r"takes no argument\(s\) \['stride'\]"):
         run("grid2d", {"stride": 4})
