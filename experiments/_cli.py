@@ -41,10 +41,11 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Mapping, Sequence
 
 from ffnjax import files, volume_spec
-from ffnjax.config import (COMPUTE_DTYPES, CONSENSUS_MODES, CONV_IMPLS, IMAGE_MEAN, IMAGE_STDDEV,
-                           INFERENCE_FACTS, INFERENCE_MODES, LOSS_NORMALIZATIONS, MOVE_POLICIES, OPTIMIZERS,
-                           PEAKS_METHODS, SCHEDULES, SEED_ORDERS, SEED_POLICIES, InferenceOptions,
-                           ModelConfig, TrainConfig)
+from ffnjax.config import (COMPUTE_DTYPES, CONSENSUS_MODES, CONV_IMPLS, GOOGLE_SEED_POLICIES,
+                           IMAGE_MEAN, IMAGE_STDDEV, INFERENCE_FACTS, INFERENCE_MODES,
+                           LOSS_NORMALIZATIONS, MOVE_POLICIES, OPTIMIZERS, PEAKS_METHODS,
+                           SCHEDULES, SEED_ORDERS, SEED_POLICIES, InferenceOptions, ModelConfig,
+                           TrainConfig)
 
 # Exceptions that mean "the input is bad" (their message names the input);
 # anything else is a bug and keeps its traceback.
@@ -391,7 +392,8 @@ class Flag:
 
 
 CHOICES = {"optimizer": OPTIMIZERS, "move_policy": MOVE_POLICIES, "compute_dtype": COMPUTE_DTYPES,
-           "conv_impl": CONV_IMPLS, "seed_policy": SEED_POLICIES, "seed_order": SEED_ORDERS,
+           "conv_impl": CONV_IMPLS, "seed_policy": SEED_POLICIES + tuple(GOOGLE_SEED_POLICIES),
+           "seed_order": SEED_ORDERS,
            "consensus_mode": CONSENSUS_MODES, "schedule": SCHEDULES,
            "loss_normalization": LOSS_NORMALIZATIONS, "peaks_method": PEAKS_METHODS}
 
@@ -523,7 +525,11 @@ INFERENCE_FLAGS: dict[str, Flag] = {
     "disconnected_seeds": Flag("a voxel once driven below 0.5 is not revived (google/ffn "
                                "disco_seeds)"),
     "max_steps": Flag("FOV evaluations allowed per object (0: bounded only by the volume)"),
-    "seed_policy": Flag("'peaks' (maxima of the distance to image edges) or 'grid'"),
+    "seed_policy": Flag("where fills start: 'peaks' (maxima of the distance to image edges), "
+                        "'grid', or another policy of ffnjax.seed_policies; google/ffn's names "
+                        "(PolicyPeaks2d, SequentialPolicies, ...) are accepted too"),
+    "seed_policy_args": Flag("the seed policy's arguments as a JSON object (google/ffn's "
+                             "seed_policy_args), e.g. '{\"min_distance\": 3}'"),
     "seed_grid_step": Flag("z,y,x spacing of the 'grid' seed policy"),
     "seed_order": Flag("'zyx' (ascending z,y,x: google/ffn's order) or 'distance' (deepest "
                        "seeds first: descending distance to the nearest image edge)"),

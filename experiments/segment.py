@@ -30,11 +30,27 @@ for users who migrate and want their old segmentations back
         --depth 12 --fov 33,33,33 --deltas 8,8,8 --out out/fib25_tf
     python -m experiments.segment --checkpoint out/fib25_tf --compat google_ffn \\
         --image crop.h5:raw --output out/seg.zarr
+
+`--request FILE.pbtxt` runs a google/ffn InferenceRequest text file as it
+stands (`ffnjax.request`): its image, normalisation, seed policy and args,
+model (a TensorFlow checkpoint is imported on the fly), inference options,
+masks and init_segmentation, writing google/ffn's seg-X_Y_Z.npz / .prob files
+into its segmentation_output_dir for the subvolume at --box's corner. Flags
+given beside it win (--image, --checkpoint, any option flag)::
+
+    python -m experiments.segment --request inference_training_sample2.pbtxt \\
+        --box 0:64,0:128,120:248
+
+Exclusion masks (`ffnjax.restrict`): --mask SPEC (no FOV is centred on its
+non-zero voxels and no fill starts there) and --seed-mask SPEC (no fill starts
+there), each repeatable; --init-segmentation SPEC continues those labels (kept
+with their ids; new fills do not start in them or take their voxels).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -65,25 +81,45 @@ def options_from_args(args: argparse.Namespace, defaults: dict | None = None) ->
 def build_parser() -> argparse.ArgumentParser:
     p = _cli.make_parser("segment", __doc__)
     g = p.add_argument_group("run")
-    g.add_argument("--checkpoint", required=True, metavar="WORKDIR",
-                   help="workdir holding checkpoints/ (from experiments.train or experiments.import_tf)")
+    g.add_argument("--request", metavar="FILE.pbtxt", default=None,
+                   help="a google/ffn InferenceRequest text file to run (ffnjax.request): it gives "
+                        "the image, model, options, masks and output directory; the flags "
+                        "given beside it win")
+    g.add_argument("--checkpoint", metavar="WORKDIR", default=None,
+                   help="workdir holding checkpoints/ (from experiments.train or "
+                        "experiments.import_tf); required without --request")
     g.add_argument("--step", type=int, default=None,
                    help="checkpoint step to use (default: the latest)")
-    g.add_argument("--image", required=True, metavar="SPEC",
-                   help="image volume: x.zarr, x.n5, precomputed://x, file.h5:ds, file.npz:key, file.npy")
-    g.add_argument("--output", required=True, metavar="SPEC",
-                   help="segmentation to create (uint64): x.zarr, x.n5, precomputed://x or a JSON spec")
+    g.add_argument("--image", metavar="SPEC", default=None,
+                   help="image volume: x.zarr, x.n5, precomputed://x, file.h5:ds, file.npz:key, "
+                        "file.npy; required without --request")
+    g.add_argument("--output", metavar="SPEC", default=None,
+                   help="segmentation to create (uint64): x.zarr, x.n5, precomputed://x or a JSON "
+                        "spec; required without --request (which writes to its "
+                        "segmentation_output_dir)")
     _cli.add_box_flags(g, "segment only this box of the image")
     g.add_argument("--prob-output", metavar="SPEC", default=None,
                    help="also write the probability of each committed voxel (uint8, 255 = 1.0)")
+    for flag, what in (("--mask", "no FOV is centred on its non-zero voxels and no fill starts "
+                                  "there (google/ffn's masks)"),
+                       ("--seed-mask", "no fill starts on its non-zero voxels (google/ffn's "
+                                       "seed_masks)")):
+        g.add_argument(flag, metavar="SPEC", action="append", default=None,
+                       help=f"{what}; read over the image's box; repeatable")
+    g.add_argument("--init-segmentation", metavar="SPEC", default=None,
+                   help="labels to continue: their objects are kept (ids too) and new fills "
+                        "neither start in them nor take their voxels (google/ffn's "
+                        "init_segmentation)")
     g.add_argument("--fov-size", "--fov", dest="fov_size", metavar="Z,Y,X", default=None,
                    type=_cli.zyx_arg(),
                    help="expected FOV of the checkpoint; a mismatch is an error (a guard for "
                         "scripts; both spellings accepted)")
     g.add_argument("--state", metavar="PATH", default=None,
-                   help="resume state file (default: OUTPUT.segment-state.npz beside a local output)")
-    g.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
-                   help="save the resume state this often (default 60; 0 = after every seed)")
+                   help="resume state file (default: OUTPUT.segment-state.npz beside a local "
+                        "output)")
+    g.add_argument("--checkpoint-every", type=float, default=None, metavar="SECONDS",
+                   help="save the resume state this often (default 60, or the request's "
+                        "checkpoint_interval; 0 = after every seed)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs (otherwise an existing output is an error "
                         "unless a resume state for it exists)")
@@ -104,66 +140,208 @@ def default_state_path(output: str) -> Path:
     return Path(path + ".segment-state.npz")
 
 
+@dataclasses.dataclass
+class Job:
+    """What one run reads and writes: the flags over `--request`'s values.
+
+    Attributes:
+      image, checkpoint: the image spec and the model (a workdir, or a
+        TensorFlow checkpoint prefix that a request imports on the fly).
+      model_config: the request's model (None: the checkpoint's).
+      base: option values under the flags (the request's; empty without one).
+      masks, seed_masks: `ffnjax.restrict.MaskSource`s (--mask / --seed-mask,
+        then the request's).
+      init_segmentation: spec of the labels to continue, or None.
+      request: the parsed `ffnjax.request.Request`, or None.
+      corner: z,y,x start of the box (names a request's output files).
+    """
+
+    image: str
+    checkpoint: str
+    model_config: Any = None
+    base: dict = dataclasses.field(default_factory=dict)
+    masks: list = dataclasses.field(default_factory=list)
+    seed_masks: list = dataclasses.field(default_factory=list)
+    init_segmentation: str | None = None
+    request: Any = None
+    corner: tuple[int, int, int] = (0, 0, 0)
+
+
+def box_start(args: argparse.Namespace) -> tuple[int, int, int]:
+    """z,y,x start of --box / --bbox (0 where open or absent), without the image."""
+    box = args.box if args.bbox is None else _cli.bbox_as_box(args.bbox)
+    if box is None:
+        return (0, 0, 0)
+    flag = "--box" if args.bbox is None else "--bbox"
+    return tuple(a or 0 for a, _ in _cli.parse_box(box, flag))  # type: ignore[return-value]
+
+
+def job_from_args(args: argparse.Namespace) -> Job:
+    """The run's `Job`: the flags, over `--request`'s values when given.
+
+    Raises:
+      ValueError: --output/--prob-output with --request, a bad request
+        (named with its field).
+    """
+    from ffnjax.restrict import MaskSource
+    masks = [MaskSource.nonzero(s) for s in args.mask or ()]
+    seed_masks = [MaskSource.nonzero(s) for s in args.seed_mask or ()]
+    if args.request is None:
+        return Job(args.image, args.checkpoint, masks=masks, seed_masks=seed_masks,
+                   init_segmentation=args.init_segmentation, corner=box_start(args))
+    from ffnjax.request import read_request
+    for flag in ("output", "prob_output"):
+        if getattr(args, flag):
+            raise ValueError(f"--{flag.replace('_', '-')} cannot be combined with --request: the "
+                             "request's segmentation_output_dir receives google/ffn's "
+                             "seg-X_Y_Z.npz and .prob files")
+    req = read_request(args.request)
+    for name, value in (("image", args.image or req.image),
+                        ("model_checkpoint_path", args.checkpoint or req.checkpoint),
+                        ("segmentation_output_dir", req.output_dir)):
+        if not value:
+            raise ValueError(f"{args.request}: {name} is unset")
+    return Job(args.image or req.image, args.checkpoint or req.checkpoint, req.model_config,
+               req.options.to_dict(), masks + list(req.masks), seed_masks + list(req.seed_masks),
+               args.init_segmentation or req.init_segmentation or None, req, box_start(args))
+
+
+def output_paths(args: argparse.Namespace, job: Job) -> tuple[dict[str, Any], Path]:
+    """({flag: path} of everything the run writes, the resume state's path)."""
+    if job.request is None:
+        state = Path(args.state) if args.state else default_state_path(args.output)
+        return {"--output": args.output, "--prob-output": args.prob_output,
+                "--state": str(state), "--info-json": args.info_json}, state
+    from ffnjax.gffn_output import subvolume_path
+    out = job.request.output_dir
+    state = (Path(args.state) if args.state
+             else subvolume_path(out, job.corner, "segment-state.npz"))
+    return {"segmentation_output_dir": [str(subvolume_path(out, job.corner, "npz")),
+                                        str(subvolume_path(out, job.corner, "prob"))],
+            "--state": str(state), "--info-json": args.info_json}, state
+
+
+def read_box(spec: str, start: Sequence[int], size: Sequence[int], flag: str) -> np.ndarray:
+    """The box of volume `spec` as z,y,x (a single channel axis dropped)."""
+    from ffnjax.volumes import open_volume
+    with open_volume(spec) as vol:
+        data = np.asarray(vol.read(start, size))
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ValueError(f"{flag} {spec}: expected a z,y,x volume, got shape {data.shape}")
+    return data
+
+
+def restriction_for(job: Job, start, size, raw: np.ndarray, fov_size: Sequence[int]):
+    """The run's `ffnjax.restrict.Restriction` over the box (None when unrestricted)."""
+    from ffnjax import restrict
+    req = job.request
+    shift = None
+    if req is not None and req.shift_mask:
+        fov = req.shift_mask_fov or (tuple(-(f // 2) for f in fov_size), tuple(fov_size))
+        shift = restrict.read_shift_restriction(req.shift_mask, req.shift_mask_threshold, *fov,
+                                                req.shift_mask_scale, start, size)
+    r = restrict.Restriction(restrict.build_mask(job.masks, start, size, raw),
+                             restrict.build_mask(job.seed_masks, start, size, raw), shift)
+    return None if r.seeds() is None else r
+
+
+def write_request_outputs(job: Job, state, seg: np.ndarray, prob: np.ndarray,
+                          counters: dict) -> Path:
+    """google/ffn's seg-X_Y_Z.npz and .prob of the finished run (`ffnjax.gffn_output`)."""
+    from ffnjax.gffn_output import OriginInfo, save_subvolume
+    origins = {o.id: OriginInfo(tuple(o.seed), o.steps, o.fill_s) for o in state.objects}
+    return save_subvolume(job.request.output_dir, job.corner, seg, origins, prob,
+                          request_text=job.request.text, counters=counters)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    options_from_args(args)  # bad option values fail before the checkpoint is read
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    missing = [f"--{f}" for f in ("checkpoint", "image", "output") if not getattr(args, f)]
+    if args.request is None and missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)} (or run a "
+                     "google/ffn request: --request FILE.pbtxt)")
+    if args.request is not None and args.compat is None:
+        args.compat = "google_ffn"  # a request's option flags are proto floats too
+    job = job_from_args(args)
+    from ffnjax import seed_policies
+    seed_policies.options_args(options_from_args(args, job.base))  # bad values fail now
     _cli.use_compile_cache(args)
     # Outputs before anything is read or computed: never an input, never an existing
     # output unless --overwrite or resuming, and writable (found now, not after the fill).
-    state_path = Path(args.state) if args.state else default_state_path(args.output)
+    outputs, state_path = output_paths(args, job)
     resuming = state_path.exists()
-    _cli.check_outputs(
-        {"--output": args.output, "--prob-output": args.prob_output, "--state": str(state_path),
-         "--info-json": args.info_json},
-        {"--image": args.image, "--checkpoint": args.checkpoint}, overwrite=args.overwrite,
-        existing_ok=("--state",) + (("--output", "--prob-output", "--info-json") if resuming else ()))
+    inputs = {"--image": job.image, "--checkpoint": job.checkpoint, "--request": args.request,
+              "--init-segmentation": job.init_segmentation,
+              "--mask": [m.volume for m in job.masks + job.seed_masks if m.volume]}
+    _cli.check_outputs(outputs, inputs, overwrite=args.overwrite,
+                       existing_ok=("--state",) + (tuple(outputs) if resuming else ()))
 
     # Here, not at the top: JAX and TensorStore take seconds to load; --help and bad flags don't wait.
     from ffnjax import flood, scale, segmentation
-    from ffnjax.checkpoints import inference_defaults, load_checkpoint
+    from ffnjax.request import load_model
     from ffnjax.volumes import create_volume, open_volume, require_finite
 
-    model_config, params = load_checkpoint(args.checkpoint, args.step)
-    options = options_from_args(args, inference_defaults(args.checkpoint, args.step))
+    model_config, params, facts = load_model(job.checkpoint, job.model_config, args.step)
+    options = options_from_args(args, {**facts, **job.base})
     if args.fov_size is not None and tuple(args.fov_size) != tuple(model_config.fov_size):
-        raise ValueError(f"checkpoint {args.checkpoint} has FOV {model_config.fov_size} (z,y,x) "
+        raise ValueError(f"checkpoint {job.checkpoint} has FOV {model_config.fov_size} (z,y,x) "
                          f"but --fov-size asks for {tuple(args.fov_size)}")
 
-    image = open_volume(args.image)
+    image = open_volume(job.image)
     start, size = _cli.region(args, image.shape, "image")
     raw = np.asarray(image.read(start, size))
     if raw.ndim == 4 and raw.shape[-1] == 1:
         raw = raw[..., 0]
-    require_finite(raw, f"--image {args.image}", start, image.chunks)
+    require_finite(raw, f"--image {job.image}", start, image.chunks)
     flood.check_image_shape(scale.coarse_shape(raw.shape, options.downsample), model_config.fov_size)
+    restriction = restriction_for(job, start, size, raw, model_config.fov_size)
+    init = (None if job.init_segmentation is None
+            else read_box(job.init_segmentation, start, size, "--init-segmentation"))
 
     state = segmentation.load_state(state_path) if resuming else None
-    run_id = json.dumps({"image": args.image, "start": list(start), "size": list(size),
-                         "checkpoint": str(Path(args.checkpoint).absolute()), "step": args.step,
-                         "prob": bool(args.prob_output)})
+    keep_prob = bool(args.prob_output) or job.request is not None
+    run_id = json.dumps({"image": job.image, "start": list(start), "size": list(size),
+                         "checkpoint": str(Path(job.checkpoint).absolute()), "step": args.step,
+                         "prob": keep_prob, "request": args.request,
+                         "masks": [dataclasses.astuple(m) for m in job.masks],
+                         "seed_masks": [dataclasses.astuple(m) for m in job.seed_masks],
+                         "init": job.init_segmentation})
     if state is not None:
         print(f"resuming from {state_path}: seed {state.seed_index} of {len(state.seeds)}, "
               f"{len(state.objects)} objects so far", file=sys.stderr)
+    every = args.checkpoint_every
+    if every is None:
+        every = float(job.request.checkpoint_interval if job.request is not None
+                      and job.request.checkpoint_interval > 0 else 60.0)
 
     t0 = time.perf_counter()
     state, info = segmentation.segment_state(
-        raw, params, model_config, options, state=state,
-        keep_probabilities=bool(args.prob_output),
+        raw, params, model_config, options, state=state, keep_probabilities=keep_prob,
         checkpoint_fn=lambda s: segmentation.save_state(state_path, s),
-        checkpoint_every_s=args.checkpoint_every, progress=not args.quiet, run_id=run_id)
+        checkpoint_every_s=every, progress=not args.quiet, run_id=run_id,
+        restriction=restriction, init_segmentation=init, corner=start)
     seg = segmentation.final_segmentation(state, options, raw.shape[:3])
-
-    voxel_size = tuple(image.voxel_size)
-    offset = tuple(int(o) + int(s) for o, s in zip(image.offset, start))
-    out = create_volume(args.output, seg.shape, "uint64", voxel_size=voxel_size, offset=offset,
-                        overwrite=True)
-    out.write((0, 0, 0), seg)
-    if args.prob_output:
+    prob = None
+    if keep_prob:
         prob = scale.upsample_labels(state.probabilities, options.downsample, seg.shape)
         prob = np.where(seg > 0, prob, 0).astype(np.uint8)
-        pout = create_volume(args.prob_output, seg.shape, "uint8", voxel_size=voxel_size,
-                             offset=offset, overwrite=True)
-        pout.write((0, 0, 0), prob)
+
+    if job.request is not None:
+        written = str(write_request_outputs(job, state, seg, prob, info.counters))
+    else:
+        written = args.output
+        voxel_size = tuple(image.voxel_size)
+        offset = tuple(int(o) + int(s) for o, s in zip(image.offset, start))
+        out = create_volume(args.output, seg.shape, "uint64", voxel_size=voxel_size,
+                            offset=offset, overwrite=True)
+        out.write((0, 0, 0), seg)
+        if args.prob_output:
+            pout = create_volume(args.prob_output, seg.shape, "uint8", voxel_size=voxel_size,
+                                 offset=offset, overwrite=True)
+            pout.write((0, 0, 0), prob)
     state_path.unlink(missing_ok=True)
 
     wall = time.perf_counter() - t0
@@ -176,9 +354,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "timings": {k: round(v, 4) for k, v in info.timings.items()},
         "wall_s": round(wall, 3),
         "fov_steps_per_s": round(c["fov_steps"] / max(info.timings["fill"] + info.timings["first_fill"], 1e-9), 2),
-        "output": args.output, "prob_output": args.prob_output,
+        "output": written, "prob_output": args.prob_output,
     }
-    print(f"{info.summary()}\nwrote {args.output} {tuple(seg.shape)} uint64: "
+    print(f"{info.summary()}\nwrote {written} {tuple(seg.shape)}"
+          f"{' uint64' if job.request is None else ''}: "
           f"{summary['objects']} objects, {summary['segmented_voxels']:,} of "
           f"{summary['volume_voxels']:,} voxels labelled"
           + (f"; and {args.prob_output} uint8" if args.prob_output else ""))

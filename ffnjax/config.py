@@ -67,13 +67,7 @@ class _JsonMixin:
 
     @classmethod
     def from_json(cls, text: str) -> Self:
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cls.__name__}: invalid JSON: {e}") from e
-        if not isinstance(d, dict):
-            raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(d).__name__}")
-        return cls.from_dict(d)
+        return cls.from_dict(json_object(f"{cls.__name__}", text))
 
 
 def _jsonable(v: Any) -> Any:
@@ -145,7 +139,44 @@ class ModelConfig(_JsonMixin):
 IMAGE_MEAN = 128.0
 IMAGE_STDDEV = 33.0
 
-SEED_POLICIES = ("peaks", "grid")
+# Seed policies (`ffnjax.seed_policies`), and google/ffn's names for them
+# (`seed.py`), accepted anywhere a policy is named and stored as ffnjax's.
+SEED_POLICIES = ("peaks", "grid", "peaks2d", "max", "grid2d", "grid3d", "dense", "fill_empty",
+                 "invert_origins", "sequence", "reverse")
+GOOGLE_SEED_POLICIES = {"PolicyPeaks": "peaks", "PolicyPeaks2d": "peaks2d", "PolicyMax": "max",
+                        "PolicyGrid2d": "grid2d", "PolicyGrid3d": "grid3d",
+                        "PolicyDenseSeeds": "dense", "PolicyFillEmptySpace": "fill_empty",
+                        "PolicyInvertOrigins": "invert_origins", "SequentialPolicies": "sequence",
+                        "ReverseCoords": "reverse"}
+
+
+def seed_policy_name(name: str) -> str:
+    """ffnjax's name of a seed policy given by either name (google/ffn's
+    'PolicyPeaks2d' is 'peaks2d'); ValueError naming both lists otherwise."""
+    name = GOOGLE_SEED_POLICIES.get(name, name)
+    if name not in SEED_POLICIES:
+        raise ValueError(f"seed_policy must be one of {SEED_POLICIES} or google/ffn's "
+                         f"{tuple(GOOGLE_SEED_POLICIES)}, got {name!r}")
+    return name
+
+
+def json_object(name: str, text: str) -> dict:
+    """The JSON object in `text`; ValueError naming `name` when it is invalid
+    JSON or not an object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name}: invalid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def json_object_text(name: str, text: Any) -> str:
+    """`text` (a JSON object as text, or a dict; '' = none) as canonical JSON
+    text (sorted keys); ValueError naming `name` when it is not an object."""
+    value = text if isinstance(text, dict) else json_object(name, text) if text else {}
+    return json.dumps(value, sort_keys=True) if value else ""
 SEED_ORDERS = ("zyx", "distance")
 # How the 'peaks' seed policy finds its maxima (`ffnjax.seeds.peaks_seeds`):
 # ffnjax's own way, or exactly as google/ffn's PolicyPeaks does.
@@ -191,7 +222,11 @@ class InferenceOptions(_JsonMixin):
       min_boundary_dist: a seed closer than this (z,y,x) to an existing object is skipped.
       disconnected_seeds: when True, a voxel once driven below 0.5 is not revived.
       max_steps: FOV evaluations allowed per object (0: bounded only by the lattice).
-      seed_policy: 'peaks' or 'grid'.
+      seed_policy: 'peaks', 'grid' or another of SEED_POLICIES
+        (`ffnjax.seed_policies`); google/ffn's names (GOOGLE_SEED_POLICIES,
+        e.g. 'PolicyPeaks2d') are accepted and stored as ffnjax's.
+      seed_policy_args: the policy's arguments as a JSON object (google/ffn's
+        `seed_policy_args`), e.g. '{"min_distance": 3}'; '' for none.
       seed_grid_step: spacing z,y,x of the 'grid' seed policy.
       seed_order: 'zyx' (ascending z,y,x: google/ffn's order) or 'distance'
         (deepest first: descending distance to the nearest image edge).
@@ -234,6 +269,7 @@ class InferenceOptions(_JsonMixin):
     disconnected_seeds: bool = True
     max_steps: int = 0
     seed_policy: str = "peaks"
+    seed_policy_args: str = ""
     seed_grid_step: tuple[int, int, int] = (8, 16, 16)
     seed_order: str = "zyx"
     batch_size: int = 1
@@ -256,8 +292,9 @@ class InferenceOptions(_JsonMixin):
         object.__setattr__(self, "min_boundary_dist",
                            _as_zyx("min_boundary_dist", self.min_boundary_dist, positive=False))
         object.__setattr__(self, "seed_grid_step", _as_zyx("seed_grid_step", self.seed_grid_step))
-        if self.seed_policy not in SEED_POLICIES:
-            raise ValueError(f"seed_policy must be one of {SEED_POLICIES}, got {self.seed_policy!r}")
+        object.__setattr__(self, "seed_policy", seed_policy_name(self.seed_policy))
+        object.__setattr__(self, "seed_policy_args",
+                           json_object_text("seed_policy_args", self.seed_policy_args))
         if self.seed_order not in SEED_ORDERS:
             raise ValueError(f"seed_order must be one of {SEED_ORDERS}, got {self.seed_order!r}")
         if self.consensus_mode not in CONSENSUS_MODES:

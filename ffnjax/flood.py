@@ -10,14 +10,16 @@ The algorithm is google/ffn's `Canvas.segment_at` / `segment_all` with the
   the seed, so no lattice cell is evaluated twice), step counter, bounding box of
   the evaluated centres, an overflow flag, the count of *deleted* voxels
   (google/ffn's `history_deleted`: confident voxels a later prediction turned
-  down; per evaluation as well when tracing) and, with `skip_segmented`, the
-  voxels of earlier objects (`blocked`).
+  down; per evaluation as well when tracing) and the voxels on which no FOV
+  is centred (`blocked`: earlier objects with `skip_segmented`, and the move
+  mask of `ffnjax.restrict` in a `restricted` fill).
 * **One iteration** (`body_fn`) takes, from the next `8 * batch_size` queue
   entries, the first `batch_size` valid ones (valid = a whole FOV fits inside
   the subvolume, its lattice cell is unvisited, the canvas there is at least
-  the move threshold and, with `skip_segmented`, no earlier object holds it:
-  google/ffn's `Canvas.is_valid_pos`; checked for the whole window at once,
-  no nested loop),
+  the move threshold and it is not `blocked`: google/ffn's
+  `Canvas.is_valid_pos` and `MovementRestrictor.is_valid_pos`, where a
+  refused position does not take its lattice cell; checked for the whole
+  window at once, no nested loop),
   cuts their FOVs with `lax.dynamic_slice`, runs the network once on the batch,
   writes each prediction back with `lax.dynamic_update_slice` (in queue order),
   and pushes, for each of the 6 faces of the cube of half-size `deltas` around
@@ -114,6 +116,8 @@ class FillSpec:
       fov_size, deltas: from the ModelConfig.
       init_logit, pad_logit, move_logit: thresholds of InferenceOptions as logits.
       disconnected_seeds, max_steps, batch_size, skip_segmented: from InferenceOptions.
+      restricted: the fill receives voxels on which no FOV is centred
+        (`ffnjax.restrict`, as `blocked`) even without skip_segmented.
       disco_min_active: with disconnected_seeds, a prediction freezes voxels
         only when more than this many of its voxels reach the move threshold
         (from InferenceOptions.disco_active_fraction; -1: always).
@@ -136,10 +140,12 @@ class FillSpec:
     trace: bool = False
     disco_min_active: int = -1
     skip_segmented: bool = False
+    restricted: bool = False
 
     @classmethod
     def from_configs(cls, shape: Sequence[int], model_config: ModelConfig,
-                     options: InferenceOptions, trace: bool = False) -> "FillSpec":
+                     options: InferenceOptions, trace: bool = False,
+                     restricted: bool = False) -> "FillSpec":
         shape = tuple(int(s) for s in shape)
         check_image_shape(shape, model_config.fov_size)
         fraction = float(options.disco_active_fraction)
@@ -152,7 +158,12 @@ class FillSpec:
                    disconnected_seeds=bool(options.disconnected_seeds),
                    max_steps=int(options.max_steps), batch_size=int(options.batch_size),
                    trace=bool(trace), disco_min_active=min_active,
-                   skip_segmented=bool(options.skip_segmented))
+                   skip_segmented=bool(options.skip_segmented), restricted=bool(restricted))
+
+    @property
+    def uses_blocked(self) -> bool:
+        """Whether the fill takes a z,y,x `blocked` array (skip_segmented or restricted)."""
+        return self.skip_segmented or self.restricted
 
     @property
     def radius(self) -> tuple[int, int, int]:
@@ -213,7 +224,7 @@ class FillState(NamedTuple):
     hi: jax.Array        # (3,) int32 largest evaluated centre
     overflow: jax.Array  # bool, a push found the queue full (never expected)
     trace: jax.Array     # (trace_capacity or 1, 3) int32 evaluated centres, in order
-    blocked: jax.Array   # (Z, Y, X) bool voxels of earlier objects with skip_segmented, else (1, 1, 1)
+    blocked: jax.Array   # (Z, Y, X) bool: no FOV is centred there (spec.uses_blocked), else (1, 1, 1)
     deleted: jax.Array   # int32 voxels deleted so far (DELETED_FROM_LOGIT -> below DISCO_LOGIT)
     trace_deleted: jax.Array  # (trace_capacity or 1,) int32 voxels deleted by each evaluation
 
@@ -257,11 +268,11 @@ def _face_moves(spec: FillSpec, pred: jax.Array, pos: jax.Array):
 def init_fill_state(spec: FillSpec, seed: jax.Array, blocked: jax.Array | None = None) -> FillState:
     """Canvas all NaN but the seed voxel (init logit); the queue holds the seed.
 
-    `blocked` (z,y,x bool, only with `spec.skip_segmented`): the voxels of
-    earlier objects, on which no FOV is centred; None: none.
+    `blocked` (z,y,x bool, only with `spec.uses_blocked`): the voxels on
+    which no FOV is centred (earlier objects, the move mask); None: none.
     """
     seed = jnp.asarray(seed, jnp.int32)
-    if not spec.skip_segmented:
+    if not spec.uses_blocked:
         blocked = jnp.zeros((1, 1, 1), bool)
     elif blocked is None:
         blocked = jnp.zeros(spec.shape, bool)
@@ -324,7 +335,7 @@ def make_fill_fns(spec: FillSpec, apply_fn: ApplyFn):
         inside = tuple(jnp.clip(window, 0, jnp.asarray(spec.shape) - 1).T)
         cand = (present & _in_bounds(spec, window) & ~st.visited[tuple(cells.T)]
                 & (st.canvas[inside] >= move))
-        if spec.skip_segmented:  # google/ffn's is_valid_pos: not inside an earlier object
+        if spec.uses_blocked:  # is_valid_pos: no earlier object, not masked
             cand &= ~st.blocked[inside]
         same_cell = jnp.all(cells[:, None, :] == cells[None, :, :], axis=-1)
         earlier = order[None, :] < order[:, None]
@@ -493,7 +504,7 @@ def fill_stepper(spec: FillSpec, apply_fn: ApplyFn):
         jitted = jax.jit(run, donate_argnums=(3,), out_shardings=replicated)
 
     def start(seed, blocked=None):
-        if spec.skip_segmented and blocked is None:
+        if spec.uses_blocked and blocked is None:
             blocked = np.zeros(spec.shape, bool)
         return jitted_init(jnp.asarray(seed, jnp.int32), None if blocked is None
                            else jnp.asarray(blocked, bool))
@@ -565,8 +576,8 @@ def run_fill(spec: FillSpec, apply_fn: ApplyFn, params: Any, image_dev: jax.Arra
       report: called with the FOV steps taken so far after every `every` of
         them (and at the end), for progress inside one long fill; the fill is
         then run in bounded pieces (`fill_stepper`), with the same result.
-      blocked: with `spec.skip_segmented`, the z,y,x bool voxels of earlier
-        objects (no FOV is centred on them); ignored otherwise.
+      blocked: with `spec.uses_blocked`, the z,y,x bool voxels on which no
+        FOV is centred (earlier objects, the move mask); ignored otherwise.
 
     The one place the overflow flag is checked: `fill` and the seed loop of
     `ffnjax.segmentation` both run their fills through here.

@@ -1,7 +1,8 @@
-"""Seed policies: where flood filling starts each object.
+"""The two basic seed policies: where flood filling starts each object.
 
 Two policies, both returning an (N, 3) int64 array of z,y,x positions in the
-order they will be tried:
+order they will be tried (`ffnjax.seed_policies` holds every policy, these
+two and google/ffn's others, with their arguments and masks):
 
 * `peaks_seeds` (google/ffn's `PolicyPeaks`): points far from image edges.
   Edge magnitude (Sobel gradient) is thresholded against its own Gaussian-
@@ -35,7 +36,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.feature import peak_local_max
 
-from ffnjax.config import SEED_ORDERS, SEED_POLICIES, InferenceOptions
+from ffnjax.config import SEED_ORDERS, InferenceOptions
 
 PEAKS_SMOOTHING_SIGMA = 49.0 / 6.0  # google/ffn's adaptive-threshold sigma (voxels)
 PEAKS_MIN_DISTANCE = 3
@@ -68,8 +69,12 @@ def inside_margin(seeds: np.ndarray, shape: Sequence[int], margin: Sequence[int]
 
 
 def edge_mask(image: np.ndarray, sigma: float = PEAKS_SMOOTHING_SIGMA) -> np.ndarray:
-    """Adaptive edge map: Sobel gradient magnitude above its Gaussian-smoothed self."""
-    image = _check_volume(image).astype(np.float32)
+    """Adaptive edge map: Sobel gradient magnitude above its Gaussian-smoothed
+    self (of a z,y,x volume, or of one y,x section: `PolicyPeaks2d`)."""
+    image = np.asarray(image)
+    if image.ndim != 2:
+        image = _check_volume(image)
+    image = image.astype(np.float32)
     edges = ndimage.generic_gradient_magnitude(image, ndimage.sobel)
     smooth = ndimage.gaussian_filter(edges, sigma, mode="reflect")
     return edges > smooth
@@ -129,11 +134,16 @@ def google_ffn_edge_distance(image: np.ndarray, options: InferenceOptions = Infe
     """`edge_distance` as google/ffn's PolicyPeaks computes it: the edge map of
     the image normalised as the network sees it (float32, in NumPy), and
     SciPy's exact Euclidean distance transform made float32."""
-    image = _check_volume(image)
-    normalised = ((image.astype(np.float32) - np.float32(options.image_mean))
-                  / np.float32(options.image_stddev))
-    non_edge = ~edge_mask(normalised, sigma)
+    non_edge = ~edge_mask(google_ffn_normalised(_check_volume(image), options), sigma)
     return ndimage.distance_transform_edt(non_edge).astype(np.float32)
+
+
+def google_ffn_normalised(image: np.ndarray, options: InferenceOptions = InferenceOptions()
+                          ) -> np.ndarray:
+    """The image as google/ffn's seed policies see it (`Canvas.image`):
+    (image - image_mean) / image_stddev in float32, in NumPy."""
+    return ((np.asarray(image).astype(np.float32) - np.float32(options.image_mean))
+            / np.float32(options.image_stddev))
 
 
 def _google_ffn_peaks(dist: np.ndarray, margin: Sequence[int] | None,
@@ -142,13 +152,22 @@ def _google_ffn_peaks(dist: np.ndarray, margin: Sequence[int] | None,
     Twister seeded with 42, so the draws are google/ffn's), scikit-image's
     default border exclusion (`exclude_border=True`: no peak within
     `min_distance` of the border), ascending z,y,x, then the margin."""
-    jitter = np.random.RandomState(PEAKS_JITTER_SEED).random_sample(dist.shape) * PEAKS_JITTER
-    peaks = peak_local_max(dist + jitter, min_distance=int(min_distance), threshold_abs=0,
-                           threshold_rel=0)
-    peaks = np.asarray(peaks, np.int64).reshape(-1, 3)
+    peaks = google_ffn_maxima(dist, min_distance)
     if margin is not None:
         peaks = peaks[inside_margin(peaks, dist.shape, margin)]
     return order_seeds(peaks, "zyx")
+
+
+def google_ffn_maxima(values: np.ndarray, min_distance: int = PEAKS_MIN_DISTANCE,
+                      threshold_abs: float = 0.0) -> np.ndarray:
+    """google/ffn's `_find_peaks`: the local maxima of `values` (2-D or 3-D)
+    plus a float64 jitter from the legacy Mersenne Twister seeded with 42, by
+    scikit-image's `peak_local_max` (its default border exclusion,
+    `threshold_rel=0`), in the order it returns them; (N, ndim) int64."""
+    jitter = np.random.RandomState(PEAKS_JITTER_SEED).random_sample(values.shape) * PEAKS_JITTER
+    peaks = peak_local_max(values + jitter, min_distance=int(min_distance),
+                           threshold_abs=threshold_abs, threshold_rel=0)
+    return np.asarray(peaks, np.int64).reshape(-1, values.ndim)
 
 
 def _distance_peaks(dist: np.ndarray, margin: Sequence[int] | None,
@@ -204,8 +223,9 @@ def make_seeds(image: np.ndarray, options: InferenceOptions = InferenceOptions()
     """Seeds from the policy named by `options.seed_policy` ('peaks' or 'grid'),
     in `options.seed_order` (the edge-distance map is computed once for both)."""
     image = _check_volume(image)
-    if options.seed_policy not in SEED_POLICIES:
-        raise ValueError(f"unknown seed_policy {options.seed_policy!r}; expected one of {SEED_POLICIES}")
+    if options.seed_policy not in ("peaks", "grid"):
+        raise ValueError(f"seed policy {options.seed_policy!r} is not 'peaks' or 'grid': "
+                         "ffnjax.seed_policies.make_seeds makes the others")
     needs_distance = options.seed_policy == "peaks" or options.seed_order == "distance"
     google = options.peaks_method == "google_ffn"
     dist = None

@@ -5,9 +5,10 @@ whether the seed may start a fill (`seed_allowed`), runs one device fill
 (`ffnjax.flood.run_fill`) and commits the filled object into the segmentation
 (`commit_object`) in NumPy, between fills:
 
-* seeds inside an object, tried before, or within `min_boundary_dist` of an
-  object are skipped (google/ffn also marks the latter -1: no result differs,
-  since only ids > 0 are ever tested and -1 becomes 0 in the output);
+* seeds inside an object, tried before, masked (`ffnjax.restrict`) or within
+  `min_boundary_dist` of an object are skipped (google/ffn also marks the
+  latter -1: no result differs, since only ids > 0 are ever tested and -1
+  becomes 0 in the output);
 * a fill whose seed voxel ends below the move threshold is dropped;
 * an object is every voxel at or above the segment threshold in the box of
   the evaluated centres padded by the FOV radius (no connected-component
@@ -15,7 +16,11 @@ whether the seed may start a fill (`seed_allowed`), runs one device fill
   `min_segment_size` are dropped; a dropped seed's voxel is marked -1 so it
   is not tried again;
 * with `skip_segmented`, each fill gets the voxels of the objects so far, on
-  which it centres no FOV (google/ffn's `Canvas.is_valid_pos`).
+  which it centres no FOV (google/ffn's `Canvas.is_valid_pos`); with a
+  `Restriction`, the move mask too (its `MovementRestrictor`);
+* with `init_segmentation`, the run starts from those objects (ids kept, new
+  ones numbered after the largest): seeds in them are skipped and they win
+  every voxel they hold, as any earlier object does.
 
 The thresholds come as logits from the run's `ffnjax.flood.FillSpec`,
 converted there once; nothing here converts a probability again.
@@ -46,7 +51,7 @@ import numpy as np
 from scipy.special import expit
 from tqdm.auto import tqdm
 
-from ffnjax import scale
+from ffnjax import scale, seed_policies
 from ffnjax import seeds as seeds_lib
 from ffnjax.config import InferenceOptions, ModelConfig
 from ffnjax.consensus import split_by_intersection, unlabel_contested
@@ -54,6 +59,7 @@ from ffnjax.files import save_npz
 from ffnjax.flood import (ApplyFn, FillSpec, as_image_array, check_apply_fn, default_apply_fn,
                           fill_mesh, fill_stepper, place_fill_inputs, run_fill)
 from ffnjax.nets import normalize_image
+from ffnjax.restrict import Restriction, coarse_inputs, inputs_digest
 
 UNSEGMENTED_SEED = -1  # marks a tried seed voxel so it is not retried
 
@@ -82,15 +88,23 @@ class ObjectRecord:
 
 
 def seed_allowed(segmentation: np.ndarray, seed: Sequence[int],
-                 min_boundary_dist: Sequence[int]) -> str | None:
-    """Why `seed` may not start a fill ('segmented' / 'boundary'), or None if it may.
+                 min_boundary_dist: Sequence[int], excluded: np.ndarray | None = None,
+                 retry_tried: bool = False) -> str | None:
+    """Why `seed` may not start a fill ('segmented' / 'masked' / 'boundary'), or None if it may.
 
-    'segmented': the seed voxel is in an object or was tried before (-1).
+    'segmented': the seed voxel is in an object, or was tried before (-1)
+    unless `retry_tried`. google/ffn tries such a seed again (a seed policy
+    may list a voxel twice); only a fill that depends on the objects made
+    since (`skip_segmented`) can come out differently, so ffnjax retries
+    exactly then.
+    'masked': `excluded` (z,y,x bool, `ffnjax.restrict.Restriction.seeds`) holds it.
     'boundary': an object lies within `min_boundary_dist` (z,y,x) of it.
     """
     z, y, x = (int(v) for v in seed)
-    if segmentation[z, y, x] != 0:
+    if segmentation[z, y, x] > 0 or (segmentation[z, y, x] < 0 and not retry_tried):
         return "segmented"
+    if excluded is not None and excluded[z, y, x]:
+        return "masked"
     m = np.asarray(min_boundary_dist, np.int64)
     lo = np.maximum(np.asarray((z, y, x)) - m, 0)
     hi = np.asarray((z, y, x)) + m + 1
@@ -160,7 +174,8 @@ def commit_object(segmentation: np.ndarray, canvas: np.ndarray, seed: Sequence[i
 
 
 COUNTER_NAMES = ("seeds", "fills", "committed", "skipped_segmented", "skipped_boundary",
-                 "no_steps", "seed_too_weak", "too_small", "fov_steps", "net_calls", "voxels")
+                 "no_steps", "seed_too_weak", "too_small", "fov_steps", "net_calls", "voxels",
+                 "skipped_masked")
 
 
 @dataclasses.dataclass
@@ -289,7 +304,8 @@ class SegmentInfo:
                     f"{c['voxels']} voxels (before the consensus combines them) from "
                     f"{self.num_seeds} seeds each")
         text = (f"{head} ({c['fills']} fills, {c['fov_steps']} FOV steps; seeds skipped: "
-                f"{c['skipped_segmented']} in objects, {c['skipped_boundary']} near objects; "
+                f"{c['skipped_segmented']} in objects, {c['skipped_boundary']} near objects"
+                + (f", {c['skipped_masked']} masked" if c.get("skipped_masked") else "") + "; "
                 f"fills dropped: {c['seed_too_weak']} whose seed ended below --move-threshold "
                 f"('too weak'), {c['too_small']} under --min-segment-size voxels ('too small')) "
                 f"in {t['total']:.2f} s (compile {t.get('compile', 0.0):.1f} s, first fill "
@@ -334,7 +350,8 @@ def _time_compile(spec: FillSpec, apply_fn: ApplyFn, params: Any, image_dev: jax
 
 def _segment_pass(state: SegmentState, spec: FillSpec, apply_fn: ApplyFn, params: Any,
                   image_dev: jax.Array, options: InferenceOptions, timings: dict[str, float],
-                  checkpoint: Callable[[bool], None], progress: bool, desc: str) -> None:
+                  checkpoint: Callable[[bool], None], progress: bool, desc: str,
+                  restriction: Restriction) -> None:
     """Tries every remaining seed of `state` in order, updating it in place.
 
     The bar counts seeds (so its rate and ETA are over seeds) and shows, also
@@ -355,19 +372,21 @@ def _segment_pass(state: SegmentState, spec: FillSpec, apply_fn: ApplyFn, params
                             f"({rate:.1f}/s) voxels={c['voxels']:,}", refresh=True)
 
     report = show if progress else None
+    moves, excluded = restriction.moves(), restriction.seeds()
     try:
         if c["fills"] == 0 and state.seed_index < len(state.seeds):
             seed0 = tuple(int(v) for v in state.seeds[state.seed_index])
             timings["compile"] += _time_compile(spec, apply_fn, params, image_dev, seed0)
         while state.seed_index < len(state.seeds):
             seed = tuple(int(v) for v in state.seeds[state.seed_index])
-            why = seed_allowed(seg, seed, options.min_boundary_dist)
+            why = seed_allowed(seg, seed, options.min_boundary_dist, excluded,
+                               retry_tried=spec.skip_segmented)
             if why is not None:
                 c[f"skipped_{why}"] += 1
             else:
                 t0 = time.perf_counter()
                 # blocks; checks overflow; reports progress inside the fill
-                blocked = seg > 0 if spec.skip_segmented else None
+                blocked = _blocked(seg, spec, moves)
                 st = run_fill(spec, apply_fn, params, image_dev, seed, report=report, every=16,
                               blocked=blocked)
                 canvas = np.asarray(st.canvas)
@@ -401,13 +420,24 @@ def _segment_pass(state: SegmentState, spec: FillSpec, apply_fn: ApplyFn, params
         bar.close()
 
 
+def _blocked(seg: np.ndarray, spec: FillSpec, moves: np.ndarray | None) -> np.ndarray | None:
+    """The fill's `blocked` voxels: earlier objects (skip_segmented) and the move mask."""
+    if not spec.uses_blocked:
+        return None
+    if not spec.skip_segmented:
+        return moves
+    return seg > 0 if moves is None else (seg > 0) | moves
+
+
 def segment_state(image: Any, params: Any, model_config: ModelConfig,
                   options: InferenceOptions = InferenceOptions(), apply_fn: ApplyFn | None = None,
                   *, state: SegmentState | None = None, seeds: np.ndarray | None = None,
                   keep_probabilities: bool = False,
                   checkpoint_fn: Callable[[SegmentState], Any] | None = None,
                   checkpoint_every_s: float = 300.0, progress: bool = True, run_id: str = "",
-                  record_positions: bool = False) -> tuple[SegmentState, SegmentInfo]:
+                  record_positions: bool = False, restriction: Restriction | None = None,
+                  init_segmentation: np.ndarray | None = None,
+                  corner: Sequence[int] = (0, 0, 0)) -> tuple[SegmentState, SegmentInfo]:
     """`segment` that returns its full `SegmentState` (for resuming and for the CLI).
 
     Args:
@@ -424,15 +454,24 @@ def segment_state(image: Any, params: Any, model_config: ModelConfig,
       record_positions: keep every evaluated FOV centre in order
         (`SegmentState.positions`, `SegmentInfo.positions`); a resumed state
         keeps recording when it did.
+      restriction: where no fill starts and no FOV is centred
+        (`ffnjax.restrict.Restriction`, z,y,x over the image; native voxels).
+      init_segmentation: z,y,x integer labels to start from (google/ffn's
+        `init_segmentation`; native voxels); not with consensus.
+      corner: z,y,x of this image in the whole volume (`invert_origins` seeds).
     """
     t_start = time.perf_counter()
     # At a coarser scale (options.downsample) the whole state lives on the
     # coarse grid; final_segmentation brings the labels back to the native one.
-    arr = scale.downsample_image(as_image_array(image), options.downsample)
+    native = as_image_array(image)
+    arr = scale.downsample_image(native, options.downsample)
     if seeds is not None:
         seeds = scale.to_coarse_points(seeds, options.downsample)
+    restriction, init = coarse_inputs(native.shape, options, restriction, init_segmentation)
+    run_id += inputs_digest(restriction, init)
     record_positions = record_positions or (state is not None and state.positions is not None)
-    spec = FillSpec.from_configs(arr.shape, model_config, options, trace=record_positions)
+    spec = FillSpec.from_configs(arr.shape, model_config, options, trace=record_positions,
+                                 restricted=restriction.moves() is not None)
     apply_fn = apply_fn or default_apply_fn(model_config)
     check_apply_fn(apply_fn, params, model_config, spec.batch_size)
     timings = dict.fromkeys(("seeds", "compile", "first_fill", "fill", "commit", "total"), 0.0)
@@ -441,15 +480,21 @@ def segment_state(image: Any, params: Any, model_config: ModelConfig,
     if state is None:
         t0 = time.perf_counter()
         if seeds is None:
-            seed_arr = seeds_lib.make_seeds(arr, options, margin=spec.radius)
+            seed_arr = seed_policies.make_seeds(seed_policies.SeedContext(
+                arr, options, spec.radius, segmentation=init, mask=restriction.mask,
+                seed_mask=restriction.seed_mask, corner=corner))
         else:
             seed_arr = np.asarray(seeds, np.int64).reshape(-1, 3)
             seed_arr = seed_arr[seeds_lib.inside_margin(seed_arr, arr.shape, spec.radius)]
         timings["seeds"] = time.perf_counter() - t0
-        state = SegmentState(segmentation=np.zeros(arr.shape, np.int64), seeds=seed_arr,
+        state = SegmentState(segmentation=np.zeros(arr.shape, np.int64) if init is None
+                             else init, seeds=seed_arr,
+                             next_id=1 if init is None or not init.size else int(init.max()) + 1,
                              probabilities=np.zeros(arr.shape, np.uint8) if keep_probabilities else None,
                              fingerprint=fingerprint,
                              positions=np.zeros((0, 3), np.int64) if record_positions else None)
+        if state.probabilities is not None and init is not None:
+            state.probabilities[init > 0] = 255  # google/ffn: the objects it starts from are certain
         state.counters["seeds"] = len(seed_arr)
     else:
         if state.fingerprint != fingerprint:
@@ -474,7 +519,7 @@ def segment_state(image: Any, params: Any, model_config: ModelConfig,
     while state.phase < passes:
         desc = "segment" if passes == 1 else ("segment (forward)" if state.phase == 0 else "segment (reverse)")
         _segment_pass(state, spec, apply_fn, params, image_dev, options, timings, checkpoint,
-                      progress, desc)
+                      progress, desc, restriction)
         if state.phase + 1 < passes:  # start the reverse pass of consensus
             state.forward = state.segmentation
             state.segmentation = np.zeros(arr.shape, np.int64)
@@ -512,7 +557,8 @@ def segment(image: Any, params: Any, model_config: ModelConfig,
             *, state: SegmentState | None = None, seeds: np.ndarray | None = None,
             checkpoint_fn: Callable[[SegmentState], Any] | None = None,
             checkpoint_every_s: float = 300.0, progress: bool = True,
-            record_positions: bool = False) -> tuple[np.ndarray, SegmentInfo]:
+            record_positions: bool = False, restriction: Restriction | None = None,
+            init_segmentation: np.ndarray | None = None) -> tuple[np.ndarray, SegmentInfo]:
     """Segments a whole subvolume by flood filling from every seed in turn.
 
     Args:
@@ -531,6 +577,10 @@ def segment(image: Any, params: Any, model_config: ModelConfig,
       progress: tqdm bar over seeds.
       record_positions: also return every evaluated FOV centre, in order
         (`SegmentInfo.positions`).
+      restriction: masks of where no fill starts and no FOV is centred
+        (`ffnjax.restrict.Restriction`).
+      init_segmentation: z,y,x labels to continue: their objects are kept
+        (ids too) and block new fills (google/ffn's `init_segmentation`).
 
     Returns:
       (segmentation uint64 z,y,x with 0 = background, SegmentInfo).
@@ -543,5 +593,6 @@ def segment(image: Any, params: Any, model_config: ModelConfig,
     state, info = segment_state(image, params, model_config, options, apply_fn, state=state,
                                 seeds=seeds, checkpoint_fn=checkpoint_fn,
                                 checkpoint_every_s=checkpoint_every_s, progress=progress,
-                                record_positions=record_positions)
+                                record_positions=record_positions, restriction=restriction,
+                                init_segmentation=init_segmentation)
     return final_segmentation(state, options, image.shape[:3]), info

@@ -9,7 +9,6 @@ import itertools
 import json
 import math
 
-import jax
 import numpy as np
 import pytest
 
@@ -285,15 +284,11 @@ def test_bad_configs_name_the_field():
 def cli_setup(tmp_path_factory):
     """A tiny convstack checkpoint whose fills move, the cut scene as image and segmentation."""
     from ffnjax.checkpoints import save_model
-    from ffnjax.nets import init_params
     from ffnjax.volumes import save_volume
+    from test_flood import moving_convstack
 
     root = tmp_path_factory.mktemp("agglo_cli")
-    params = jax.jit(lambda key: init_params(TINY, key))(jax.random.PRNGKey(0))
-    params = jax.tree_util.tree_map(np.asarray, params)
-    lom = params["params"]["conv_lom"]
-    lom["kernel"], lom["bias"] = lom["kernel"] * 8.0, lom["bias"] + 4.0
-    save_model(root / "ckpt", TINY, params)
+    save_model(root / "ckpt", TINY, moving_convstack(TINY))
     gt, seg = cut_scene()
     save_volume(str(root / "image.zarr"), (gt * 60).astype(np.uint8), voxel_size=(8, 8, 8))
     save_volume(str(root / "seg.zarr"), seg.astype(np.uint64), voxel_size=(8, 8, 8))

@@ -67,6 +67,19 @@ def cell_image(shape=(20, 28, 28), n=10, seed=0, noise=20.0) -> np.ndarray:
     return ndimage.gaussian_filter(img, 0.7).clip(0, 255).astype(np.uint8)
 
 
+def moving_convstack(config: ModelConfig, key: int = 0, kernel_scale: float = 8.0,
+                     bias: float = 4.0) -> dict:
+    """Random convstack parameters (NumPy) whose fills move: the output layer
+    scaled by `kernel_scale` and shifted by `bias` (a plain initialisation
+    hardly ever leaves its seed)."""
+    from ffnjax.nets import init_params
+    params = jax.jit(lambda k: init_params(config, k))(jax.random.PRNGKey(key))  # jit: fast
+    params = jax.tree_util.tree_map(np.asarray, params)
+    lom = params["params"]["conv_lom"]
+    lom["kernel"], lom["bias"] = lom["kernel"] * kernel_scale, lom["bias"] + bias
+    return params
+
+
 @functools.lru_cache(maxsize=None)  # one apply_fn object, so compiled fills are reused
 def random_net(key: int = 0):
     """A small random network with FFN's signature whose fills actually move.

@@ -97,7 +97,8 @@ def test_google_ffn_seed_list_equals_google_ffns_on_the_reference_crop():
 # The device loop against google/ffn's Canvas, restated in NumPy.
 
 
-def canvas_reference(image, seeds, net, cfg, opt):
+def canvas_reference(image, seeds, net, cfg, opt, move_mask=None, seed_mask=None,
+                     labels=None):
     """google/ffn's `Canvas.segment_all` with `FaceMaxMovementPolicy`, in NumPy.
 
     Written from ffn/inference/inference.py and movement.py: every face move
@@ -107,7 +108,10 @@ def canvas_reference(image, seeds, net, cfg, opt):
     disconnected-seed freeze applies when more than `disco_active_fraction`
     of the prediction reaches the move threshold; an object is every voxel at
     or above the segment threshold in the box of the evaluated centres padded
-    by the FOV radius that no earlier object holds.
+    by the FOV radius that no earlier object holds. With a `MovementRestrictor`
+    (`move_mask`, `seed_mask`: z,y,x bool), a seed in either is skipped
+    unmarked and a popped position in `move_mask` is skipped without taking its lattice cell;
+    `labels` is the segmentation the run starts from (`init_segmentation`).
 
     Returns (segmentation uint64, evaluated centres in order over all fills,
     how many popped positions an earlier object stopped).
@@ -118,15 +122,17 @@ def canvas_reference(image, seeds, net, cfg, opt):
                             f32(opt.move_threshold), f32(opt.segment_threshold))
     fov, r, d = np.array(cfg.fov_size), np.array(cfg.fov_radius), np.array(cfg.deltas)
     shape = np.array(image.shape)
-    seg = np.zeros(image.shape, np.int64)
+    seg = np.zeros(image.shape, np.int64) if labels is None else labels.astype(np.int64)
     mbd = np.array(opt.min_boundary_dist)
-    next_id, visited, stopped_by_objects = 1, [], 0
+    next_id, visited, stopped_by_objects = int(seg.max()) + 1, [], 0
+    masked = lambda p, m: m is not None and m[tuple(p)]  # noqa: E731
 
     def fits(p):
         return np.all(p - r >= 0) and np.all(p + r < shape)
 
     for seed in np.asarray(seeds):
-        if not fits(seed) or seg[tuple(seed)] > 0:
+        if (not fits(seed) or seg[tuple(seed)] > 0 or masked(seed, move_mask)
+                or masked(seed, seed_mask)):
             continue
         if np.any(seg[tuple(slice(a, b) for a, b in zip(seed - mbd, seed + mbd + 1))] > 0):
             seg[tuple(seed)] = -1
@@ -148,6 +154,8 @@ def canvas_reference(image, seeds, net, cfg, opt):
                 break
             if pos is None or canvas[tuple(seed)] < move:
                 break
+            if masked(pos, move_mask):  # segment_at: restrictor.is_valid_pos
+                continue
             sel = tuple(slice(a, a + f) for a, f in zip(pos - r, fov))
             old = canvas[sel].copy()
             out = np.asarray(net(img[sel][None, ..., None],

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
@@ -15,10 +14,9 @@ from experiments import segment as cli
 from ffnjax import segmentation
 from ffnjax.checkpoints import save_model
 from ffnjax.config import InferenceOptions, ModelConfig
-from ffnjax.nets import init_params
 from ffnjax.volumes import open_volume
 
-from test_flood import cell_image
+from test_flood import cell_image, moving_convstack
 
 CFG = ModelConfig(depth=1, features=4, fov_size=(9, 9, 9), deltas=(2, 2, 2))
 OPTS = ["--min-segment-size", "20", "--seed-policy", "grid", "--seed-grid-step", "4,5,5", "--quiet"]
@@ -28,12 +26,7 @@ OPTS = ["--min-segment-size", "20", "--seed-policy", "grid", "--seed-grid-step",
 def setup(tmp_path_factory):
     """A tiny convstack checkpoint whose fills move (scaled output layer) and a toy image."""
     root = tmp_path_factory.mktemp("segcli")
-    params = jax.jit(lambda key: init_params(CFG, key))(jax.random.PRNGKey(0))  # jit: fast init
-    params = jax.tree_util.tree_map(np.asarray, params)
-    lom = params["params"]["conv_lom"]
-    lom["kernel"] = lom["kernel"] * 8.0
-    lom["bias"] = lom["bias"] + 4.0
-    params = jax.tree_util.tree_map(np.asarray, params)
+    params = moving_convstack(CFG)
     save_model(root / "ckpt", CFG, params)
     img = np.zeros((24, 32, 32), np.uint8)
     img[2:22, 2:30, 2:30] = cell_image()
