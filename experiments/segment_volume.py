@@ -1,7 +1,7 @@
 """Segment a whole volume block by block on Dask and write one global segmentation.
 
     python -m experiments.segment_volume --checkpoint WORKDIR --image SPEC --output SPEC \
-        --block 128,256,256 --overlap 16,32,32 [--scheduler ADDRESS]
+        --block 128,256,256 [--overlap 32,32,32] [--scheduler ADDRESS]
 
 Volumes are any `ffnjax.volumes` spec: 'x.zarr', 'x.n5', 'precomputed://x'
 (also 'f.h5:dataset', 'f.npz:key' for the input). Rerunning the same command
@@ -71,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "when absent, reused when resuming)")
     ap.add_argument("--block", default="128,256,256", type=_cli.zyx_arg(minimum=1),
                     help="block size z,y,x (default 128,256,256)")
-    ap.add_argument("--overlap", default="16,32,32", type=_cli.zyx_arg(minimum=0),
-                    help="voxels shared by neighbouring blocks z,y,x (default 16,32,32; at least "
-                         "the FOV is wise)")
+    ap.add_argument("--overlap", default=None, type=_cli.zyx_arg(minimum=0),
+                    help="voxels shared by neighbouring blocks z,y,x: at least twice the FOV "
+                         "radius (the FOV size - 1), the default, so that every object the "
+                         "whole-volume run finds is found block-wise (docs/blockwise.md)")
     ap.add_argument("--scheduler", default=None,
                     help="Dask scheduler address (tcp://host:8786) to run on an existing cluster, "
                          "or 'sync'/'threads'/'processes' for Dask's local schedulers; default: "

@@ -89,17 +89,14 @@ def bricks(shape, seed=0, lo=9, hi=16) -> np.ndarray:
 from ffnjax.testing import oracle_apply_fn as centred_oracle_apply_fn  # noqa: E402
 
 
-class RefuseToSegment:
-    """A segmenter that must not be called (every block is already done)."""
+class RefuseToSegment(bw.FFNSegmenter):
+    """An FFN segmenter that must not segment (every block and handoff round is
+    already done)."""
 
-    def __init__(self, fingerprint):
-        self._fingerprint = fingerprint
-
-    def __call__(self, image):
+    def run(self, image, seeds, prior=None):
         raise AssertionError("a finished block was segmented again")
 
-    def fingerprint(self):
-        return self._fingerprint
+    __call__ = run
 
 
 def same_up_to_relabelling(a: np.ndarray, b: np.ndarray) -> bool:
@@ -291,9 +288,9 @@ def test_oracle_cuts_from_a_strict_min_overlap_are_reported(oracle_run, tmp_path
     cuts those objects, and exactly those contacts are reported."""
     r = oracle_run
     out = str(tmp_path / "strict.zarr")
-    done = bw.FFNSegmenter(None, r["config"], r["options"], centred_oracle_apply_fn)
     s = bw.segment_volume(r["spec"], out, block=ORACLE_BLOCK, overlap=ORACLE_OVERLAP, client="sync",
-                          segment_fn=RefuseToSegment(done.fingerprint()),
+                          segment_fn=RefuseToSegment(None, r["config"], r["options"],
+                                                     centred_oracle_apply_fn),
                           workdir=r["tmp"] / "seg.zarr.blocks", min_overlap=3000, progress=False)
     assert s.blocks_skipped == 8 and s.blocks_computed == 0
     seg = read_all(out)
