@@ -28,11 +28,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 from experiments import _cli
 from ffnjax import multihost
 from ffnjax.blockwise import segment_volume
+from ffnjax.dask_tasks import TasksFailed
 from ffnjax.view import save_montage
 from ffnjax.config import InferenceOptions, ModelConfig
 
@@ -93,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "option flags below override it in turn)")
     ap.add_argument("--chunks", default=None, type=_cli.zyx_arg(minimum=1),
                     help="chunk shape z,y,x of a new output volume")
-    ap.add_argument("--retries", type=int, default=1, help="Dask retries per task (default 1)")
+    ap.add_argument("--retries", type=int, default=1,
+                    help="times a failed block task is tried again before the run reports it "
+                         "(default 1); finished blocks are kept either way")
     ap.add_argument("--png", default=None, help="also write a PNG montage of z slices here")
     ap.add_argument("--summary", default=None, help="also write the run summary as JSON here")
     ap.add_argument("--overwrite", action="store_true",
@@ -142,7 +146,7 @@ def refuse_multi_process() -> None:
                          f"start it once with --scheduler tcp://HOST:8786 (docs/multihost.md)")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | int:
     parser = build_parser()
     args = parser.parse_args(argv)
     refuse_multi_process()
@@ -171,12 +175,20 @@ def main(argv: list[str] | None = None) -> dict:
         apply_fn = None
         options = options_from_args(
             args, InferenceOptions(**inference_defaults(args.checkpoint, args.step)))
-    summary = segment_volume(
-        args.image, args.output, params, model_config, options, block=args.block,
-        overlap=args.overlap, client=args.scheduler, apply_fn=apply_fn,
-        min_overlap=args.min_overlap, workdir=args.workdir, n_workers=args.workers,
-        chunks=args.chunks, retries=args.retries, progress=not args.quiet,
-        overwrite=args.overwrite)
+    try:
+        summary = segment_volume(
+            args.image, args.output, params, model_config, options, block=args.block,
+            overlap=args.overlap, client=args.scheduler, apply_fn=apply_fn,
+            min_overlap=args.min_overlap, workdir=args.workdir, n_workers=args.workers,
+            chunks=args.chunks, retries=args.retries, progress=not args.quiet,
+            overwrite=args.overwrite)
+    except TasksFailed as e:  # one line: exit 2 for bad input (a NaN block), else 1
+        if e.bad_input:
+            raise ValueError(str(e)) from e
+        if args.debug:
+            raise
+        print(_cli.error_line(e), file=sys.stderr)
+        return 1
     print(summary)
     if summary.weak_contacts:
         print(f"{len(summary.weak_contacts)} possible cuts (objects touching across an overlap with "

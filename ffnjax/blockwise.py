@@ -469,6 +469,9 @@ def segment_volume(image_spec: Any, output_spec: Any, params: Any = None,
         params/model_config nor segment_fn given.
       FileExistsError: an existing output this run did not write, without
         `overwrite`.
+      ffnjax.dask_tasks.TasksFailed: blocks that failed every try, each named
+        with its error (after the other blocks of the phase finished; their
+        results are kept, and a rerun computes only the missing ones).
       NotADirectoryError / PermissionError: an output or work folder that
         cannot be written (found before any work).
     """
@@ -492,6 +495,8 @@ def segment_volume(image_spec: Any, output_spec: Any, params: Any = None,
     min_overlap = int(min_overlap)
     if min_overlap < 1:
         raise ValueError(f"min_overlap must be >= 1 voxel, got {min_overlap}")
+    if int(retries) < 0:
+        raise ValueError(f"retries (--retries) must be >= 0, got {retries}")
     workdir = Path(workdir) if workdir is not None else default_workdir(output_spec)
     for ipath in local_paths(image_spec):
         if overlaps(workdir, ipath):
@@ -509,22 +514,32 @@ def segment_volume(image_spec: Any, output_spec: Any, params: Any = None,
     check_run_file(workdir, record)
     wd = str(workdir)
     seconds = {}
+    hint = (f"finished blocks are kept in {workdir}: rerun the same command to compute only the "
+            f"missing ones (tracebacks in {workdir / 'failures.json'})")
     with dask_tasks.engine(client, len(grid), n_workers) as engine:
+        def tasks(fn, args_list, desc, labels, **shared):
+            try:
+                return dask_tasks.run_tasks(engine, fn, args_list, desc=desc, progress=progress,
+                                            shared=shared, retries=retries, labels=labels,
+                                            hint=hint)
+            except dask_tasks.TasksFailed as e:
+                write_json(workdir / "failures.json",
+                           {"phase": desc, "failures": [f.to_dict() for f in e.failures]})
+                raise
+
         t = time.perf_counter()
         done = {b.name: m for b in grid.blocks if (m := load_block_meta(wd, b)) is not None}
         todo = [b for b in grid.blocks if b.name not in done]
-        new = dask_tasks.run_tasks(engine, segment_block, [(image_spec, wd, b) for b in todo],
-                                   desc="segment", progress=progress,
-                                   shared={"segment_fn": segment_fn}, retries=retries)
+        new = tasks(segment_block, [(image_spec, wd, b) for b in todo], "segment",
+                    [f"block {b.name}" for b in todo], segment_fn=segment_fn)
         metas = {**done, **{m["block"]: m for m in new}}
         seconds["segment"] = time.perf_counter() - t
 
         t = time.perf_counter()
         rounds, converged = 0, True
         if handing_off:
-            def run_round(fn, args_list, desc):
-                return dask_tasks.run_tasks(engine, fn, args_list, desc=desc, progress=progress,
-                                            shared={"segment_fn": segment_fn}, retries=retries)
+            def run_round(fn, args_list, desc, labels):
+                return tasks(fn, args_list, desc, labels, segment_fn=segment_fn)
 
             metas, rounds, converged = handoff.run_rounds(run_round, grid, image_spec, wd,
                                                           segment_fn, metas, int(max_handoff_rounds))
@@ -532,9 +547,8 @@ def segment_volume(image_spec: Any, output_spec: Any, params: Any = None,
 
         t = time.perf_counter()
         pairs = grid.neighbour_pairs()
-        matches = dask_tasks.run_tasks(engine, match_pair,
-                                       [(wd, a, b, metas[a.name], metas[b.name]) for a, b in pairs],
-                                       desc="match", progress=progress, retries=retries)
+        matches = tasks(match_pair, [(wd, a, b, metas[a.name], metas[b.name]) for a, b in pairs],
+                        "match", [f"blocks {a.name} and {b.name}" for a, b in pairs])
         seconds["match"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -548,11 +562,11 @@ def segment_volume(image_spec: Any, output_spec: Any, params: Any = None,
 
         t = time.perf_counter()
         output = prepare_output(output_spec, shape, getattr(image, "voxel_size", (1, 1, 1)), chunks,
-                                 create, replace=overwrite and not resuming)
-        dask_tasks.run_tasks(engine, write_block,
-                             [(output, wd, b, rec.luts[b.name], metas[b.name]) for b in grid.blocks],
-                             desc="write", progress=progress, retries=retries)
+                                create, replace=overwrite and not resuming)
+        tasks(write_block, [(output, wd, b, rec.luts[b.name], metas[b.name]) for b in grid.blocks],
+              "write", [f"block {b.name}" for b in grid.blocks])
         seconds["write"] = time.perf_counter() - t
+    (workdir / "failures.json").unlink(missing_ok=True)
     seconds["total"] = time.perf_counter() - t_start
     computed = [m for m in new if not m.get("skipped")]
     return BlockwiseSummary(

@@ -237,8 +237,8 @@ def run_rounds(run_tasks: Callable, grid: BlockGrid, image: Any, workdir: str, s
                metas: dict[str, dict], max_rounds: int) -> tuple[dict[str, dict], int, bool]:
     """Handoff rounds until a round hands no seed (or `max_rounds`).
 
-    `run_tasks(fn, args_list, desc)` runs tasks (`ffnjax.dask_tasks.run_tasks`
-    bound to an engine). Returns (metadata of every block after the last
+    `run_tasks(fn, args_list, desc, labels)` runs tasks
+    (`ffnjax.dask_tasks.run_tasks` bound to an engine). Returns (metadata of every block after the last
     round, rounds run, converged). A rerun finds finished rounds on disk and
     does not repeat them.
     """
@@ -246,7 +246,7 @@ def run_rounds(run_tasks: Callable, grid: BlockGrid, image: Any, workdir: str, s
     rounds, converged = 0, max_rounds == 0
     for k in range(1, max_rounds + 1):
         out = run_tasks(handoff_block, [(image, workdir, b, k, nbs[b.name]) for b in grid.blocks],
-                        f"handoff {k}")
+                        f"handoff {k}", [f"block {b.name}" for b in grid.blocks])
         metas = {m["block"]: m for m in out}
         rounds = k
         if sum(int(m.get("seeds", 0)) for m in out) == 0:
