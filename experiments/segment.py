@@ -44,6 +44,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from experiments import _cli
+from ffnjax import interrupt
 from ffnjax.config import InferenceOptions
 from ffnjax.volume_spec import parse_spec
 
@@ -146,11 +147,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"{len(state.objects)} objects so far", file=sys.stderr)
 
     t0 = time.perf_counter()
-    state, info = segmentation.segment_state(
-        raw, params, model_config, options, state=state,
-        keep_probabilities=bool(args.prob_output),
-        checkpoint_fn=lambda s: segmentation.save_state(state_path, s),
-        checkpoint_every_s=args.checkpoint_every, progress=not args.quiet, run_id=run_id)
+    try:
+        state, info = segmentation.segment_state(
+            raw, params, model_config, options, state=state,
+            keep_probabilities=bool(args.prob_output),
+            checkpoint_fn=lambda s: segmentation.save_state(state_path, s),
+            checkpoint_every_s=args.checkpoint_every, progress=not args.quiet, run_id=run_id)
+    except KeyboardInterrupt as e:  # SIGINT / SIGTERM: segment_state saved the state
+        raise interrupt.with_resume(e, f"the state is saved in {state_path}; rerun the same "
+                                       "command to resume") from None
     seg = segmentation.final_segmentation(state, options, raw.shape[:3])
 
     voxel_size = tuple(image.voxel_size)

@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 from experiments import _cli
-from ffnjax import multihost
+from ffnjax import interrupt, multihost
 from ffnjax.blockwise import segment_volume
 from ffnjax.dask_tasks import TasksFailed
 from ffnjax.view import save_montage
@@ -123,13 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def workdir_of(args: argparse.Namespace) -> Path:
+    from ffnjax.blockfiles import default_workdir
+
+    return Path(args.workdir) if args.workdir else default_workdir(args.output)
+
+
 def check_paths(args: argparse.Namespace) -> None:
     """The output checks of `_cli.check_outputs`, before the model loads: a
     rerun that resumes (the work folder holds a run.json) may find its
     outputs in place."""
-    from ffnjax.blockwise import default_workdir
-
-    workdir = Path(args.workdir) if args.workdir else default_workdir(args.output)
+    workdir = workdir_of(args)
     resuming = (workdir / "run.json").exists()
     _cli.check_outputs(
         {"--output": args.output, "--workdir": str(workdir), "--summary": args.summary,
@@ -182,6 +186,9 @@ def main(argv: list[str] | None = None) -> dict | int:
             min_overlap=args.min_overlap, workdir=args.workdir, n_workers=args.workers,
             chunks=args.chunks, retries=args.retries, progress=not args.quiet,
             overwrite=args.overwrite)
+    except KeyboardInterrupt as e:  # SIGINT / SIGTERM: finished blocks are on disk
+        raise interrupt.with_resume(e, f"finished blocks are kept in {workdir_of(args)}; rerun the "
+                                       "same command to resume") from None
     except TasksFailed as e:  # one line: exit 2 for bad input (a NaN block), else 1
         if e.bad_input:
             raise ValueError(str(e)) from e
