@@ -34,9 +34,10 @@ __all__ = ["InferenceOptions", "ModelConfig", "TrainConfig", "logit",
 __version__ = "0.1.0"
 
 # Submodules reachable as `ffnjax.<name>` after a plain `import ffnjax`.
-SUBMODULES = ("agglomeration", "augment", "baseline", "blockwise", "checkpoints", "decision_points",
-              "erl", "files", "flood", "multihost", "nets", "resegmentation", "resume", "scale",
-              "segmentation", "synthetic", "tf_import", "train_loop", "view", "volumes")
+SUBMODULES = ("agglomeration", "augment", "baseline", "blockfiles", "blockwise", "checkpoints",
+              "dask_tasks", "decision_points", "erl", "files", "flood", "handoff", "interrupt",
+              "multihost", "nets", "resegmentation", "resume", "scale", "segmentation", "synthetic",
+              "testing", "tf_import", "train_loop", "view", "volumes")
 
 
 def __getattr__(name: str):

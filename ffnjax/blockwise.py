@@ -180,8 +180,9 @@ def _fingerprint(segment_fn: Any) -> Any:
     return fp() if callable(fp) else {"segment_fn": _qualname(segment_fn)}
 
 
-def _can_hand_off(segment_fn: Any) -> bool:
-    return bool(getattr(segment_fn, "handoff", False))
+def _seeds_itself(segment_fn: Any) -> bool:
+    """Whether `segment_fn` starts from the whole volume's seeds (`FFNSegmenter`)."""
+    return callable(getattr(segment_fn, "seeds_for", None)) and callable(getattr(segment_fn, "run", None))
 
 
 # ----------------------------------------------------------------------------
@@ -200,7 +201,7 @@ def segment_block(image: Any, workdir: str, block: Block, segment_fn: SegmentFn)
     if meta is not None:
         return {**meta, "skipped": True}
     t0 = time.perf_counter()
-    if _can_hand_off(segment_fn):
+    if _seeds_itself(segment_fn):
         data = segment_fn.read_block(image, block)
         labels, tried = segment_fn.run(data, segment_fn.seeds_for(image, block))
     else:
@@ -485,12 +486,13 @@ def segment_volume(image_spec: Any, output_spec: Any, params: Any = None,
     if len(shape) != 3:
         raise ValueError(f"image {spec_text(image_spec)!r} must be 3D z,y,x, got shape {shape}")
     if overlap is None:
-        if not _can_hand_off(segment_fn):
+        if not _seeds_itself(segment_fn):
             raise ValueError("segment_volume needs an overlap with a segment_fn of its own")
         overlap = handoff.required_overlap(segment_fn.radius, segment_fn.options.downsample)
     grid = BlockGrid(shape, block, overlap)
-    handing_off = _can_hand_off(segment_fn) and int(max_handoff_rounds) > 0
-    if _can_hand_off(segment_fn):
+    handing_off = (_seeds_itself(segment_fn) and bool(getattr(segment_fn, "handoff", False))
+                   and int(max_handoff_rounds) > 0)
+    if _seeds_itself(segment_fn):
         check_overlap(grid, segment_fn)
     min_overlap = int(min_overlap)
     if min_overlap < 1:
