@@ -23,6 +23,10 @@ Five things every command does the same way:
   `error: <what>, <which file/flag/value>` on stderr and exit status 2, no
   traceback; `--debug` re-raises with it (`run`, `report_error`). Usage errors
   found by argparse get the same one line (`Parser.error`).
+- **Interruption.** Ctrl-C (SIGINT) and SIGTERM stop a command within
+  seconds (`ffnjax.interrupt`): it saves what it can resume from, prints one
+  line `interrupted by SIGTERM: <what was saved; how to resume>` and exits
+  with 128 + the signal number (`run`).
 - **JAX's persistent compilation cache.** Every command that compiles JAX
   code has `--compile-cache` / `--no-compile-cache` (`add_compile_cache`) and
   calls `use_compile_cache(args)` after parsing: compiled programs are kept
@@ -40,7 +44,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Collection, Mapping, Sequence
 
-from ffnjax import files, volume_spec
+from ffnjax import files, interrupt, volume_spec
 from ffnjax.config import (COMPUTE_DTYPES, CONSENSUS_MODES, CONV_IMPLS, GOOGLE_SEED_POLICIES,
                            IMAGE_MEAN, IMAGE_STDDEV, INFERENCE_FACTS, INFERENCE_MODES,
                            LOSS_NORMALIZATIONS, MOVE_POLICIES, OPTIMIZERS, PEAKS_METHODS,
@@ -79,18 +83,30 @@ def report_error(e: BaseException, debug: bool = False) -> int:
     return 2
 
 
+NOTHING_TO_RESUME = "nothing was saved to resume from; rerun the command to start again"
+
+
 def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> None:
     """Runs a command's `main(argv)` as a program and exits.
 
     Bad input (BAD_INPUT) becomes one stderr line and exit status 2 unless
-    `--debug` is among the arguments. The exit status is main's return value
-    when that is an int, else 0.
+    `--debug` is among the arguments. SIGINT and SIGTERM stop it
+    (`ffnjax.interrupt.handling`) with one line, `interrupted by <signal>:
+    <how to resume>` (the `resume` the command attached, else
+    NOTHING_TO_RESUME), and exit status 128 + the signal number. Otherwise
+    the exit status is main's return value when that is an int, else 0.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        result = main(argv)
+        with interrupt.handling():
+            result = main(argv)
     except BAD_INPUT as e:
         raise SystemExit(report_error(e, "--debug" in argv)) from None
+    except KeyboardInterrupt as e:
+        stop = e if isinstance(e, interrupt.Interrupted) else interrupt.Interrupted()
+        print(f"interrupted by {stop.name}: {stop.resume or NOTHING_TO_RESUME}", file=sys.stderr,
+              flush=True)
+        raise SystemExit(stop.exit_code) from None
     sys.exit(result if isinstance(result, int) and not isinstance(result, bool) else 0)
 
 

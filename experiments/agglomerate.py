@@ -39,6 +39,7 @@ import numpy as np
 
 from experiments import _cli
 from experiments.segment import add_option_flags, options_from_args
+from ffnjax import interrupt
 from ffnjax.volume_spec import parse_spec
 
 
@@ -180,10 +181,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     run_id = json.dumps({"image": args.image, "segmentation": args.segmentation,
                          "checkpoint": str(Path(args.checkpoint).absolute()), "step": args.step})
     t0 = time.perf_counter()
-    result = agglomeration.agglomerate(
-        image, seg, params, model_config, options, voxel_size=voxel_size, config=config,
-        rules=rules, point_options=point_options, results_path=results_path, run_id=run_id,
-        overwrite=args.restart, progress=not args.quiet)
+    try:
+        result = agglomeration.agglomerate(
+            image, seg, params, model_config, options, voxel_size=voxel_size, config=config,
+            rules=rules, point_options=point_options, results_path=results_path, run_id=run_id,
+            overwrite=args.restart, progress=not args.quiet)
+    except KeyboardInterrupt as e:  # SIGINT / SIGTERM: scored pairs are in the results file
+        raise interrupt.with_resume(e, f"the pairs scored so far are kept in {results_path}; "
+                                       "rerun the same command to resume") from None
     wall = time.perf_counter() - t0
 
     out = create_volume(args.output, seg.shape, "uint64", voxel_size=tuple(seg_vol.voxel_size),

@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from experiments import _cli
-from ffnjax import (baseline, checkpoints, erl, files, segmentation, synthetic, train_loop,
-                    view, volumes)
+from ffnjax import (baseline, checkpoints, erl, files, interrupt, segmentation, synthetic,
+                    train_loop, view, volumes)
 from ffnjax.config import CONSENSUS_MODES, InferenceOptions, ModelConfig, TrainConfig
 
 # The demo's own defaults; every field below has a flag that starts from them.
@@ -409,7 +409,12 @@ def summary_table(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _cli.use_compile_cache(args)
-    run_demo(args)
+    try:
+        run_demo(args)
+    except KeyboardInterrupt as e:  # SIGINT / SIGTERM: training saved a checkpoint first
+        raise interrupt.with_resume(e, f"data, finished phases and training checkpoints are kept "
+                                       f"in {output_folder(args)}; rerun the same command to "
+                                       "resume") from None
     return 0
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from experiments import _cli
 from experiments.fib25_tf_eval import DEFAULT_DATA, FIB25_SHAPE, load_fib25_crop
 from experiments.segment import add_option_flags, options_from_args
-from ffnjax import erl, files, view, volume_spec
+from ffnjax import erl, files, interrupt, view, volume_spec
 
 VOXEL_SIZE = (10.0, 10.0, 10.0)  # nm, fib25_training_sample2
 HELD_OUT = "100:150,:,:"
@@ -109,6 +109,15 @@ def table(rows: dict[str, dict]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    try:
+        return evaluate(args)
+    except KeyboardInterrupt as e:  # SIGINT / SIGTERM: finished segmentations are kept
+        raise interrupt.with_resume(e, f"segmentations finished so far are kept in {args.out}; "
+                                       "rerun the same command to reuse them") from None
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Segments, scores and reports as `main` says."""
     names = _names(args)
     options_from_args(args)  # bad option values fail before anything is read
     start, size = volume_spec.clipped_box(args.box, FIB25_SHAPE)
@@ -159,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             print(f"{name}: {info.summary()}", flush=True)
         seconds = time.perf_counter() - t0
         if not reused:
-            save_volume(str(path), seg, voxel_size=VOXEL_SIZE, offset=start, overwrite=True)
+            with interrupt.deferred():  # a signal never leaves half a volume to be reused
+                save_volume(str(path), seg, voxel_size=VOXEL_SIZE, offset=start, overwrite=True)
         scores = score_region(seg, gt, inner, skeletons)
         view.save_slices_png(out / f"{name}_overlay.png", raw[inner], gt[inner], seg[inner])
         rows[name] = {"scores": scores, "seconds": seconds, "reused": reused,

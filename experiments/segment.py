@@ -60,6 +60,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from experiments import _cli
+from ffnjax import interrupt
 from ffnjax.config import InferenceOptions
 from ffnjax.volume_spec import parse_spec
 
@@ -318,11 +319,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                       and job.request.checkpoint_interval > 0 else 60.0)
 
     t0 = time.perf_counter()
-    state, info = segmentation.segment_state(
-        raw, params, model_config, options, state=state, keep_probabilities=keep_prob,
-        checkpoint_fn=lambda s: segmentation.save_state(state_path, s),
-        checkpoint_every_s=every, progress=not args.quiet, run_id=run_id,
-        restriction=restriction, init_segmentation=init, corner=start)
+    try:
+        state, info = segmentation.segment_state(
+            raw, params, model_config, options, state=state, keep_probabilities=keep_prob,
+            checkpoint_fn=lambda s: segmentation.save_state(state_path, s),
+            checkpoint_every_s=every, progress=not args.quiet, run_id=run_id,
+            restriction=restriction, init_segmentation=init, corner=start)
+    except KeyboardInterrupt as e:  # SIGINT / SIGTERM: segment_state saved the state
+        raise interrupt.with_resume(e, f"the state is saved in {state_path}; rerun the same "
+                                       "command to resume") from None
     seg = segmentation.final_segmentation(state, options, raw.shape[:3])
     prob = None
     if keep_prob:

@@ -1,7 +1,7 @@
 """Segment a whole volume block by block on Dask and write one global segmentation.
 
     python -m experiments.segment_volume --checkpoint WORKDIR --image SPEC --output SPEC \
-        --block 128,256,256 --overlap 16,32,32 [--scheduler ADDRESS]
+        --block 128,256,256 [--overlap 32,32,32] [--scheduler ADDRESS]
 
 Volumes are any `ffnjax.volumes` spec: 'x.zarr', 'x.n5', 'precomputed://x'
 (also 'f.h5:dataset', 'f.npz:key' for the input). Rerunning the same command
@@ -28,11 +28,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 from experiments import _cli
-from ffnjax import multihost
+from ffnjax import interrupt, multihost
 from ffnjax.blockwise import segment_volume
+from ffnjax.dask_tasks import TasksFailed
 from ffnjax.view import save_montage
 from ffnjax.config import InferenceOptions, ModelConfig
 
@@ -71,9 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "when absent, reused when resuming)")
     ap.add_argument("--block", default="128,256,256", type=_cli.zyx_arg(minimum=1),
                     help="block size z,y,x (default 128,256,256)")
-    ap.add_argument("--overlap", default="16,32,32", type=_cli.zyx_arg(minimum=0),
-                    help="voxels shared by neighbouring blocks z,y,x (default 16,32,32; at least "
-                         "the FOV is wise)")
+    ap.add_argument("--overlap", default=None, type=_cli.zyx_arg(minimum=0),
+                    help="voxels shared by neighbouring blocks z,y,x: at least twice the FOV "
+                         "radius (the FOV size - 1), the default, so that every object the "
+                         "whole-volume run finds is found block-wise (docs/blockwise.md)")
     ap.add_argument("--scheduler", default=None,
                     help="Dask scheduler address (tcp://host:8786) to run on an existing cluster, "
                          "or 'sync'/'threads'/'processes' for Dask's local schedulers; default: "
@@ -92,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "option flags below override it in turn)")
     ap.add_argument("--chunks", default=None, type=_cli.zyx_arg(minimum=1),
                     help="chunk shape z,y,x of a new output volume")
-    ap.add_argument("--retries", type=int, default=1, help="Dask retries per task (default 1)")
+    ap.add_argument("--retries", type=int, default=1,
+                    help="times a failed block task is tried again before the run reports it "
+                         "(default 1); finished blocks are kept either way")
     ap.add_argument("--png", default=None, help="also write a PNG montage of z slices here")
     ap.add_argument("--summary", default=None, help="also write the run summary as JSON here")
     ap.add_argument("--overwrite", action="store_true",
@@ -118,13 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def workdir_of(args: argparse.Namespace) -> Path:
+    from ffnjax.blockfiles import default_workdir
+
+    return Path(args.workdir) if args.workdir else default_workdir(args.output)
+
+
 def check_paths(args: argparse.Namespace) -> None:
     """The output checks of `_cli.check_outputs`, before the model loads: a
     rerun that resumes (the work folder holds a run.json) may find its
     outputs in place."""
-    from ffnjax.blockwise import default_workdir
-
-    workdir = Path(args.workdir) if args.workdir else default_workdir(args.output)
+    workdir = workdir_of(args)
     resuming = (workdir / "run.json").exists()
     _cli.check_outputs(
         {"--output": args.output, "--workdir": str(workdir), "--summary": args.summary,
@@ -141,7 +150,7 @@ def refuse_multi_process() -> None:
                          f"start it once with --scheduler tcp://HOST:8786 (docs/multihost.md)")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | int:
     parser = build_parser()
     args = parser.parse_args(argv)
     refuse_multi_process()
@@ -170,12 +179,23 @@ def main(argv: list[str] | None = None) -> dict:
         apply_fn = None
         options = options_from_args(
             args, InferenceOptions(**inference_defaults(args.checkpoint, args.step)))
-    summary = segment_volume(
-        args.image, args.output, params, model_config, options, block=args.block,
-        overlap=args.overlap, client=args.scheduler, apply_fn=apply_fn,
-        min_overlap=args.min_overlap, workdir=args.workdir, n_workers=args.workers,
-        chunks=args.chunks, retries=args.retries, progress=not args.quiet,
-        overwrite=args.overwrite)
+    try:
+        summary = segment_volume(
+            args.image, args.output, params, model_config, options, block=args.block,
+            overlap=args.overlap, client=args.scheduler, apply_fn=apply_fn,
+            min_overlap=args.min_overlap, workdir=args.workdir, n_workers=args.workers,
+            chunks=args.chunks, retries=args.retries, progress=not args.quiet,
+            overwrite=args.overwrite)
+    except KeyboardInterrupt as e:  # SIGINT / SIGTERM: finished blocks are on disk
+        raise interrupt.with_resume(e, f"finished blocks are kept in {workdir_of(args)}; rerun the "
+                                       "same command to resume") from None
+    except TasksFailed as e:  # one line: exit 2 for bad input (a NaN block), else 1
+        if e.bad_input:
+            raise ValueError(str(e)) from e
+        if args.debug:
+            raise
+        print(_cli.error_line(e), file=sys.stderr)
+        return 1
     print(summary)
     if summary.weak_contacts:
         print(f"{len(summary.weak_contacts)} possible cuts (objects touching across an overlap with "

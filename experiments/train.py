@@ -43,7 +43,7 @@ import json
 from pathlib import Path
 
 from experiments import _cli
-from ffnjax import multihost
+from ffnjax import interrupt, multihost
 from ffnjax.config import ModelConfig, TrainConfig
 from ffnjax.recipes import RECIPES
 
@@ -164,6 +164,11 @@ def main(argv: list[str] | None = None) -> dict:
                         allow_config_change=args.allow_config_change.split(","))
     except _cli.BAD_INPUT as e:
         raise SystemExit(_cli.report_error(e, args.debug)) from None
+    except interrupt.Interrupted as e:  # checkpoint saved: the metrics so far, then the one line
+        if e.result is not None:
+            print(json.dumps({"workdir": str(Path(args.workdir).absolute()), **e.result},
+                             sort_keys=True), flush=True)
+        raise
     print(json.dumps({"workdir": str(Path(args.workdir).absolute()), **metrics}, sort_keys=True))
     return metrics
 

@@ -47,31 +47,31 @@ import dataclasses
 import json
 import math
 import os
-import resource
-import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import fastremap
 import jax
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from ffnjax import dask_tasks
+from ffnjax import dask_tasks, handoff, scale
+from ffnjax.blockfiles import (block_paths, check_output, check_run_file, default_workdir,  # noqa: F401
+                               load_block_labels, load_block_meta, prepare_output, save_block)
 from ffnjax.blockgrid import Block, BlockGrid, axis_starts, overlap_box  # noqa: F401  (old home)
 from ffnjax.config import InferenceOptions, ModelConfig
 from ffnjax.dask_tasks import LOCAL_SCHEDULERS  # noqa: F401  (its old home)
-from ffnjax.files import digest, overlaps, probe_writable, save_npz, write_json
+from ffnjax.files import digest, overlaps, probe_writable, write_json
 from ffnjax.handles import as_volume, spec_text
-from ffnjax.segmentation import segment
+from ffnjax.segmentation import (UNSEGMENTED_SEED, SegmentState, final_segmentation, run_fingerprint,
+                                 segment, segment_state)
 from ffnjax.view import make_viewer, read_slices, save_montage  # noqa: F401  (their old home)
 from ffnjax.volume_spec import local_paths
-from ffnjax.volumes import create_volume, open_volume, require_finite
+from ffnjax.volumes import require_finite
 
 SegmentFn = Callable[[np.ndarray], np.ndarray]
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: whole-volume seeds, handoff rounds, tried seeds kept
 
 
 # ----------------------------------------------------------------------------
@@ -87,12 +87,66 @@ class FFNSegmenter:
       params, model_config, options, apply_fn: as for `ffnjax.segmentation.segment`;
         apply_fn=None uses the FFN network, `ffnjax.testing.oracle_apply_fn`
         the oracle (then the image is a label volume).
+
+    A block starts from the whole volume's seeds inside it (`seeds_for`,
+    `ffnjax.handoff.block_seeds`) and can continue from seeds handed over by
+    its neighbours (`run` with `prior`). `options.min_segment_size` is applied
+    to whole objects after stitching (`min_object_size`), not to the pieces a
+    block sees, so blocks segment with it at 0.
     """
 
     params: Any
     model_config: ModelConfig
     options: InferenceOptions
     apply_fn: Callable | None = None
+
+    @property
+    def radius(self) -> tuple[int, int, int]:
+        return tuple(s // 2 for s in self.model_config.fov_size)  # type: ignore[return-value]
+
+    @property
+    def min_object_size(self) -> int:
+        return int(self.options.min_segment_size)
+
+    @property
+    def handoff(self) -> bool:
+        """Whether blocks can continue from handed seeds (not with consensus,
+        whose two passes would each need them)."""
+        return not self.options.consensus
+
+    def read_block(self, image: Any, block: Block) -> np.ndarray:
+        vol = as_volume(image)
+        return require_finite(vol.read(block.start, block.shape), f"image {spec_text(image)!r}",
+                              block.start, getattr(vol, "chunks", None))
+
+    def seeds_for(self, image: Any, block: Block) -> np.ndarray:
+        """The whole volume's seeds inside `block` (`ffnjax.handoff.block_seeds`)."""
+        vol = as_volume(image)
+        return handoff.block_seeds(vol.read, tuple(vol.shape), block, self.options, self.radius)
+
+    def run(self, image: np.ndarray, seeds: np.ndarray,
+            prior: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Segments the block `image` from `seeds` (block-local native z,y,x),
+        continuing `prior` = (labels, tried) when given. Returns (labels,
+        tried): native labels, and the seeds (segmented grid) that gave no
+        object, each seed of `seeds` that ended outside an object included."""
+        opts = dataclasses.replace(self.options, min_segment_size=0)
+        f = opts.downsample
+        coarse = scale.to_coarse_points(seeds, f)
+        state = None
+        if prior is not None:
+            seg = scale.downsample_labels(np.asarray(prior[0]), f).astype(np.int64)
+            seg[tuple(np.asarray(prior[1], np.int64).reshape(-1, 3).T)] = UNSEGMENTED_SEED
+            state = SegmentState(segmentation=seg, seeds=coarse, next_id=int(seg.max()) + 1,
+                                 fingerprint=run_fingerprint(seg.shape, self.model_config, opts))
+        state, _ = segment_state(image, self.params, self.model_config, opts, self.apply_fn,
+                                 state=state, seeds=seeds if prior is None else None,
+                                 progress=False)
+        seg = state.segmentation
+        if len(coarse):
+            unfilled = coarse[seg[tuple(coarse.T)] == 0]  # skipped: never offered again
+            seg[tuple(unfilled.T)] = UNSEGMENTED_SEED
+        return final_segmentation(state, opts, image.shape), np.argwhere(seg == UNSEGMENTED_SEED)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         seg, _ = segment(image, self.params, self.model_config, self.options, apply_fn=self.apply_fn,
@@ -103,7 +157,7 @@ class FFNSegmenter:
         """What determines this segmenter's output, for resume checks."""
         return {"model_config": self.model_config.to_dict(), "options": self.options.to_dict(),
                 "apply_fn": _qualname(self.apply_fn) if self.apply_fn is not None else "ffn",
-                "params_sha256": params_digest(self.params)}
+                "params_sha256": params_digest(self.params), "seeds": "whole-volume+handoff"}
 
 
 def params_digest(params: Any) -> str:
@@ -126,60 +180,9 @@ def _fingerprint(segment_fn: Any) -> Any:
     return fp() if callable(fp) else {"segment_fn": _qualname(segment_fn)}
 
 
-# ----------------------------------------------------------------------------
-# The work folder
-
-
-def default_workdir(output_spec: Any) -> Path:
-    """``<output path>.blocks`` beside a local output volume.
-
-    Raises:
-      ValueError: for a remote output (gs://, s3://, ...) or an in-memory one,
-        where a shared work folder must be named explicitly.
-    """
-    text = spec_text(output_spec)
-    for prefix in ("precomputed://", "file://"):
-        if text.startswith(prefix):
-            text = text[len(prefix):]
-    if "://" in text or text.startswith("{") or not isinstance(output_spec, (str, os.PathLike)):
-        raise ValueError(f"cannot derive a local work folder from output {text!r}; pass workdir= "
-                         "(a folder every worker can read and write)")
-    return Path(text.rstrip("/") + ".blocks")
-
-
-# ----------------------------------------------------------------------------
-# Block result files
-
-
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this process in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def block_paths(workdir: str | os.PathLike, block: Block) -> tuple[Path, Path]:
-    """(labels .npz, metadata .json) of a block's result; the JSON is written
-    last and marks the block done."""
-    d = Path(workdir) / "blocks"
-    return d / f"{block.name}.npz", d / f"{block.name}.json"
-
-
-def load_block_labels(workdir: str | os.PathLike, block: Block) -> np.ndarray:
-    """A finished block's local labels (uint, 0 = background, ids 1..n)."""
-    npz, _ = block_paths(workdir, block)
-    with np.load(npz, allow_pickle=False) as z:
-        labels = z["labels"]
-    if labels.shape != block.shape:
-        raise ValueError(f"{npz} holds labels of shape {labels.shape}, expected {block.shape}")
-    return labels
-
-
-def load_block_meta(workdir: str | os.PathLike, block: Block) -> dict | None:
-    """A finished block's metadata, or None when the block is not done."""
-    _, meta = block_paths(workdir, block)
-    try:
-        return json.loads(meta.read_text())
-    except FileNotFoundError:
-        return None
+def _seeds_itself(segment_fn: Any) -> bool:
+    """Whether `segment_fn` starts from the whole volume's seeds (`FFNSegmenter`)."""
+    return callable(getattr(segment_fn, "seeds_for", None)) and callable(getattr(segment_fn, "run", None))
 
 
 # ----------------------------------------------------------------------------
@@ -189,42 +192,40 @@ def load_block_meta(workdir: str | os.PathLike, block: Block) -> dict | None:
 def segment_block(image: Any, workdir: str, block: Block, segment_fn: SegmentFn) -> dict:
     """Phase 1 task: segments one block unless its result already exists.
 
-    Returns the block's metadata dict (with 'skipped': True when it was done
-    before).
+    A segmenter with `seeds_for` / `run` (`FFNSegmenter`) starts from the
+    whole volume's seeds in the block; any other is called on the block's
+    image. Returns the block's metadata dict (with 'skipped': True when it was
+    done before).
     """
     meta = load_block_meta(workdir, block)
     if meta is not None:
         return {**meta, "skipped": True}
     t0 = time.perf_counter()
-    vol = as_volume(image)
-    data = require_finite(vol.read(block.start, block.shape), f"image {spec_text(image)!r}",
-                          block.start, getattr(vol, "chunks", None))
-    labels = np.asarray(segment_fn(data))
+    if _seeds_itself(segment_fn):
+        data = segment_fn.read_block(image, block)
+        labels, tried = segment_fn.run(data, segment_fn.seeds_for(image, block))
+    else:
+        vol = as_volume(image)
+        data = require_finite(vol.read(block.start, block.shape), f"image {spec_text(image)!r}",
+                              block.start, getattr(vol, "chunks", None))
+        labels, tried = np.asarray(segment_fn(data)), np.zeros((0, 3), np.int64)
     if labels.shape != block.shape:
         raise ValueError(f"segmenter returned shape {labels.shape} for block {block.name} "
                          f"of shape {block.shape}")
     if labels.dtype.kind not in "iu" or (labels.size and labels.min() < 0):
         raise ValueError(f"segmenter must return non-negative integer labels, got {labels.dtype}")
-    labels, _ = fastremap.renumber(labels, preserve_zero=True)
-    labels = fastremap.refit(labels)  # smallest unsigned dtype holding 0..n
-    n_objects = int(labels.max()) if labels.size else 0
-    ids, sizes = fastremap.unique(labels[block.core_slices], return_counts=True)
-    keep = ids != 0
-    seconds = time.perf_counter() - t0
-    npz_path, meta_path = block_paths(workdir, block)
-    save_npz(npz_path, {"labels": labels}, compressed=True)
-    meta = {"block": block.name, "index": list(block.index), "start": list(block.start),
-            "stop": list(block.stop), "n_objects": n_objects,
-            "core_ids": ids[keep].astype(np.int64).tolist(),
-            "core_sizes": sizes[keep].astype(np.int64).tolist(),
-            "seconds": seconds, "peak_rss_mb": _peak_rss_mb(), "host": socket.gethostname(),
-            "pid": os.getpid(), "finished": time.time()}
-    write_json(meta_path, meta)
-    return {**meta, "skipped": False}
+    return {**save_block(workdir, block, 0, labels, tried, t0, {}), "skipped": False}
 
 
-def match_pair(workdir: str, a: Block, b: Block) -> np.ndarray:
-    """Phase 2 task: object pairs shared by blocks a and b in their overlap.
+def _overlap_labels(workdir: str, block: Block, meta: dict | None, start, stop) -> np.ndarray:
+    labels = load_block_labels(workdir, block, meta)
+    return labels[tuple(slice(s - o, e - o) for s, e, o in zip(start, stop, block.start))]
+
+
+def match_pair(workdir: str, a: Block, b: Block, meta_a: dict | None = None,
+               meta_b: dict | None = None) -> np.ndarray:
+    """Phase 2 task: object pairs shared by blocks a and b in their overlap
+    (their results as `meta_a` / `meta_b` name them; None: round 0).
 
     Returns:
       int64 array (n, 3) of rows (local id in a, local id in b, shared voxels),
@@ -233,8 +234,8 @@ def match_pair(workdir: str, a: Block, b: Block) -> np.ndarray:
     start, stop = overlap_box(a, b)
     if any(e <= s for s, e in zip(start, stop)):
         return np.zeros((0, 3), np.int64)
-    la = load_block_labels(workdir, a)[tuple(slice(s - o, e - o) for s, e, o in zip(start, stop, a.start))]
-    lb = load_block_labels(workdir, b)[tuple(slice(s - o, e - o) for s, e, o in zip(start, stop, b.start))]
+    la = _overlap_labels(workdir, a, meta_a, start, stop)
+    lb = _overlap_labels(workdir, b, meta_b, start, stop)
     both = (la != 0) & (lb != 0)
     key = (la[both].astype(np.uint64) << np.uint64(32)) | lb[both].astype(np.uint64)
     keys, counts = np.unique(key, return_counts=True)
@@ -243,10 +244,11 @@ def match_pair(workdir: str, a: Block, b: Block) -> np.ndarray:
                      counts.astype(np.int64)], axis=1)
 
 
-def write_block(output: Any, workdir: str, block: Block, lut: np.ndarray) -> int:
+def write_block(output: Any, workdir: str, block: Block, lut: np.ndarray,
+                meta: dict | None = None) -> int:
     """Phase 3 task: relabels a block's core with `lut` (local id -> global id)
     and writes it into the output volume. Returns the voxels written."""
-    labels = load_block_labels(workdir, block)[block.core_slices]
+    labels = load_block_labels(workdir, block, meta)[block.core_slices]
     out = lut[labels]
     as_volume(output, "r+").write(block.core_start, out)
     return int(out.size)
@@ -282,7 +284,7 @@ class Reconciliation:
 
 
 def reconcile(grid: BlockGrid, metas: dict[str, dict], matches: list[np.ndarray],
-              min_overlap: int = 1) -> Reconciliation:
+              min_overlap: int = 1, min_size: int = 0) -> Reconciliation:
     """Joins objects across overlaps and numbers them globally.
 
     Args:
@@ -290,6 +292,8 @@ def reconcile(grid: BlockGrid, metas: dict[str, dict], matches: list[np.ndarray]
       metas: block name -> metadata from `segment_block`.
       matches: per `grid.neighbour_pairs()` entry, the rows from `match_pair`.
       min_overlap: shared voxels needed to join two objects.
+      min_size: objects with fewer voxels in the output are left out (0):
+        `InferenceOptions.min_segment_size`, applied to whole objects.
 
     Returns:
       A Reconciliation. Global ids are 1..K in the order of the lowest
@@ -329,7 +333,7 @@ def reconcile(grid: BlockGrid, metas: dict[str, dict], matches: list[np.ndarray]
     # Components in order of first appearance (node order = block raster, local id).
     _, first = np.unique(comp, return_index=True)
     order = np.argsort(first, kind="stable")  # component ids sorted by first node
-    present = order[comp_core[order] > 0]
+    present = order[comp_core[order] >= max(int(min_size), 1)]
     global_of_comp = np.zeros(comp_core.size, np.uint64)
     global_of_comp[present] = np.arange(1, present.size + 1, dtype=np.uint64)
     node_global = global_of_comp[comp] if total else np.zeros(0, np.uint64)
@@ -367,8 +371,11 @@ class BlockwiseSummary:
       n_objects: global objects in the output; n_joins: joined object pairs.
       weak_contacts: object pairs that touched across an overlap with fewer
         than min_overlap shared voxels (possible cuts), see `Reconciliation`.
-      seconds: wall time per phase ('segment', 'match', 'reconcile', 'write',
-        'total').
+      handoff_rounds: handoff rounds run (`ffnjax.handoff`; 0 for a
+        segmenter without handoff); handoff_converged: whether the last round
+        handed no seed (False: `handoff_rounds` hit its bound).
+      seconds: wall time per phase ('segment', 'handoff', 'match',
+        'reconcile', 'write', 'total').
       voxels_per_second: volume voxels / total seconds.
       peak_worker_rss_mb: the largest peak resident memory reported by a
         segmenting worker process (covers only blocks computed in this run).
@@ -389,6 +396,8 @@ class BlockwiseSummary:
     seconds: dict[str, float]
     voxels_per_second: float
     peak_worker_rss_mb: float
+    handoff_rounds: int = 0
+    handoff_converged: bool = True
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -398,91 +407,25 @@ class BlockwiseSummary:
         s = self.seconds
         return (f"{self.n_blocks} blocks {self.grid_shape} of {self.block} (overlap {self.overlap}) "
                 f"over {self.shape}: {self.blocks_computed} segmented, {self.blocks_skipped} resumed; "
+                f"{self.handoff_rounds} handoff rounds"
+                f"{'' if self.handoff_converged else ' (bound reached: coverage may be short)'}; "
                 f"{self.n_objects} objects, {self.n_joins} joins, {len(self.weak_contacts)} weak "
-                f"contacts; {s['total']:.1f} s total (segment {s['segment']:.1f}, match "
+                f"contacts; {s['total']:.1f} s total (segment {s['segment']:.1f}, handoff "
+                f"{s.get('handoff', 0.0):.1f}, match "
                 f"{s['match']:.1f}, write {s['write']:.1f}), {self.voxels_per_second:,.0f} voxels/s, "
                 f"peak worker RSS {self.peak_worker_rss_mb:.0f} MiB -> {self.output}")
-
-
-def _check_run_file(workdir: Path, record: dict, write: bool = True) -> bool:
-    """True when `workdir` holds this run's run.json (a resume); refuses one of
-    another run. Writes the record when absent (unless `write` is False)."""
-    path = workdir / "run.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old != record:
-            diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
-            raise ValueError(f"work folder {workdir} holds blocks of a different run (differs in "
-                             f"{diff}); delete it or pass another workdir")
-        return True
-    if write:
-        write_json(path, record)
-    return False
-
-
-def _check_output(output: Any, image_spec: Any, workdir: Path, shape, resuming: bool,
-                  overwrite: bool) -> bool:
-    """Checks the output before any work; returns whether it must be created.
-
-    Refused, naming the output: one that is (or holds, or lies inside) the
-    image or the work folder, whatever `overwrite` says; an existing one
-    unless this run resumes it (its work folder holds this run's run.json) or
-    `overwrite`; one of the wrong shape or dtype when resuming; one that
-    cannot be created (`ffnjax.files.probe_writable`).
-    """
-    if not isinstance(output, (str, os.PathLike)):
-        if tuple(output.shape) != tuple(shape):
-            raise ValueError(f"output volume has shape {tuple(output.shape)}, image has {tuple(shape)}")
-        return False
-    text = spec_text(output)
-    out_paths = local_paths(output)
-    for path in out_paths:
-        for ipath in local_paths(image_spec):
-            if overlaps(path, ipath):
-                raise ValueError(f"output {text!r} would overwrite the image {spec_text(image_spec)!r}"
-                                 " (the same path, or one inside the other); write to another path")
-        if overlaps(path, workdir):
-            raise ValueError(f"output {text!r} and the work folder {workdir} overlap; give each "
-                             "its own path")
-    exists = any(Path(p).expanduser().exists() for p in out_paths)
-    if not out_paths:  # a remote output: ask the store
-        try:
-            open_volume(output).close()
-            exists = True
-        except FileNotFoundError:
-            exists = False
-    if exists and resuming:
-        vol = open_volume(output)
-        if tuple(vol.shape) != tuple(shape) or vol.dtype.kind not in "iu":
-            raise ValueError(f"existing output {text!r} has shape {vol.shape} and dtype "
-                             f"{vol.dtype}; the image needs shape {tuple(shape)} with an integer dtype")
-        return False
-    if exists and not overwrite:
-        raise FileExistsError(f"output {text!r} exists and work folder {workdir} holds no run "
-                              "that wrote it; pass overwrite=True (--overwrite) to replace it")
-    for path in out_paths:
-        probe_writable(path, f"output {text!r}")
-    return True
-
-
-def _prepare_output(output: Any, shape, voxel_size, chunks, create: bool, replace: bool) -> Any:
-    """The output, created as a uint64 volume when `create` (replacing an old
-    one when `replace`); checked by `_check_output` before any work."""
-    if create:
-        create_volume(output, shape, "uint64", chunks=chunks, voxel_size=voxel_size,
-                      overwrite=replace)
-    return output
 
 
 def segment_volume(image_spec: Any, output_spec: Any, params: Any = None,
                    model_config: ModelConfig | None = None,
                    options: InferenceOptions = InferenceOptions(), *,
-                   block: Sequence[int] = (128, 256, 256), overlap: Sequence[int] = (16, 32, 32),
+                   block: Sequence[int] = (128, 256, 256), overlap: Sequence[int] | None = None,
                    client: Any = None, apply_fn: Callable | None = None,
                    min_overlap: int = 1, workdir: str | os.PathLike | None = None,
                    segment_fn: SegmentFn | None = None, n_workers: int | None = None,
                    chunks: Sequence[int] | None = None, retries: int = 1,
-                   progress: bool = True, overwrite: bool = False) -> BlockwiseSummary:
+                   progress: bool = True, overwrite: bool = False,
+                   max_handoff_rounds: int = 16) -> BlockwiseSummary:
     """Segments a whole volume block by block and writes one global segmentation.
 
     Args:
@@ -495,8 +438,11 @@ def segment_volume(image_spec: Any, output_spec: Any, params: Any = None,
       params, model_config, options, apply_fn: the model, as for
         `ffnjax.segmentation.segment` (apply_fn=`ffnjax.testing.oracle_apply_fn` with
         `oracle_options()` runs the oracle on a label volume).
-      block: block size z,y,x (each block is segmented independently).
-      overlap: voxels shared by neighbouring blocks z,y,x (>= the FOV is wise).
+      block: block size z,y,x.
+      overlap: voxels shared by neighbouring blocks z,y,x. With the FFN
+        segmenter at least twice the FOV radius on every axis with several
+        blocks (`check_overlap`), which is the default (None); another
+        `segment_fn` must be given one.
       client: None (a LocalCluster sized to the machine), a
         `dask.distributed.Client`, a scheduler address 'tcp://host:port', or a
         Dask local scheduler name 'sync' / 'threads' / 'processes'.
@@ -508,20 +454,25 @@ def segment_volume(image_spec: Any, output_spec: Any, params: Any = None,
         `fingerprint()` method returning JSON to have resumes checked.
       n_workers: worker processes of the default LocalCluster.
       chunks: chunk shape of a newly created output (default: volumes' default).
-      retries: Dask retries per task on a distributed client.
+      retries: times a failed task is tried again (`ffnjax.dask_tasks.run_tasks`).
       progress: show tqdm bars (blocks, pairs, writes).
       overwrite: replace an existing output that this run did not write
         (without it, such an output is refused before any work).
+      max_handoff_rounds: bound on the handoff rounds (`ffnjax.handoff`) of
+        a segmenter that supports them; 0 turns handoff off.
 
     Returns:
       A BlockwiseSummary.
 
     Raises:
-      ValueError: bad geometry, a workdir holding another run, an output
+      ValueError: bad geometry (an overlap too small for the FOV), a workdir holding another run, an output
         that is the image, an existing output of the wrong shape, or neither
         params/model_config nor segment_fn given.
       FileExistsError: an existing output this run did not write, without
         `overwrite`.
+      ffnjax.dask_tasks.TasksFailed: blocks that failed every try, each named
+        with its error (after the other blocks of the phase finished; their
+        results are kept, and a rerun computes only the missing ones).
       NotADirectoryError / PermissionError: an output or work folder that
         cannot be written (found before any work).
     """
@@ -534,10 +485,20 @@ def segment_volume(image_spec: Any, output_spec: Any, params: Any = None,
     shape = tuple(int(s) for s in image.shape)
     if len(shape) != 3:
         raise ValueError(f"image {spec_text(image_spec)!r} must be 3D z,y,x, got shape {shape}")
+    if overlap is None:
+        if not _seeds_itself(segment_fn):
+            raise ValueError("segment_volume needs an overlap with a segment_fn of its own")
+        overlap = handoff.required_overlap(segment_fn.radius, segment_fn.options.downsample)
     grid = BlockGrid(shape, block, overlap)
+    handing_off = (_seeds_itself(segment_fn) and bool(getattr(segment_fn, "handoff", False))
+                   and int(max_handoff_rounds) > 0)
+    if _seeds_itself(segment_fn):
+        check_overlap(grid, segment_fn)
     min_overlap = int(min_overlap)
     if min_overlap < 1:
         raise ValueError(f"min_overlap must be >= 1 voxel, got {min_overlap}")
+    if int(retries) < 0:
+        raise ValueError(f"retries (--retries) must be >= 0, got {retries}")
     workdir = Path(workdir) if workdir is not None else default_workdir(output_spec)
     for ipath in local_paths(image_spec):
         if overlaps(workdir, ipath):
@@ -545,45 +506,69 @@ def segment_volume(image_spec: Any, output_spec: Any, params: Any = None,
                              f"{spec_text(image_spec)!r}; pass another workdir")
     record = {"format": FORMAT_VERSION, "image": spec_text(image_spec), "shape": list(shape),
               "block": list(grid.block), "overlap": list(grid.overlap),
-              "segmenter": json.loads(json.dumps(_fingerprint(segment_fn)))}
-    resuming = _check_run_file(workdir, record, write=False)
-    create = _check_output(output_spec, image_spec, workdir, shape, resuming, overwrite)
+              "segmenter": json.loads(json.dumps(_fingerprint(segment_fn))),
+              "max_handoff_rounds": int(max_handoff_rounds) if handing_off else 0}
+    resuming = check_run_file(workdir, record, write=False)
+    create = check_output(output_spec, image_spec, workdir, shape, resuming, overwrite)
     probe_writable(workdir / "blocks", "work folder")
     # Checks done: from here on files are written.
     (workdir / "blocks").mkdir(parents=True, exist_ok=True)
-    _check_run_file(workdir, record)
+    check_run_file(workdir, record)
     wd = str(workdir)
     seconds = {}
+    hint = (f"finished blocks are kept in {workdir}: rerun the same command to compute only the "
+            f"missing ones (tracebacks in {workdir / 'failures.json'})")
     with dask_tasks.engine(client, len(grid), n_workers) as engine:
+        def tasks(fn, args_list, desc, labels, **shared):
+            try:
+                return dask_tasks.run_tasks(engine, fn, args_list, desc=desc, progress=progress,
+                                            shared=shared, retries=retries, labels=labels,
+                                            hint=hint)
+            except dask_tasks.TasksFailed as e:
+                write_json(workdir / "failures.json",
+                           {"phase": desc, "failures": [f.to_dict() for f in e.failures]})
+                raise
+
         t = time.perf_counter()
         done = {b.name: m for b in grid.blocks if (m := load_block_meta(wd, b)) is not None}
         todo = [b for b in grid.blocks if b.name not in done]
-        new = dask_tasks.run_tasks(engine, segment_block, [(image_spec, wd, b) for b in todo],
-                                   desc="segment", progress=progress,
-                                   shared={"segment_fn": segment_fn}, retries=retries)
+        new = tasks(segment_block, [(image_spec, wd, b) for b in todo], "segment",
+                    [f"block {b.name}" for b in todo], segment_fn=segment_fn)
         metas = {**done, **{m["block"]: m for m in new}}
         seconds["segment"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        rounds, converged = 0, True
+        if handing_off:
+            def run_round(fn, args_list, desc, labels):
+                return tasks(fn, args_list, desc, labels, segment_fn=segment_fn)
+
+            metas, rounds, converged = handoff.run_rounds(run_round, grid, image_spec, wd,
+                                                          segment_fn, metas, int(max_handoff_rounds))
+        seconds["handoff"] = time.perf_counter() - t
+
+        t = time.perf_counter()
         pairs = grid.neighbour_pairs()
-        matches = dask_tasks.run_tasks(engine, match_pair, [(wd, a, b) for a, b in pairs],
-                                       desc="match", progress=progress, retries=retries)
+        matches = tasks(match_pair, [(wd, a, b, metas[a.name], metas[b.name]) for a, b in pairs],
+                        "match", [f"blocks {a.name} and {b.name}" for a, b in pairs])
         seconds["match"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        rec = reconcile(grid, metas, matches, min_overlap)
+        rec = reconcile(grid, metas, matches, min_overlap,
+                        int(getattr(segment_fn, "min_object_size", 0)))
         write_json(workdir / "reconcile.json", {
             "n_objects": rec.n_objects, "n_joins": rec.n_joins, "min_overlap": min_overlap,
+            "handoff_rounds": rounds, "handoff_converged": converged,
             "weak_contacts": rec.weak_contacts})
         seconds["reconcile"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        output = _prepare_output(output_spec, shape, getattr(image, "voxel_size", (1, 1, 1)), chunks,
-                                 create, replace=overwrite and not resuming)
-        dask_tasks.run_tasks(engine, write_block,
-                             [(output, wd, b, rec.luts[b.name]) for b in grid.blocks],
-                             desc="write", progress=progress, retries=retries)
+        output = prepare_output(output_spec, shape, getattr(image, "voxel_size", (1, 1, 1)), chunks,
+                                create, replace=overwrite and not resuming)
+        tasks(write_block, [(output, wd, b, rec.luts[b.name], metas[b.name]) for b in grid.blocks],
+              "write", [f"block {b.name}" for b in grid.blocks])
         seconds["write"] = time.perf_counter() - t
+    (workdir / "failures.json").unlink(missing_ok=True)
     seconds["total"] = time.perf_counter() - t_start
     computed = [m for m in new if not m.get("skipped")]
     return BlockwiseSummary(
@@ -592,4 +577,22 @@ def segment_volume(image_spec: Any, output_spec: Any, params: Any = None,
         blocks_computed=len(computed), blocks_skipped=len(grid) - len(computed),
         n_objects=rec.n_objects, n_joins=rec.n_joins, weak_contacts=rec.weak_contacts,
         seconds=seconds, voxels_per_second=math.prod(shape) / max(seconds["total"], 1e-9),
-        peak_worker_rss_mb=max([m["peak_rss_mb"] for m in computed], default=0.0))
+        peak_worker_rss_mb=max([m["peak_rss_mb"] for m in computed], default=0.0),
+        handoff_rounds=rounds, handoff_converged=converged)
+
+
+def check_overlap(grid: BlockGrid, segment_fn: FFNSegmenter) -> None:
+    """Refuses an overlap below `ffnjax.handoff.required_overlap` (twice the
+    FOV radius) on an axis with several blocks: there, the band between the
+    places where two neighbouring blocks can start a fill would be reached
+    by neither, and objects seeded only there would be lost."""
+    need = handoff.required_overlap(segment_fn.radius, segment_fn.options.downsample)
+    short = [ax for ax in range(3) if grid.grid_shape[ax] > 1 and grid.overlap[ax] < need[ax]]
+    if short:
+        fov = tuple(segment_fn.model_config.fov_size)
+        ask = ",".join(str(max(o, n)) for o, n in zip(grid.overlap, need))
+        raise ValueError(
+            f"overlap {grid.overlap} (z,y,x) is too small for the FOV {fov}: along "
+            f"{', '.join('zyx'[ax] for ax in short)} neighbouring blocks must share at least twice "
+            f"the FOV radius, {','.join(map(str, need))} voxels, or objects seeded near a block face "
+            f"are lost (a fill starts only where a whole FOV fits in its block); use --overlap {ask}")

@@ -51,7 +51,7 @@ import numpy as np
 from scipy.special import expit
 from tqdm.auto import tqdm
 
-from ffnjax import scale, seed_policies
+from ffnjax import interrupt, scale, seed_policies
 from ffnjax import seeds as seeds_lib
 from ffnjax.config import InferenceOptions, ModelConfig
 from ffnjax.consensus import split_by_intersection, unlabel_contested
@@ -62,6 +62,9 @@ from ffnjax.nets import normalize_image
 from ffnjax.restrict import Restriction, coarse_inputs, inputs_digest
 
 UNSEGMENTED_SEED = -1  # marks a tried seed voxel so it is not retried
+# FOV steps per device call of a fill: a signal (`ffnjax.interrupt`) or the
+# progress bar acts between calls; the result does not depend on it.
+FILL_CHUNK_STEPS = 16
 
 
 @dataclasses.dataclass
@@ -348,6 +351,34 @@ def _time_compile(spec: FillSpec, apply_fn: ApplyFn, params: Any, image_dev: jax
     return time.perf_counter() - t0
 
 
+def _commit_fill(state: SegmentState, st: Any, seed: tuple[int, int, int], spec: FillSpec,
+                 options: InferenceOptions, timings: dict[str, float], t0: float) -> None:
+    """Adds the finished fill `st` of `seed` to `state` (counters, object, positions)."""
+    c = state.counters
+    canvas = np.asarray(st.canvas)
+    steps, lo, hi = int(st.steps), np.asarray(st.lo), np.asarray(st.hi)
+    if state.positions is not None:
+        state.positions = np.concatenate(
+            [state.positions, np.asarray(st.trace)[:steps].astype(np.int64)])
+    t1 = time.perf_counter()
+    timings["first_fill" if c["fills"] == 0 else "fill"] += t1 - t0
+    c["fills"] += 1
+    c["fov_steps"] += steps
+    c["net_calls"] += int(st.calls)
+    r = np.asarray(spec.radius)
+    bbox = (lo - r, hi + r) if steps > 0 else None
+    outcome, record = commit_object(state.segmentation, canvas, seed, state.next_id, steps, spec,
+                                    options.min_segment_size, bbox=bbox,
+                                    probabilities=state.probabilities)
+    timings["commit"] += time.perf_counter() - t1
+    c[outcome] += 1
+    if record is not None:
+        record.fill_s = t1 - t0
+        state.objects.append(record)
+        state.next_id += 1
+        c["voxels"] += record.voxels
+
+
 def _segment_pass(state: SegmentState, spec: FillSpec, apply_fn: ApplyFn, params: Any,
                   image_dev: jax.Array, options: InferenceOptions, timings: dict[str, float],
                   checkpoint: Callable[[bool], None], progress: bool, desc: str,
@@ -371,8 +402,13 @@ def _segment_pass(state: SegmentState, spec: FillSpec, apply_fn: ApplyFn, params
         bar.set_postfix_str(f"objects={c['committed']} FOV steps={c['fov_steps'] + steps_now:,} "
                             f"({rate:.1f}/s) voxels={c['voxels']:,}", refresh=True)
 
-    report = show if progress else None
     moves, excluded = restriction.moves(), restriction.seeds()
+
+    def between_chunks(steps_now: int) -> None:  # a signal stops a long fill here
+        interrupt.check()
+        if progress:
+            show(steps_now)
+
     try:
         if c["fills"] == 0 and state.seed_index < len(state.seeds):
             seed0 = tuple(int(v) for v in state.seeds[state.seed_index])
@@ -381,41 +417,22 @@ def _segment_pass(state: SegmentState, spec: FillSpec, apply_fn: ApplyFn, params
             seed = tuple(int(v) for v in state.seeds[state.seed_index])
             why = seed_allowed(seg, seed, options.min_boundary_dist, excluded,
                                retry_tried=spec.skip_segmented)
-            if why is not None:
-                c[f"skipped_{why}"] += 1
-            else:
+            if why is None:
                 t0 = time.perf_counter()
-                # blocks; checks overflow; reports progress inside the fill
+                # blocks; checks overflow; runs in chunks of FILL_CHUNK_STEPS (same result)
                 blocked = _blocked(seg, spec, moves)
-                st = run_fill(spec, apply_fn, params, image_dev, seed, report=report, every=16,
-                              blocked=blocked)
-                canvas = np.asarray(st.canvas)
-                steps, lo, hi = int(st.steps), np.asarray(st.lo), np.asarray(st.hi)
-                if state.positions is not None:
-                    state.positions = np.concatenate(
-                        [state.positions, np.asarray(st.trace)[:steps].astype(np.int64)])
-                t1 = time.perf_counter()
-                timings["first_fill" if c["fills"] == 0 else "fill"] += t1 - t0
-                c["fills"] += 1
-                c["fov_steps"] += steps
-                c["net_calls"] += int(st.calls)
-                r = np.asarray(spec.radius)
-                bbox = (lo - r, hi + r) if steps > 0 else None
-                outcome, record = commit_object(seg, canvas, seed, state.next_id, steps, spec,
-                                                options.min_segment_size, bbox=bbox,
-                                                probabilities=state.probabilities)
-                timings["commit"] += time.perf_counter() - t1
-                c[outcome] += 1
-                if record is not None:
-                    record.fill_s = t1 - t0
-                    state.objects.append(record)
-                    state.next_id += 1
-                    c["voxels"] += record.voxels
-            state.seed_index += 1
-            bar.update(1)
-            if progress:
-                show(0)
-            checkpoint(False)
+                st = run_fill(spec, apply_fn, params, image_dev, seed, report=between_chunks,
+                              every=FILL_CHUNK_STEPS, blocked=blocked)
+            with interrupt.deferred():  # the seed's outcome and the next seed change together
+                if why is not None:
+                    c[f"skipped_{why}"] += 1
+                else:
+                    _commit_fill(state, st, seed, spec, options, timings, t0)
+                state.seed_index += 1
+                bar.update(1)
+                if progress:
+                    show(0)
+                checkpoint(False)
     finally:
         bar.close()
 
@@ -447,7 +464,11 @@ def segment_state(image: Any, params: Any, model_config: ModelConfig,
         (native voxels; divided by `options.downsample`).
       keep_probabilities: also build a uint8 probability map of committed voxels.
       checkpoint_fn: called with the state every `checkpoint_every_s` seconds
-        (between seeds, so the state is consistent) and once at the end.
+        (between seeds, so the state is consistent), once at the end, and
+        when a signal (KeyboardInterrupt, `ffnjax.interrupt.Interrupted`)
+        stops the run, which it then re-raises: a fill is cut between two
+        chunks of FILL_CHUNK_STEPS FOV steps, so that takes seconds, and the
+        state saved is the one before that seed.
       progress: show a tqdm bar over seeds.
       run_id: extra identity of the run stored in the state's fingerprint
         (the CLI passes the image spec and bbox); a resumed state must match.
@@ -516,19 +537,26 @@ def segment_state(image: Any, params: Any, model_config: ModelConfig,
             last[0] = time.perf_counter()
 
     passes = 2 if options.consensus else 1
-    while state.phase < passes:
-        desc = "segment" if passes == 1 else ("segment (forward)" if state.phase == 0 else "segment (reverse)")
-        _segment_pass(state, spec, apply_fn, params, image_dev, options, timings, checkpoint,
-                      progress, desc, restriction)
-        if state.phase + 1 < passes:  # start the reverse pass of consensus
-            state.forward = state.segmentation
-            state.segmentation = np.zeros(arr.shape, np.int64)
-            state.seeds = state.seeds[::-1].copy()
-            state.seed_index = 0
-            if state.probabilities is not None:
-                state.probabilities = np.zeros_like(state.probabilities)
-        state.phase += 1
-        checkpoint(True)
+    try:
+        while state.phase < passes:
+            desc = ("segment" if passes == 1 else
+                    "segment (forward)" if state.phase == 0 else "segment (reverse)")
+            _segment_pass(state, spec, apply_fn, params, image_dev, options, timings, checkpoint,
+                          progress, desc, restriction)
+            with interrupt.deferred():
+                if state.phase + 1 < passes:  # start the reverse pass of consensus
+                    state.forward = state.segmentation
+                    state.segmentation = np.zeros(arr.shape, np.int64)
+                    state.seeds = state.seeds[::-1].copy()
+                    state.seed_index = 0
+                    if state.probabilities is not None:
+                        state.probabilities = np.zeros_like(state.probabilities)
+                state.phase += 1
+                checkpoint(True)
+    except KeyboardInterrupt:  # SIGINT / SIGTERM (ffnjax.interrupt): the state is consistent
+        with interrupt.deferred():
+            checkpoint(True)
+        raise
 
     timings["total"] = time.perf_counter() - t_start
     state.elapsed_s = elapsed0 + timings["total"]

@@ -45,7 +45,7 @@ from jax.sharding import PartitionSpec as P
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
-from ffnjax import checkpoints, devices, files, multihost, resume, view
+from ffnjax import checkpoints, devices, files, interrupt, multihost, resume, view
 from ffnjax.checkpoints import load_checkpoint  # noqa: F401  (re-exported for notebooks)
 from ffnjax.config import ModelConfig, TrainConfig
 from ffnjax.inputs import (Prefetcher, load_training_volumes, load_validation_batch,
@@ -269,6 +269,9 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_at_step: int | None 
         (`ffnjax.resume.check_resume`), before any data is read.
       OSError: a workdir that cannot be written, before any data is read.
       FloatingPointError: the loss became NaN or infinite (naming the steps).
+      ffnjax.interrupt.Interrupted: SIGTERM or SIGINT (on any process) stopped
+        the run at the end of a step, after a checkpoint of it was saved; its
+        `result` holds the metrics so far (a second signal stops at once).
     """
     t_start = time.perf_counter()
     workdir = Path(workdir)
@@ -352,15 +355,24 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_at_step: int | None 
         print(f"training {config.model} on {mesh.size} device(s), global batch {config.batch_size}\n"
               f"  checkpoints: {checkpoints.checkpoint_dir(workdir)}\n"
               f"  tensorboard: {workdir / 'tensorboard'}")
-    terminated = threading.Event()        # SIGTERM: checkpoint, then stop
-    old_handler = None
+    terminated = threading.Event()        # SIGTERM / SIGINT: checkpoint, then stop
+    received: list[int] = []
+
+    def on_signal(signum, frame):  # a second signal of a kind acts at once
+        if signum in received:
+            raise interrupt.Interrupted(signum)
+        received.append(signum)
+        terminated.set()
+
+    old_handlers = {}
     if threading.current_thread() is threading.main_thread():
-        old_handler = signal.signal(signal.SIGTERM, lambda *_: terminated.set())
+        old_handlers = {s: signal.signal(s, on_signal) for s in interrupt.SIGNALS}
 
     # --- Loop -------------------------------------------------------------------------
     sampler_state = sampler.get_state()
     prefetcher = Prefetcher(sampler, local_batch, config.prefetch)
     final: dict[str, float] = {}
+    stopped = False
     last_val: dict[str, float] = {}
     interval: list[dict] = []
     t_interval, waited, last_logged = time.perf_counter(), 0.0, step
@@ -403,8 +415,10 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_at_step: int | None 
             if due(step, config.checkpoint_every, end) or stop:
                 save(step, sampler_state)
             if stop:
+                name = signal.Signals(received[0]).name if received else "SIGTERM on another process"
                 if primary and progress:
-                    bar.write(f"SIGTERM: saved checkpoint at step {step}, stopping")
+                    bar.write(f"{name}: saved checkpoint at step {step}, stopping")
+                stopped = True
                 break
         save(step, sampler_state)
     finally:
@@ -413,6 +427,11 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_at_step: int | None 
         mngr.close()
         if writer is not None:
             writer.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
-    return dict(final, **last_val, step=step, wall_s=time.perf_counter() - t_start)
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    metrics = dict(final, **last_val, step=step, wall_s=time.perf_counter() - t_start)
+    if stopped:
+        raise interrupt.Interrupted(
+            received[0] if received else signal.SIGTERM, result=metrics,
+            resume=f"checkpoint saved at step {step} in {workdir}; rerun the same command to resume")
+    return metrics

@@ -89,17 +89,14 @@ def bricks(shape, seed=0, lo=9, hi=16) -> np.ndarray:
 from ffnjax.testing import oracle_apply_fn as centred_oracle_apply_fn  # noqa: E402
 
 
-class RefuseToSegment:
-    """A segmenter that must not be called (every block is already done)."""
+class RefuseToSegment(bw.FFNSegmenter):
+    """An FFN segmenter that must not segment (every block and handoff round is
+    already done)."""
 
-    def __init__(self, fingerprint):
-        self._fingerprint = fingerprint
-
-    def __call__(self, image):
+    def run(self, image, seeds, prior=None):
         raise AssertionError("a finished block was segmented again")
 
-    def fingerprint(self):
-        return self._fingerprint
+    __call__ = run
 
 
 def same_up_to_relabelling(a: np.ndarray, b: np.ndarray) -> bool:
@@ -291,9 +288,9 @@ def test_oracle_cuts_from_a_strict_min_overlap_are_reported(oracle_run, tmp_path
     cuts those objects, and exactly those contacts are reported."""
     r = oracle_run
     out = str(tmp_path / "strict.zarr")
-    done = bw.FFNSegmenter(None, r["config"], r["options"], centred_oracle_apply_fn)
     s = bw.segment_volume(r["spec"], out, block=ORACLE_BLOCK, overlap=ORACLE_OVERLAP, client="sync",
-                          segment_fn=RefuseToSegment(done.fingerprint()),
+                          segment_fn=RefuseToSegment(None, r["config"], r["options"],
+                                                     centred_oracle_apply_fn),
                           workdir=r["tmp"] / "seg.zarr.blocks", min_overlap=3000, progress=False)
     assert s.blocks_skipped == 8 and s.blocks_computed == 0
     seg = read_all(out)
@@ -378,3 +375,105 @@ def test_fib25_ground_truth_stitches_exactly(shared_data, tmp_path):
     assert s.n_blocks == 27
     assert same_up_to_relabelling(read_all(out), ref)
     assert s.n_objects == int(ref.max()) and s.weak_contacts == []
+
+
+# ----------------------------------------------------------------------------
+# A block task that fails: retried, then reported; the rest kept; a rerun does the rest
+
+MARK = 999  # a label placed in one voxel that only block 000_000_000 reads
+
+
+class FailsOnMarkedBlock(CCSegmenter):
+    """Connected components, raising on the block holding MARK `times` times
+    (None: every time)."""
+
+    def __init__(self, times=None):
+        super().__init__()
+        self.times, self.failed = times, 0
+
+    def __call__(self, image):
+        if (image == MARK).any() and (self.times is None or self.failed < self.times):
+            self.failed += 1
+            raise RuntimeError("injected fault")
+        return super().__call__(image)
+
+
+@pytest.fixture
+def marked_spec(tmp_path):
+    lab = voronoi_labels()
+    lab[5, 5, 5] = MARK
+    spec = str(tmp_path / "image.zarr")
+    save_volume(spec, lab)
+    return spec, lab
+
+
+def test_a_failing_block_is_retried_then_reported_and_a_rerun_computes_only_it(tmp_path, marked_spec):
+    from ffnjax.dask_tasks import TasksFailed
+
+    spec, lab = marked_spec
+    flaky = FailsOnMarkedBlock(times=1)
+    s = bw.segment_volume(spec, str(tmp_path / "flaky.zarr"), block=BLOCK, overlap=OVERLAP,
+                          client="sync", segment_fn=flaky, retries=1, progress=False)
+    assert flaky.failed == 1 and s.blocks_computed == 27  # the retry succeeded
+
+    out, work = str(tmp_path / "seg.zarr"), tmp_path / "seg.zarr.blocks"
+    broken = FailsOnMarkedBlock()
+    with pytest.raises(TasksFailed) as e:
+        bw.segment_volume(spec, out, block=BLOCK, overlap=OVERLAP, client="sync",
+                          segment_fn=broken, retries=2, progress=False)
+    assert broken.failed == 3 and broken.calls == 26     # 1 + 2 retries; every other block ran
+    msg = str(e.value)
+    assert "1 of 27 segment tasks failed (tried 3 times each): block 000_000_000: " \
+           "RuntimeError: injected fault" in msg and "rerun the same command" in msg
+    failures = json.loads((work / "failures.json").read_text())["failures"]
+    assert [f["label"] for f in failures] == ["block 000_000_000"]
+    assert "injected fault" in failures[0]["traceback"]
+    assert len(list((work / "blocks").glob("*.json"))) == 26 and not os.path.exists(out)
+
+    again = CCSegmenter()
+    s = bw.segment_volume(spec, out, block=BLOCK, overlap=OVERLAP, client="sync",
+                          segment_fn=again, progress=False)
+    assert again.calls == 1 and (s.blocks_computed, s.blocks_skipped) == (1, 26)
+    assert same_up_to_relabelling(read_all(out), cc3d.connected_components(lab, connectivity=6))
+    assert not (work / "failures.json").exists()
+
+
+def test_a_failing_block_on_a_cluster_is_reported_with_its_index(tmp_path, marked_spec):
+    from distributed import Client, LocalCluster
+
+    from ffnjax.dask_tasks import TasksFailed
+
+    spec, _ = marked_spec
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        with pytest.raises(TasksFailed, match="block 000_000_000: RuntimeError: injected fault"):
+            bw.segment_volume(spec, str(tmp_path / "seg.zarr"), block=BLOCK, overlap=OVERLAP,
+                              client=client, segment_fn=FailsOnMarkedBlock(), progress=False)
+    assert len(list((tmp_path / "seg.zarr.blocks" / "blocks").glob("*.json"))) == 26
+
+
+def test_cli_reports_a_failed_block_in_one_line_and_resumes(tmp_path, monkeypatch, capsys):
+    from experiments import _cli
+    from experiments import segment_volume as cli
+
+    lab = bricks((24, 36, 36), seed=3)
+    spec = str(tmp_path / "labels.zarr")
+    save_volume(spec, lab)
+    argv = ["--oracle", "--image", spec, "--output", str(tmp_path / "seg.zarr"), "--block",
+            "24,24,24", "--overlap", "12,12,12", "--scheduler", "sync", "--quiet"]
+    real = bw.segment_block
+
+    def faulty(image, workdir, block, segment_fn):
+        if block.name == "000_000_001":
+            raise RuntimeError("injected fault")
+        return real(image, workdir, block, segment_fn)
+
+    monkeypatch.setattr(bw, "segment_block", faulty)
+    with pytest.raises(SystemExit) as e:
+        _cli.run(cli.main, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1, err
+    assert "block 000_000_001: RuntimeError: injected fault" in err[0] and "rerun" in err[0]
+    monkeypatch.setattr(bw, "segment_block", real)
+    d = cli.main(argv)
+    assert (d["blocks_computed"], d["blocks_skipped"]) == (1, 3)

@@ -121,7 +121,7 @@ def test_sigterm_saves_a_checkpoint_and_rerun_resumes(tmp_path):
            "--steps", "100000", "--log-every", "1", "--checkpoint-every", "100000",
            "--image-every", "100000"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+                            stderr=subprocess.PIPE, text=True)
     try:
         seen = []
         deadline = time.time() + 240
@@ -132,14 +132,17 @@ def test_sigterm_saves_a_checkpoint_and_rerun_resumes(tmp_path):
             assert time.time() < deadline, "".join(seen)
         assert "tensorboard:" in "".join(seen) and "checkpoints:" in "".join(seen)
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, out
     final = json.loads(out.strip().splitlines()[-1])
     saved = checkpoints.latest_step(wd)
     assert saved is not None and 2 <= saved < 100000 and final["step"] == saved
+    # Interrupted: exit 128 + SIGTERM and one line saying how to resume.
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == (f"interrupted by SIGTERM: checkpoint saved at step "
+                                            f"{saved} in {wd}; rerun the same command to resume")
 
     again = subprocess.run([*cmd, "--stop-at-step", str(saved + 1), "--quiet"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=240)
