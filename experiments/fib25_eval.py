@@ -1,6 +1,6 @@
 """Score FFN checkpoints and the watershed baseline on FIB-25's held-out slab, side by side.
 
-    python -m experiments.fib25_eval --checkpoint models/fib25_scratch_20nm \\
+    python -m experiments.fib25_eval --checkpoint runs/fib25_20nm \\
         --checkpoint runs/fib25_tf --out out/fib25_eval
 
 The convention of `fib25_training_sample2`: train on z 0-99, validate on
