@@ -31,7 +31,11 @@ What google_ffn takes from google/ffn, and from where:
   (`reflectable_axes`, `permutable_axes`): ffnjax's defaults already.
 - not in the recipes: batch_size (google/ffn's 64 suits a GPU; on a CPU
   ffnjax's 4 keeps a step to seconds); the FOV move policy, threshold 0.9 and
-  seed / pad 0.95 / 0.05, which both share.
+  seed / pad 0.95 / 0.05, which both share. The learning rate 1e-3 is
+  google/ffn's for its batch of 64: at a batch of 2 the same rate destroys the
+  converged published model within 10 steps, and fine-tuning it needs about
+  1e-5 (measured in docs/google_ffn.md, "Fine-tuning google/ffn's published
+  model").
 """
 
 from __future__ import annotations
