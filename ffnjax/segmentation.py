@@ -52,7 +52,7 @@ from ffnjax.config import InferenceOptions, ModelConfig
 from ffnjax.consensus import split_by_intersection, unlabel_contested
 from ffnjax.files import save_npz
 from ffnjax.flood import (ApplyFn, FillSpec, as_image_array, check_apply_fn, default_apply_fn,
-                          fill_mesh, fill_stepper, place_fill_inputs, run_fill)
+                          fill_devices, fill_stepper, place_fill_inputs, run_fill)
 from ffnjax.nets import normalize_image
 
 UNSEGMENTED_SEED = -1  # marks a tried seed voxel so it is not retried
@@ -247,8 +247,10 @@ def run_fingerprint(shape: Sequence[int], model_config: ModelConfig, options: In
                     run_id: str = "") -> str:
     """What a run's result depends on, apart from the weights and image values
     (`run_id`: anything else the caller wants checked, e.g. image spec and bbox)."""
+    opts = options.to_dict()
+    del opts["fov_split"]  # how each forward pass is spread over the cores, not what it gives
     return json.dumps({"shape": [int(s) for s in shape], "model": model_config.to_dict(),
-                       "options": options.to_dict(), "run": run_id}, sort_keys=True)
+                       "options": opts, "run": run_id}, sort_keys=True)
 
 
 @dataclasses.dataclass
@@ -345,7 +347,7 @@ def _segment_pass(state: SegmentState, spec: FillSpec, apply_fn: ApplyFn, params
     bar = tqdm(total=len(state.seeds), initial=state.seed_index, desc=desc, unit="seed",
                disable=not progress, dynamic_ncols=True)
     c = state.counters
-    params, image_dev = place_fill_inputs(fill_mesh(spec.batch_size), params,
+    params, image_dev = place_fill_inputs(fill_devices(spec, apply_fn), params,
                                           image_dev)  # once per volume, not per seed
     t_pass, steps_pass0 = time.perf_counter(), c["fov_steps"]
 
