@@ -300,15 +300,25 @@ def _halo_conv(x: Array, kernel: Array, axis_name: str, size: int, depth: int) -
     if max(lo, hi) > zl:
         raise ValueError(f"depth_parallel: a slab of {zl} slices cannot lend {max(lo, hi)} "
                          "halo slices; use fewer devices")
-    if zl * size > depth:  # padded slices read as zeros, as SAME padding outside the volume
-        z = lax.axis_index(axis_name) * zl + lax.broadcasted_iota(jnp.int32, (1, zl, 1, 1, 1), 1)
-        x = jnp.where(z < depth, x, jnp.zeros((), x.dtype))
-    parts = [x]
+    # Slices past `depth` (padding) must read as zeros, as SAME padding does
+    # outside the volume; only the top `k` of a slab can be such slices, so
+    # only they are masked (one select over a few slices, not the slab).
+    k = min(zl * size - depth, zl)
+    first = lax.axis_index(axis_name) * zl
+
+    def valid(part: Array, start: int) -> Array:
+        if start + part.shape[1] <= zl - k:
+            return part
+        z = first + start + lax.broadcasted_iota(jnp.int32, (1, part.shape[1], 1, 1, 1), 1)
+        return jnp.where(z < depth, part, jnp.zeros((), part.dtype))
+
+    parts = [x] if k == 0 else [p for p in (x[:, :zl - k], valid(x[:, zl - k:], zl - k)) if p.shape[1]]
     if lo:  # the top slices of the device below; zeros on device 0
-        parts.insert(0, lax.ppermute(x[:, zl - lo:], axis_name,
+        parts.insert(0, lax.ppermute(valid(x[:, zl - lo:], zl - lo), axis_name,
                                      [(i, i + 1) for i in range(size - 1)]))
     if hi:  # the bottom slices of the device above; zeros on the last device
-        parts.append(lax.ppermute(x[:, :hi], axis_name, [(i + 1, i) for i in range(size - 1)]))
+        parts.append(lax.ppermute(valid(x[:, :hi], 0), axis_name,
+                                  [(i + 1, i) for i in range(size - 1)]))
     return _depth_split_valid(jnp.concatenate(parts, axis=1), kernel, zl)
 
 
