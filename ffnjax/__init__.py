@@ -35,8 +35,8 @@ __version__ = "0.1.0"
 
 # Submodules reachable as `ffnjax.<name>` after a plain `import ffnjax`.
 SUBMODULES = ("agglomeration", "augment", "baseline", "blockwise", "checkpoints", "decision_points",
-              "erl", "files", "flood", "multihost", "nets", "resegmentation", "resume", "scale",
-              "segmentation", "synthetic", "tf_import", "train_loop", "view", "volumes")
+              "erl", "files", "flood", "fovsplit", "multihost", "nets", "resegmentation", "resume",
+              "scale", "segmentation", "synthetic", "tf_import", "train_loop", "view", "volumes")
 
 
 def __getattr__(name: str):

@@ -101,7 +101,7 @@ class FFNSegmenter:
 
     def fingerprint(self) -> dict:
         """What determines this segmenter's output, for resume checks."""
-        return {"model_config": self.model_config.to_dict(), "options": self.options.to_dict(),
+        return {"model_config": self.model_config.to_dict(), "options": self.options.result_dict(),
                 "apply_fn": _qualname(self.apply_fn) if self.apply_fn is not None else "ffn",
                 "params_sha256": params_digest(self.params)}
 
@@ -526,15 +526,19 @@ def segment_volume(image_spec: Any, output_spec: Any, params: Any = None,
         cannot be written (found before any work).
     """
     t_start = time.perf_counter()
-    if segment_fn is None:
-        if model_config is None:
-            raise ValueError("segment_volume needs model_config (and params) or a segment_fn")
-        segment_fn = FFNSegmenter(params, model_config, options, apply_fn)
+    if segment_fn is None and model_config is None:
+        raise ValueError("segment_volume needs model_config (and params) or a segment_fn")
     image = as_volume(image_spec)
     shape = tuple(int(s) for s in image.shape)
     if len(shape) != 3:
         raise ValueError(f"image {spec_text(image_spec)!r} must be 3D z,y,x, got shape {shape}")
     grid = BlockGrid(shape, block, overlap)
+    if segment_fn is None:
+        if options.fov_split == "auto" and dask_tasks.runs_in_parallel(client, len(grid), n_workers):
+            # Blocks already keep every core busy: splitting each FOV over the
+            # cores as well would only add threads that wait for each other.
+            options = dataclasses.replace(options, fov_split="off")
+        segment_fn = FFNSegmenter(params, model_config, options, apply_fn)
     min_overlap = int(min_overlap)
     if min_overlap < 1:
         raise ValueError(f"min_overlap must be >= 1 voxel, got {min_overlap}")

@@ -156,6 +156,9 @@ INFERENCE_MODES = ("ffnjax", "google_ffn")
 CONSENSUS_MODES = ("split", "contested")
 # InferenceOptions.fov_split: one FOV's forward pass split over the CPU host devices.
 FOV_SPLITS = ("auto", "on", "off")
+# InferenceOptions fields that choose how a result is computed, not what it is
+# (`InferenceOptions.result_dict` leaves them out of resume checks).
+HOW_FIELDS = ("fov_split",)
 # The InferenceOptions fields fixed by training: the normalisation of the
 # image, the initial mask (training's seed_prob / pad_prob) and the scale
 # (training's downsample factors). Inference with
@@ -225,7 +228,7 @@ class InferenceOptions(_JsonMixin):
         equal to the unsplit pass within float rounding): 'auto' where it
         measured faster (`fovsplit.AUTO_MIN_LAYER_FLOPS`), 'on', 'off'. Only
         the convstack is split; other networks run on one device. How a
-        result is computed, not what: resumed runs may change it.
+        result is computed, not what: a resumed run may change it.
 
     `InferenceOptions.google_ffn()` sets every option where google/ffn's
     inference differs (docs/google_ffn_parity.md lists them).
@@ -284,6 +287,12 @@ class InferenceOptions(_JsonMixin):
         for name, least in (("min_segment_size", 0), ("max_steps", 0), ("batch_size", 1)):
             if int(getattr(self, name)) < least:
                 raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
+
+    def result_dict(self) -> dict[str, Any]:
+        """`to_dict()` without the fields that change how a result is computed,
+        not what it is (`HOW_FIELDS`): what resumed runs compare, so that a
+        run resumes whichever way it spreads over the cores."""
+        return {k: v for k, v in self.to_dict().items() if k not in HOW_FIELDS}
 
     @classmethod
     def ffnjax(cls, **overrides: Any) -> "InferenceOptions":

@@ -74,12 +74,12 @@ def split_devices(model_config: ModelConfig, options: InferenceOptions,
     """
     if options.fov_split == "off" or options.batch_size != 1:
         return 1
-    if (backend or jax.default_backend()) != "cpu":
-        return 1
-    n = min(len(jax.local_devices() if devices is None else devices), model_config.fov_size[0])
     if options.fov_split == "auto" and layer_flops(model_config) < AUTO_MIN_LAYER_FLOPS:
         return 1
-    return max(n, 1)
+    if (backend or jax.default_backend()) != "cpu":
+        return 1
+    n = len(jax.local_devices() if devices is None else devices)
+    return max(min(n, model_config.fov_size[0]), 1)
 
 
 def z_mesh(devices: Sequence[Any]) -> Mesh:

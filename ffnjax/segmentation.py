@@ -247,10 +247,8 @@ def run_fingerprint(shape: Sequence[int], model_config: ModelConfig, options: In
                     run_id: str = "") -> str:
     """What a run's result depends on, apart from the weights and image values
     (`run_id`: anything else the caller wants checked, e.g. image spec and bbox)."""
-    opts = options.to_dict()
-    del opts["fov_split"]  # how each forward pass is spread over the cores, not what it gives
     return json.dumps({"shape": [int(s) for s in shape], "model": model_config.to_dict(),
-                       "options": opts, "run": run_id}, sort_keys=True)
+                       "options": options.result_dict(), "run": run_id}, sort_keys=True)
 
 
 @dataclasses.dataclass

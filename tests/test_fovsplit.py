@@ -38,6 +38,26 @@ def test_split_devices_auto_on_off():
         InferenceOptions(fov_split="z")
 
 
+def test_a_run_resumes_whichever_way_it_splits():
+    """fov_split is how, not what: resume checks leave it out (and so keep the
+    fingerprints of runs saved before it existed)."""
+    from ffnjax.segmentation import run_fingerprint
+    on, off = InferenceOptions(fov_split="on"), InferenceOptions(fov_split="off")
+    assert run_fingerprint((9, 9, 9), TINY, on) == run_fingerprint((9, 9, 9), TINY, off)
+    assert "fov_split" not in run_fingerprint((9, 9, 9), TINY, on)
+    assert on.result_dict() == off.result_dict() != InferenceOptions(batch_size=2).result_dict()
+
+
+def test_blocks_run_in_parallel_leave_fovs_whole():
+    """segment_volume turns 'auto' off when its blocks already fill the cores."""
+    from ffnjax import dask_tasks
+    assert dask_tasks.runs_in_parallel(None, 8, 2)
+    assert not dask_tasks.runs_in_parallel(None, 8, 1)
+    assert not dask_tasks.runs_in_parallel(None, 1, None)        # one block: one worker
+    assert dask_tasks.runs_in_parallel("processes", 8, None)
+    assert not dask_tasks.runs_in_parallel("sync", 8, None)
+
+
 def test_only_the_convstack_is_splittable():
     assert fovsplit.splittable(nets.make_apply_fn(TINY))
     assert not fovsplit.splittable(oracle_apply_fn)
