@@ -3,7 +3,7 @@ TensorFlow on the same CPU, measured in one run with interleaved repeats.
 
     python benchmarks/forward_bench.py                      # full table
     python benchmarks/forward_bench.py --quick              # small smoke run
-    python benchmarks/forward_bench.py --tf-python /work/tfvenv/bin/python
+    python benchmarks/forward_bench.py --tf-python /work/tfbench/bin/python
 
 Each measured configuration lives in a worker subprocess that compiles once
 and then answers "time one call of case i" requests: one JAX worker per host
@@ -38,6 +38,12 @@ NETS = {
     "ffn12_33": dict(depth=12, features=32, fov_size=(33, 33, 33), deltas=(8, 8, 8)),
     # ffnjax's ModelConfig() default.
     "default9": dict(depth=9, features=32, fov_size=(17, 33, 33), deltas=(4, 8, 8)),
+    # the shipped demo model (models/demo_synthetic) and the FIB-25 nets trained like it.
+    "demo5": dict(depth=5, features=16, fov_size=(17, 17, 17), deltas=(4, 4, 4)),
+    # 32 features on small cubes: where splitting one FOV over the cores starts to pay
+    # (ffnjax.fovsplit.AUTO_MIN_LAYER_FLOPS; 0.12 and 0.27 GFLOP per 3x3x3 convolution).
+    "f32_13": dict(depth=5, features=32, fov_size=(13, 13, 13), deltas=(3, 3, 3)),
+    "f32_17": dict(depth=5, features=32, fov_size=(17, 17, 17), deltas=(4, 4, 4)),
     # a tiny net for --quick smoke runs.
     "tiny": dict(depth=2, features=8, fov_size=(9, 9, 9), deltas=(2, 2, 2)),
 }
@@ -287,7 +293,7 @@ def parse_args(argv=None):
                    help="how a batch smaller than the device count is spread over the devices: "
                         "'z' (each FOV in z slabs, ffnjax.fovsplit, as a batch-1 fill runs) or "
                         "'channels' (each layer's output channels; default: %(default)s)")
-    p.add_argument("--tf-python", default="/work/tfvenv/bin/python",
+    p.add_argument("--tf-python", default="/work/tfbench/bin/python",
                    help="a Python with tensorflow for the side-by-side run; skipped when it lacks TF "
                         "(default: %(default)s)")
     p.add_argument("--quick", action="store_true",
