@@ -3,13 +3,15 @@ TensorFlow on the same CPU, measured in one run with interleaved repeats.
 
     python benchmarks/forward_bench.py                      # full table
     python benchmarks/forward_bench.py --quick              # small smoke run
-    python benchmarks/forward_bench.py --tf-python /work/tfvenv/bin/python
+    python benchmarks/forward_bench.py --tf-python /work/tfbench/bin/python
 
 Each measured configuration lives in a worker subprocess that compiles once
 and then answers "time one call of case i" requests: one JAX worker per host
 device count (XLA_FLAGS=--xla_force_host_platform_device_count=D, work spread
-over the devices by `benchmarks.sharded_forward`: the batch when it has a
-FOV per device, else each layer's output channels, split='channels') and, when a Python
+over the devices: the batch when it has a FOV per device
+(`benchmarks.sharded_forward`), else each FOV in z slabs (`ffnjax.fovsplit`,
+what a batch-1 fill uses; `--fov-split channels`: each layer's output
+channels, the older split that lost) and, when a Python
 with TensorFlow is available, one TensorFlow worker running the same network
 with the same weights (checked: outputs are compared). The parent walks all
 cases round-robin for every repeat, so slow and fast phases of a noisy machine
@@ -36,6 +38,12 @@ NETS = {
     "ffn12_33": dict(depth=12, features=32, fov_size=(33, 33, 33), deltas=(8, 8, 8)),
     # ffnjax's ModelConfig() default.
     "default9": dict(depth=9, features=32, fov_size=(17, 33, 33), deltas=(4, 8, 8)),
+    # the shipped demo model (models/demo_synthetic) and the FIB-25 nets trained like it.
+    "demo5": dict(depth=5, features=16, fov_size=(17, 17, 17), deltas=(4, 4, 4)),
+    # 32 features on small cubes: where splitting one FOV over the cores starts to pay
+    # (ffnjax.fovsplit.AUTO_MIN_LAYER_FLOPS; 0.12 and 0.27 GFLOP per 3x3x3 convolution).
+    "f32_13": dict(depth=5, features=32, fov_size=(13, 13, 13), deltas=(3, 3, 3)),
+    "f32_17": dict(depth=5, features=32, fov_size=(17, 17, 17), deltas=(4, 4, 4)),
     # a tiny net for --quick smoke runs.
     "tiny": dict(depth=2, features=8, fov_size=(9, 9, 9), deltas=(2, 2, 2)),
 }
@@ -67,7 +75,7 @@ def jax_worker(args) -> None:
     import jax
     sys.path.insert(0, str(REPO))
     from benchmarks.sharded_forward import sharded_forward
-    from ffnjax import nets
+    from ffnjax import fovsplit, nets
     from ffnjax.config import ModelConfig
     from ffnjax.tf_import import ffn_tensors_from_params
 
@@ -81,7 +89,10 @@ def jax_worker(args) -> None:
         apply_fn = nets.make_apply_fn(cfg)
         img, msk = _inputs(net, case["batch"])
         img, msk = jax.device_put(img), jax.device_put(msk)
-        if jax.device_count() > 1:
+        if jax.device_count() > 1 and case["batch"] < jax.device_count() and spec["fov_split"] == "z":
+            jitted = jax.jit(fovsplit.split_apply(apply_fn, fovsplit.z_mesh(jax.local_devices())))
+            fn = lambda p=params, j=jitted, i=img, m=msk: j(p, i, m)  # noqa: E731
+        elif jax.device_count() > 1:
             split = "batch" if case["batch"] >= jax.device_count() else "channels"
             fn = lambda p=params, a=apply_fn, i=img, m=msk, s=split: sharded_forward(  # noqa: E731
                 a, p, i, m, split=s)
@@ -140,9 +151,10 @@ def tf_worker(args) -> None:
 class Worker:
     """A worker subprocess answering timing requests over stdin/stdout."""
 
-    def __init__(self, python: str, kind: str, cases: list[dict], tmpdir: str, env: dict):
+    def __init__(self, python: str, kind: str, cases: list[dict], tmpdir: str, env: dict,
+                 fov_split: str = "z"):
         self.cases = cases
-        spec = json.dumps({"cases": cases, "tmpdir": tmpdir})
+        spec = json.dumps({"cases": cases, "tmpdir": tmpdir, "fov_split": fov_split})
         self.proc = subprocess.Popen(
             [python, __file__, "--worker", kind, "--worker-spec", spec],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -202,7 +214,7 @@ def run(args) -> str:
                  for n in args.nets for i in args.impls for t in args.dtypes for b in args.batches]
         env = dict(base_env, XLA_FLAGS=f"--xla_force_host_platform_device_count={d}")
         print(f"compiling {len(cases)} JAX cases on {d} host device(s)...", file=sys.stderr, flush=True)
-        w = Worker(sys.executable, "jax", cases, tmpdir, env)
+        w = Worker(sys.executable, "jax", cases, tmpdir, env, args.fov_split)
         w.devices = d
         jax_workers.append(w)
     use_tf = _has_tf(args.tf_python)
@@ -250,7 +262,8 @@ def run(args) -> str:
                         continue
                     s = float(np.median(times[(id(w), i)]))
                     ratio = f"{s / tf_med[(n, b)]:.2f}" if (n, b) in tf_med else "-"
-                    split = "" if w.devices == 1 else (" (batch)" if b >= w.devices else " (channels)")
+                    single = " (z slabs)" if args.fov_split == "z" else " (channels)"
+                    split = "" if w.devices == 1 else (" (batch)" if b >= w.devices else single)
                     lines.append(f"| {n} | {c['impl']} | {c['dtype']} | {w.devices}{split} | {b} | "
                                  f"{1e3 * s / b:.1f} | {forward_flops(cfg, b) / s / 1e9:.1f} | {ratio} |")
     if tf_worker_:
@@ -276,7 +289,11 @@ def parse_args(argv=None):
     p.add_argument("--devices", default="1,2",
                    help="comma-separated host device counts, one JAX worker each (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=7, help="timed calls per case, interleaved (default: %(default)s)")
-    p.add_argument("--tf-python", default="/work/tfvenv/bin/python",
+    p.add_argument("--fov-split", choices=("z", "channels"), default="z",
+                   help="how a batch smaller than the device count is spread over the devices: "
+                        "'z' (each FOV in z slabs, ffnjax.fovsplit, as a batch-1 fill runs) or "
+                        "'channels' (each layer's output channels; default: %(default)s)")
+    p.add_argument("--tf-python", default="/work/tfbench/bin/python",
                    help="a Python with tensorflow for the side-by-side run; skipped when it lacks TF "
                         "(default: %(default)s)")
     p.add_argument("--quick", action="store_true",

@@ -145,8 +145,8 @@ def bench_one(config: ModelConfig, params, apply_fn, image: np.ndarray, seeds: n
     seg, info = segmentation.segment(image, params, config, options, apply_fn, seeds=seeds, progress=False)
     wall = time.perf_counter() - t0 - info.timings["seeds"]
     # The network exactly as the fill calls it (split over the host devices
-    # for batches >= 2, see ffnjax.flood.fill_mesh).
-    mesh = flood.fill_mesh(options.batch_size)
+    # as the fill splits it, see ffnjax.flood.fill_devices).
+    mesh = flood.fill_devices(spec, apply_fn)
     fwd = forward_seconds(flood.fill_network(apply_fn, mesh), params, config, options.batch_size)
     # An ideal fill evaluates one FOV per lattice cell and keeps all of its
     # prod(deltas) voxels: the forward pass then allows this many voxels/s.

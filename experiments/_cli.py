@@ -45,11 +45,11 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Mapping, Sequence
 
 from ffnjax import files, interrupt, volume_spec
-from ffnjax.config import (COMPUTE_DTYPES, CONSENSUS_MODES, CONV_IMPLS, GOOGLE_SEED_POLICIES,
-                           IMAGE_MEAN, IMAGE_STDDEV, INFERENCE_FACTS, INFERENCE_MODES,
-                           LOSS_NORMALIZATIONS, MOVE_POLICIES, OPTIMIZERS, PEAKS_METHODS,
-                           SCHEDULES, SEED_ORDERS, SEED_POLICIES, InferenceOptions, ModelConfig,
-                           TrainConfig)
+from ffnjax.config import (COMPUTE_DTYPES, CONSENSUS_MODES, CONV_IMPLS, FOV_SPLITS,
+                           GOOGLE_SEED_POLICIES, IMAGE_MEAN, IMAGE_STDDEV, INFERENCE_FACTS,
+                           INFERENCE_MODES, LOSS_NORMALIZATIONS, MOVE_POLICIES, OPTIMIZERS,
+                           PEAKS_METHODS, SCHEDULES, SEED_ORDERS, SEED_POLICIES, InferenceOptions,
+                           ModelConfig, TrainConfig)
 
 # Exceptions that mean "the input is bad" (their message names the input);
 # anything else is a bug and keeps its traceback.
@@ -411,7 +411,8 @@ CHOICES = {"optimizer": OPTIMIZERS, "move_policy": MOVE_POLICIES, "compute_dtype
            "conv_impl": CONV_IMPLS, "seed_policy": SEED_POLICIES + tuple(GOOGLE_SEED_POLICIES),
            "seed_order": SEED_ORDERS,
            "consensus_mode": CONSENSUS_MODES, "schedule": SCHEDULES,
-           "loss_normalization": LOSS_NORMALIZATIONS, "peaks_method": PEAKS_METHODS}
+           "loss_normalization": LOSS_NORMALIZATIONS, "peaks_method": PEAKS_METHODS,
+           "fov_split": FOV_SPLITS}
 
 
 def _option(name: str) -> str:
@@ -565,6 +566,11 @@ INFERENCE_FLAGS: dict[str, Flag] = {
                                   "(google/ffn's disco_seed_threshold); negative: always"),
     "skip_segmented": Flag("do not evaluate FOVs centred on voxels of earlier objects "
                            "(google/ffn's Canvas.is_valid_pos)"),
+    "fov_split": Flag("with --batch-size 1 on a CPU, split each FOV's forward pass over the "
+                      "host devices (one per core) by z slabs, as fast as the cores allow and "
+                      "equal to one device's result: 'auto' where it pays (nets whose 3x3x3 "
+                      "convolution costs >= 0.2 GFLOP per FOV, e.g. google/ffn's depth-12 "
+                      "33^3), 'on', 'off' (ffnjax.fovsplit)"),
 }
 
 def _default_text(obj: Any, name: str) -> str:

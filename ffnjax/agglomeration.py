@@ -302,7 +302,7 @@ def agglomerate(image: Any, seg: np.ndarray, params: Any, model_config: ModelCon
     check_apply_fn(apply_fn, params, model_config, options.batch_size)
     points = find_decision_points(seg, voxel_size, point_options)
     run = json.dumps({"shape": list(seg.shape), "voxel_size": [float(v) for v in voxel_size],
-                      "model": model_config.to_dict(), "options": options.to_dict(),
+                      "model": model_config.to_dict(), "options": options.result_dict(),
                       "config": dataclasses.asdict(config),
                       "points": dataclasses.asdict(point_options), "run": run_id}, sort_keys=True)
     done = open_results(results_path, run, overwrite) if results_path else {}

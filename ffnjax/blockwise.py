@@ -155,7 +155,7 @@ class FFNSegmenter:
 
     def fingerprint(self) -> dict:
         """What determines this segmenter's output, for resume checks."""
-        return {"model_config": self.model_config.to_dict(), "options": self.options.to_dict(),
+        return {"model_config": self.model_config.to_dict(), "options": self.options.result_dict(),
                 "apply_fn": _qualname(self.apply_fn) if self.apply_fn is not None else "ffn",
                 "params_sha256": params_digest(self.params), "seeds": "whole-volume+handoff"}
 
@@ -477,6 +477,7 @@ def segment_volume(image_spec: Any, output_spec: Any, params: Any = None,
         cannot be written (found before any work).
     """
     t_start = time.perf_counter()
+    built_here = segment_fn is None
     if segment_fn is None:
         if model_config is None:
             raise ValueError("segment_volume needs model_config (and params) or a segment_fn")
@@ -494,6 +495,12 @@ def segment_volume(image_spec: Any, output_spec: Any, params: Any = None,
                    and int(max_handoff_rounds) > 0)
     if _seeds_itself(segment_fn):
         check_overlap(grid, segment_fn)
+    if (built_here and options.fov_split == "auto"
+            and dask_tasks.runs_in_parallel(client, len(grid), n_workers)):
+        # Blocks already keep every core busy: splitting each FOV over the
+        # cores as well would only add threads that wait for each other.
+        options = dataclasses.replace(options, fov_split="off")
+        segment_fn = FFNSegmenter(params, model_config, options, apply_fn)
     min_overlap = int(min_overlap)
     if min_overlap < 1:
         raise ValueError(f"min_overlap must be >= 1 voxel, got {min_overlap}")

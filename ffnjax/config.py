@@ -185,6 +185,11 @@ PEAKS_METHODS = ("ffnjax", "google_ffn")
 # `python -m experiments.segment --compat NAME`.
 INFERENCE_MODES = ("ffnjax", "google_ffn")
 CONSENSUS_MODES = ("split", "contested")
+# InferenceOptions.fov_split: one FOV's forward pass split over the CPU host devices.
+FOV_SPLITS = ("auto", "on", "off")
+# InferenceOptions fields that choose how a result is computed, not what it is
+# (`InferenceOptions.result_dict` leaves them out of resume checks).
+HOW_FIELDS = ("fov_split",)
 # The InferenceOptions fields fixed by training: the normalisation of the
 # image, the initial mask (training's seed_prob / pad_prob) and the scale
 # (training's downsample factors). Inference with
@@ -253,6 +258,12 @@ class InferenceOptions(_JsonMixin):
       skip_segmented: a fill does not evaluate a FOV centred on a voxel of an
         earlier object (google/ffn's `Canvas.is_valid_pos`); False: a fill
         depends on the image and its seed only (ffnjax).
+      fov_split: with `batch_size` 1 on a CPU with several host devices,
+        split each FOV's forward pass over them by z slabs (`ffnjax.fovsplit`;
+        equal to the unsplit pass within float rounding): 'auto' where it
+        measured faster (`fovsplit.AUTO_MIN_LAYER_FLOPS`), 'on', 'off'. Only
+        the convstack is split; other networks run on one device. How a
+        result is computed, not what: a resumed run may change it.
 
     `InferenceOptions.google_ffn()` sets every option where google/ffn's
     inference differs (docs/google_ffn_parity.md lists them).
@@ -279,9 +290,12 @@ class InferenceOptions(_JsonMixin):
     peaks_method: str = "ffnjax"
     disco_active_fraction: float = -1.0
     skip_segmented: bool = False
+    fov_split: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "downsample", _as_zyx("downsample", self.downsample))
+        if self.fov_split not in FOV_SPLITS:
+            raise ValueError(f"fov_split must be one of {FOV_SPLITS}, got {self.fov_split!r}")
         for name in ("init_activation", "pad_value", "move_threshold", "segment_threshold"):
             v = float(getattr(self, name))
             if not 0.0 < v < 1.0:
@@ -310,6 +324,12 @@ class InferenceOptions(_JsonMixin):
         for name, least in (("min_segment_size", 0), ("max_steps", 0), ("batch_size", 1)):
             if int(getattr(self, name)) < least:
                 raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
+
+    def result_dict(self) -> dict[str, Any]:
+        """`to_dict()` without the fields that change how a result is computed,
+        not what it is (`HOW_FIELDS`): what resumed runs compare, so that a
+        run resumes whichever way it spreads over the cores."""
+        return {k: v for k, v in self.to_dict().items() if k not in HOW_FIELDS}
 
     @classmethod
     def ffnjax(cls, **overrides: Any) -> "InferenceOptions":

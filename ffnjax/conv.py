@@ -144,23 +144,28 @@ def _conv2d(x: Array, kernel: Array, acc) -> Array:
         dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=acc)
 
 
+def _depth_split_valid(xp: Array, kernel: Array, z: int) -> Array:
+    """sum over d of conv2d(xp[:, d:d + z], kernel[d]): `depth_split` on an
+    input already padded in z (z + kz - 1 slices), VALID along z."""
+    n, _, h, w, c = xp.shape
+    acc = _acc_dtype(xp.dtype)
+    out = None
+    for d in range(kernel.shape[0]):
+        xs = lax.slice_in_dim(xp, d, d + z, axis=1).reshape(n * z, h, w, c)
+        term = _conv2d(xs, kernel[d], acc)
+        out = term if out is None else out + term
+    return out.reshape(n, z, h, w, -1).astype(xp.dtype)
+
+
 def conv3d_depth_split(x: Array, kernel: Array) -> Array:
     """sum over kernel z-slices dz of conv2d(x shifted by dz in z, kernel[dz]).
 
     Depth is folded into the batch: each 2D convolution sees N*z images of
     y,x. The z-shift is a slice of the z-padded input.
     """
-    n, z, h, w, c = x.shape
-    kz = kernel.shape[0]
-    acc = _acc_dtype(x.dtype)
-    lo, hi = _pads(kz)
+    lo, hi = _pads(kernel.shape[0])
     xp = jnp.pad(x, ((0, 0), (lo, hi), (0, 0), (0, 0), (0, 0)))
-    out = None
-    for d in range(kz):
-        xs = lax.slice_in_dim(xp, d, d + z, axis=1).reshape(n * z, h, w, c)
-        term = _conv2d(xs, kernel[d], acc)
-        out = term if out is None else out + term
-    return out.reshape(n, z, h, w, -1).astype(x.dtype)
+    return _depth_split_valid(xp, kernel, x.shape[1])
 
 
 def conv3d_stacked_z(x: Array, kernel: Array) -> Array:
@@ -260,6 +265,63 @@ def _channel_split(fn, x: Array, kernel: Array) -> Array:
     return lax.all_gather(fn(x, local), axis_name, axis=4, tiled=True)
 
 
+_DEPTH_PARALLEL = threading.local()
+
+
+@contextlib.contextmanager
+def depth_parallel(axis_name: str, size: int, depth: int) -> Iterator[None]:
+    """While tracing inside this context (within `jax.shard_map` over the mesh
+    axis `axis_name` of `size` devices, device i holding slices
+    [i*zl, (i+1)*zl) of a z axis of `depth` slices, zl = ceil(depth / size)),
+    `conv3d` computes each convolution with kz > 1 on the local slab only: it
+    receives the kz // 2 slices next to its slab from each neighbour
+    (`lax.ppermute`; zeros at the two ends of the volume, as SAME padding
+    gives), zeroes the slices past `depth` (padding when `size` does not
+    divide it), and convolves VALID along z as `depth_split` does. The result
+    on every slab equals the unsplit convolution's slices there.
+    `ffnjax.fovsplit` wraps a network in this context.
+
+    Read at trace time only, like `channel_parallel`.
+    """
+    if size < 1 or depth < 1:
+        raise ValueError(f"depth_parallel: size and depth must be >= 1, got {size}, {depth}")
+    prev = getattr(_DEPTH_PARALLEL, "value", None)
+    _DEPTH_PARALLEL.value = (axis_name, int(size), int(depth))
+    try:
+        yield
+    finally:
+        _DEPTH_PARALLEL.value = prev
+
+
+def _halo_conv(x: Array, kernel: Array, axis_name: str, size: int, depth: int) -> Array:
+    """SAME conv3d of the local z slab `x` inside `depth_parallel` (see there)."""
+    zl = x.shape[1]
+    lo, hi = _pads(kernel.shape[0])
+    if max(lo, hi) > zl:
+        raise ValueError(f"depth_parallel: a slab of {zl} slices cannot lend {max(lo, hi)} "
+                         "halo slices; use fewer devices")
+    # Slices past `depth` (padding) must read as zeros, as SAME padding does
+    # outside the volume; only the top `k` of a slab can be such slices, so
+    # only they are masked (one select over a few slices, not the slab).
+    k = min(zl * size - depth, zl)
+    first = lax.axis_index(axis_name) * zl
+
+    def valid(part: Array, start: int) -> Array:
+        if start + part.shape[1] <= zl - k:
+            return part
+        z = first + start + lax.broadcasted_iota(jnp.int32, (1, part.shape[1], 1, 1, 1), 1)
+        return jnp.where(z < depth, part, jnp.zeros((), part.dtype))
+
+    parts = [x] if k == 0 else [p for p in (x[:, :zl - k], valid(x[:, zl - k:], zl - k)) if p.shape[1]]
+    if lo:  # the top slices of the device below; zeros on device 0
+        parts.insert(0, lax.ppermute(valid(x[:, zl - lo:], zl - lo), axis_name,
+                                     [(i, i + 1) for i in range(size - 1)]))
+    if hi:  # the bottom slices of the device above; zeros on the last device
+        parts.append(lax.ppermute(valid(x[:, :hi], 0), axis_name,
+                                  [(i + 1, i) for i in range(size - 1)]))
+    return _depth_split_valid(jnp.concatenate(parts, axis=1), kernel, zl)
+
+
 def _kernel_grad(x: Array, dy: Array, ksize: tuple[int, int, int]) -> Array:
     """d(sum(conv3d(x, k) * dy)) / dk for a SAME kernel of size `ksize`.
 
@@ -332,6 +394,9 @@ def conv3d(x: Array, kernel: Array, impl: str = "auto") -> Array:
     """
     _check(x, kernel)
     impl = resolve_impl(impl)
+    split = getattr(_DEPTH_PARALLEL, "value", None)
+    if split is not None and kernel.shape[0] > 1:
+        return _halo_conv(x, kernel, *split)
     if impl != "native" and kernel.shape[:3] == (1, 1, 1):
         return _channel_split(conv3d_pointwise, x, kernel)
     if impl != "native" and _odd(kernel):

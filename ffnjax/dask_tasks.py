@@ -192,6 +192,15 @@ def engine(client: Any, n_blocks: int, n_workers: int | None):
         yield client
 
 
+def runs_in_parallel(client: Any, n_blocks: int, n_workers: int | None) -> bool:
+    """Whether `engine(client, n_blocks, n_workers)` runs several tasks at once
+    on this machine: a LocalCluster of more than one worker, or Dask's local
+    'threads' / 'processes' schedulers. (A Client or an address: unknown, False.)"""
+    if client is None:
+        return (n_workers or default_workers(n_blocks)) > 1
+    return isinstance(client, str) and client in ("threads", "threading", "processes", "multiprocessing")
+
+
 def default_workers(n_blocks: int) -> int:
     """One single-threaded worker process per CPU core on a CPU machine; one per
     GPU/TPU device otherwise (processes sharing an accelerator would compete for

@@ -83,7 +83,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from scipy.special import expit
 
-from ffnjax import devices, movement
+from ffnjax import devices, fovsplit, movement
 from ffnjax.config import InferenceOptions, ModelConfig, logit
 from ffnjax.nets import make_apply_fn, normalize_image
 
@@ -125,6 +125,9 @@ class FillSpec:
         (which canvas voxels an object keeps), so it is left out of equality
         and hash: specs that differ only there share one compiled fill.
       trace: also record every evaluated FOV centre (tests, notebooks).
+      fov_split: host devices each FOV's forward pass is split over by z
+        slabs (`ffnjax.fovsplit.split_devices`; 1: not split). Applies to the
+        convstack only (`fill_devices`).
     """
 
     shape: tuple[int, int, int]
@@ -141,6 +144,7 @@ class FillSpec:
     disco_min_active: int = -1
     skip_segmented: bool = False
     restricted: bool = False
+    fov_split: int = 1
 
     @classmethod
     def from_configs(cls, shape: Sequence[int], model_config: ModelConfig,
@@ -158,7 +162,8 @@ class FillSpec:
                    disconnected_seeds=bool(options.disconnected_seeds),
                    max_steps=int(options.max_steps), batch_size=int(options.batch_size),
                    trace=bool(trace), disco_min_active=min_active,
-                   skip_segmented=bool(options.skip_segmented), restricted=bool(restricted))
+                   skip_segmented=bool(options.skip_segmented), restricted=bool(restricted),
+                   fov_split=fovsplit.split_devices(model_config, options))
 
     @property
     def uses_blocked(self) -> bool:
@@ -417,26 +422,43 @@ def make_fill_fns(spec: FillSpec, apply_fn: ApplyFn):
     return cond_fn, body_fn
 
 
-def fill_mesh(batch_size: int) -> Mesh | None:
-    """The devices that share each batch of FOVs of a batched fill, or None.
+def fill_mesh(batch_size: int, fov_split: int = 1) -> Mesh | None:
+    """The devices that share each network call of a fill, or None.
 
-    On CPU, with several host devices (one per core: `ffnjax.hostdevices`)
-    and `batch_size` >= 2, each batch of FOVs is split over
-    gcd(batch_size, devices) of them, so every core runs its share of the
-    network. Accelerators keep a fill on one device: there one device is
-    already parallel, and splitting would add a transfer per step.
+    On CPU, with several host devices (one per core: `ffnjax.hostdevices`):
+    a batch of `batch_size` >= 2 FOVs is split over gcd(batch_size, devices)
+    of them (a mesh along `devices.BATCH_AXIS`), so every core runs its share
+    of the network; a single FOV with `fov_split` > 1 is split into z slabs
+    over that many (a mesh along `fovsplit.Z_AXIS`). Accelerators keep a
+    fill on one device: there one device is already parallel, and splitting
+    would add a transfer per step.
     """
-    if batch_size < 2 or jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu":
         return None
+    if batch_size < 2:
+        chosen = jax.local_devices()[:fov_split]
+        return fovsplit.z_mesh(chosen) if len(chosen) > 1 else None
     chosen = devices.devices_for_batch(batch_size, jax.local_devices())
     return devices.batch_mesh(chosen) if len(chosen) > 1 else None
 
 
+def fill_devices(spec: FillSpec, apply_fn: ApplyFn) -> Mesh | None:
+    """The mesh a fill of `spec` with `apply_fn` runs on (`fill_mesh`): the z
+    split of `spec.fov_split` only for the convstack (`fovsplit.splittable`)."""
+    split = spec.fov_split if fovsplit.splittable(apply_fn) else 1
+    return fill_mesh(spec.batch_size, split)
+
+
 def fill_network(apply_fn: ApplyFn, mesh: Mesh | None) -> ApplyFn:
     """`apply_fn` as a fill on `mesh` (from `fill_mesh`) calls it: a
-    `jax.shard_map` over the mesh (each device its share of the FOVs, params
-    replicated), or `apply_fn` itself when mesh is None."""
-    return apply_fn if mesh is None else devices.shard_batch(apply_fn, mesh)
+    `jax.shard_map` over the mesh (each device its share of the FOVs, or its
+    z slab of one FOV; params replicated), or `apply_fn` itself when mesh is
+    None."""
+    if mesh is None:
+        return apply_fn
+    if mesh.axis_names == (fovsplit.Z_AXIS,):
+        return fovsplit.split_apply(apply_fn, mesh)
+    return devices.shard_batch(apply_fn, mesh)
 
 
 def place_fill_inputs(mesh: Mesh | None, params: Any, image: jax.Array) -> tuple[Any, jax.Array]:
@@ -484,7 +506,7 @@ def fill_stepper(spec: FillSpec, apply_fn: ApplyFn):
     `stop_at` is a traced int32: every bound shares one executable, and the
     state's buffers are donated from run to run.
     """
-    mesh = fill_mesh(spec.batch_size)
+    mesh = fill_devices(spec, apply_fn)
     cond_fn, body_fn = make_fill_fns(spec, fill_network(apply_fn, mesh))
 
     def run(params, image, seed, st, stop_at):

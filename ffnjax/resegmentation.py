@@ -237,8 +237,9 @@ def iou(m1: np.ndarray, m2: np.ndarray) -> float:
 def batched_fill(spec: FillSpec, apply_fn: ApplyFn):
     """`run(params, images (K, *shape), seeds (K, 3)) -> FillState` with every
     field batched over K: `ffnjax.flood.compiled_fill` vmapped and jitted (the
-    loop runs until the longest of the K fills ends; finished ones idle)."""
-    one = compiled_fill(spec, apply_fn)
+    loop runs until the longest of the K fills ends; finished ones idle). The
+    K fills are one batch of work already, so no FOV is split over devices."""
+    one = compiled_fill(dataclasses.replace(spec, fov_split=1), apply_fn)
     return jax.jit(jax.vmap(one, in_axes=(None, 0, 0)))
 
 

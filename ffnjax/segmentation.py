@@ -57,7 +57,7 @@ from ffnjax.config import InferenceOptions, ModelConfig
 from ffnjax.consensus import split_by_intersection, unlabel_contested
 from ffnjax.files import save_npz
 from ffnjax.flood import (ApplyFn, FillSpec, as_image_array, check_apply_fn, default_apply_fn,
-                          fill_mesh, fill_stepper, place_fill_inputs, run_fill)
+                          fill_devices, fill_stepper, place_fill_inputs, run_fill)
 from ffnjax.nets import normalize_image
 from ffnjax.restrict import Restriction, coarse_inputs, inputs_digest
 
@@ -266,7 +266,7 @@ def run_fingerprint(shape: Sequence[int], model_config: ModelConfig, options: In
     """What a run's result depends on, apart from the weights and image values
     (`run_id`: anything else the caller wants checked, e.g. image spec and bbox)."""
     return json.dumps({"shape": [int(s) for s in shape], "model": model_config.to_dict(),
-                       "options": options.to_dict(), "run": run_id}, sort_keys=True)
+                       "options": options.result_dict(), "run": run_id}, sort_keys=True)
 
 
 @dataclasses.dataclass
@@ -393,7 +393,7 @@ def _segment_pass(state: SegmentState, spec: FillSpec, apply_fn: ApplyFn, params
     bar = tqdm(total=len(state.seeds), initial=state.seed_index, desc=desc, unit="seed",
                disable=not progress, dynamic_ncols=True)
     c = state.counters
-    params, image_dev = place_fill_inputs(fill_mesh(spec.batch_size), params,
+    params, image_dev = place_fill_inputs(fill_devices(spec, apply_fn), params,
                                           image_dev)  # once per volume, not per seed
     t_pass, steps_pass0 = time.perf_counter(), c["fov_steps"]
 
