@@ -34,9 +34,10 @@ __all__ = ["InferenceOptions", "ModelConfig", "TrainConfig", "logit",
 __version__ = "0.1.0"
 
 # Submodules reachable as `ffnjax.<name>` after a plain `import ffnjax`.
-SUBMODULES = ("agglomeration", "augment", "baseline", "blockwise", "checkpoints", "decision_points",
-              "erl", "files", "flood", "fovsplit", "multihost", "nets", "resegmentation", "resume",
-              "scale", "segmentation", "synthetic", "tf_import", "train_loop", "view", "volumes")
+SUBMODULES = ("agglomeration", "augment", "baseline", "blockwise", "checkpoints", "conv",
+              "decision_points", "erl", "files", "flood", "fovsplit", "multihost", "nets",
+              "resegmentation", "resume", "scale", "segmentation", "synthetic", "tf_import",
+              "train_loop", "view", "volumes")
 
 
 def __getattr__(name: str):
