@@ -35,10 +35,10 @@ __version__ = "0.1.0"
 
 # Submodules reachable as `ffnjax.<name>` after a plain `import ffnjax`.
 SUBMODULES = ("agglomeration", "augment", "baseline", "blockfiles", "blockwise", "checkpoints",
-              "dask_tasks", "decision_points", "erl", "files", "flood", "fovsplit", "gffn_output",
-              "handoff", "interrupt", "multihost", "nets", "request", "resegmentation", "restrict",
-              "resume", "scale", "seed_policies", "segmentation", "synthetic", "testing",
-              "tf_import", "train_loop", "view", "volumes")
+              "conv", "dask_tasks", "decision_points", "erl", "files", "flood", "fovsplit",
+              "gffn_output", "handoff", "interrupt", "multihost", "nets", "request",
+              "resegmentation", "restrict", "resume", "scale", "seed_policies", "segmentation",
+              "synthetic", "testing", "tf_import", "train_loop", "view", "volumes")
 
 
 def __getattr__(name: str):
