@@ -7,7 +7,8 @@
 Reads the scores of one `experiments.agglomerate` run (its merge graph: the
 scores do not depend on the rule), re-decides every pair under each
 `--rules MIN_IOU,MIN_CONSISTENCY,MAX_DELETED_FRACTION`, merges, and prints one
-Markdown row per rule (and one for the segmentation before): NERL at merge
+Markdown row per rule, without and with the cannot-link guard (and one for
+the segmentation before): NERL at merge
 thresholds 1 and 50, merges per mm at threshold 1, VOI split / merge, adapted
 Rand error on the --box, the number of decision points, the merges accepted and
 their precision. A merge is correct when the two segments' majority
@@ -17,6 +18,7 @@ volume) agree.
 
 from __future__ import annotations
 
+import itertools
 from typing import Sequence
 
 import numpy as np
@@ -76,11 +78,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                 "merge": rep["voi_merge"], "arand": rep["adapted_rand"]}
 
     rows = [{"rule": "before", **score(seg), "merges": 0, "correct": 0}]
-    for iou, cons, dele in rule_sets:
-        rules = ag.MergeRules(min_iou=iou, min_consistency=cons, max_deleted_fraction=dele)
-        merges = [(r.point.a, r.point.b) for r, _, _ in graph if rules.decide(r)[0]]
+    results = [r for r, _, _ in graph]
+    for (iou, cons, dele), guard in itertools.product(rule_sets, (False, True)):
+        rules = ag.MergeRules(min_iou=iou, min_consistency=cons, max_deleted_fraction=dele,
+                              cannot_link=guard)
+        merges = [(r.point.a, r.point.b) for r, (ok, _) in zip(results, ag.decide_all(results, rules))
+                  if ok]
         correct = sum(majority.get(a, -1) == majority.get(b, -2) != 0 for a, b in merges)
-        rows.append({"rule": f"{iou:g} / {cons:g} / {dele:g}",
+        rows.append({"rule": f"{iou:g} / {cons:g} / {dele:g}" + (", cannot-link" if guard else ""),
                      **score(ag.merge_labels(seg, merges)), "merges": len(merges),
                      "correct": correct})
     seconds = np.median([r.seconds for r, _, _ in graph]) if graph else 0.0

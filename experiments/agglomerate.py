@@ -23,8 +23,13 @@ afresh.
 Distances (--max-distance, --clearance-cap, --seed-radius, --exclusion-radius) count voxels along
 the finest axis of the voxel size. InferenceOptions flags left out keep the
 values the checkpoint was trained with (as experiments.segment does).
-Block-wise runs on Dask are not implemented: the segmentation and image are
-read whole.
+
+Block-wise (--block Z,Y,X), for volumes larger than memory: decision points
+block by block, each pair's fills on its own subvolume read from the volumes,
+one union-find over all accepted pairs, the output written block by block;
+the steps run as Dask tasks (--scheduler; default 'sync', in this process).
+The merge graph and the output equal the whole-volume run's
+(ffnjax.agglomeration_blocks).
 """
 
 from __future__ import annotations
@@ -41,6 +46,33 @@ from experiments import _cli
 from experiments.segment import add_option_flags, options_from_args
 from ffnjax import interrupt
 from ffnjax.volume_spec import parse_spec
+
+
+RESEGMENTATION_FLAGS: dict[str, _cli.Flag] = {
+    "radius": _cli.Flag("resegment in 2*radius+1 voxels around each decision point"),
+    "analysis_radius": _cli.Flag("score in 2*radius+1 voxels around the point, at most --radius"),
+    "seed_radius": _cli.Flag("seeds lie within this distance of the point"),
+    "max_retries": _cli.Flag("further seeds tried on a side whose fill covers less than "
+                             "--recovery-fraction of its own segment"),
+    "recovery_fraction": _cli.Flag("see --max-retries"),
+    "exclusion_radius": _cli.Flag("a retry's seed lies this far from the seeds tried"),
+    "fills_per_call": _cli.Flag("fills run as one vmapped call: 1 each on its own, 2 both of a "
+                                "pair, more several pairs (accelerators)"),
+}
+POINT_FLAGS: dict[str, _cli.Flag] = {
+    "max_distance": _cli.Flag("pair segments this close as well as touching ones (0: touching "
+                              "only)"),
+    "min_contact": _cli.Flag("skip touching pairs with fewer contact faces"),
+    "clearance_cap": _cli.Flag("decision points: clearances from other segments are capped here"),
+}
+RULE_FLAGS: dict[str, _cli.Flag] = {
+    "min_iou": _cli.Flag("the two fills' IoU in the analysis box must exceed this"),
+    "min_consistency": _cli.Flag("each fill must cover more than this fraction of each segment"),
+    "max_deleted_fraction": _cli.Flag("one fill's deleted voxels / its voxels must be below this"),
+    "cannot_link": _cli.Flag("refuse a merge that would join two segments whose own pair was "
+                             "rejected because the fills disagreed (ffnjax's guard against "
+                             "chains through a merged segment; google/ffn has none)"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,60 +102,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="discard --results and score every pair afresh")
     g.add_argument("--info-json", metavar="PATH", default=None,
                    help="write counts and timings as JSON")
+    b = p.add_argument_group("block-wise (ffnjax.agglomeration_blocks)")
+    b.add_argument("--block", type=_cli.zyx_arg(minimum=1), default=None, metavar="Z,Y,X",
+                   help="work block by block: never read the volumes whole (default: whole)")
+    b.add_argument("--scheduler", default=None,
+                   help="with --block: 'sync' (this process, the default), 'threads', "
+                        "'processes', 'local' (a LocalCluster of --workers processes), or a "
+                        "Dask scheduler address tcp://host:8786")
+    b.add_argument("--workers", type=int, default=None,
+                   help="with --scheduler local: worker processes (default: one per core)")
+    b.add_argument("--pairs-per-task", type=int, default=None,
+                   help="with --block: decision points resegmented per Dask task (default 8)")
     _cli.add_common(g)
 
-    r = p.add_argument_group("resegmentation (ResegmentationConfig, DecisionPointOptions)")
-    r.add_argument("--radius", type=_cli.zyx_arg(minimum=1), default=None, metavar="Z,Y,X",
-                   help="resegment in 2*radius+1 voxels around each decision point (default 12,16,16)")
-    r.add_argument("--analysis-radius", type=_cli.zyx_arg(minimum=1), default=None, metavar="Z,Y,X",
-                   help="score in 2*radius+1 voxels around the point, at most --radius "
-                        "(default 8,12,12)")
-    r.add_argument("--seed-radius", type=float, default=None,
-                   help="seeds lie within this distance of the point (default 6)")
-    r.add_argument("--max-retries", type=int, default=None,
-                   help="further seeds tried on a side whose fill covers less than "
-                        "--recovery-fraction of its own segment (default 2)")
-    r.add_argument("--recovery-fraction", type=float, default=None,
-                   help="see --max-retries (default 0.6)")
-    r.add_argument("--exclusion-radius", type=float, default=None,
-                   help="a retry's seed lies this far from the seeds tried (default 3)")
-    r.add_argument("--fills-per-call", type=int, default=None,
-                   help="fills run as one vmapped call: 1 each on its own, 2 both of a pair, "
-                        "more several pairs (accelerators; default 1)")
-    r.add_argument("--max-distance", type=float, default=None,
-                   help="pair segments this close as well as touching ones (default 0: touching only)")
-    r.add_argument("--min-contact", type=int, default=None,
-                   help="skip touching pairs with fewer contact faces (default 1)")
-    r.add_argument("--clearance-cap", type=float, default=None,
-                   help="decision points: clearances from other segments are capped here (default 12)")
-
-    m = p.add_argument_group("merge rule (MergeRules; google/ffn's defaults)")
-    m.add_argument("--min-iou", type=float, default=None,
-                   help="the two fills' IoU in the analysis box must exceed this (default 0.8)")
-    m.add_argument("--min-consistency", type=float, default=None,
-                   help="each fill must cover more than this fraction of each segment (default 0.6)")
-    m.add_argument("--max-deleted-fraction", type=float, default=None,
-                   help="one fill's deleted voxels / its voxels must be below this (default 0.02)")
-    add_option_flags(p)
-    return p
-
-
-def _fields(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
-    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-
-
-def configs_from_args(args: argparse.Namespace):
-    """(ResegmentationConfig, DecisionPointOptions, MergeRules) of the flags given."""
     from ffnjax.agglomeration import MergeRules
     from ffnjax.decision_points import DecisionPointOptions
     from ffnjax.resegmentation import ResegmentationConfig
 
-    config = ResegmentationConfig(**_fields(args, ("radius", "analysis_radius", "seed_radius",
-                                                   "max_retries", "recovery_fraction",
-                                                   "exclusion_radius", "fills_per_call")))
-    points = DecisionPointOptions(**_fields(args, ("max_distance", "min_contact", "clearance_cap")))
-    rules = MergeRules(**_fields(args, ("min_iou", "min_consistency", "max_deleted_fraction")))
-    return config, points, rules
+    r = p.add_argument_group("resegmentation (ResegmentationConfig, DecisionPointOptions)")
+    _cli.add_flags(r, ResegmentationConfig, RESEGMENTATION_FLAGS)
+    _cli.add_flags(r, DecisionPointOptions, POINT_FLAGS)
+    m = p.add_argument_group("merge rule (MergeRules; google/ffn's defaults)")
+    _cli.add_flags(m, MergeRules, RULE_FLAGS)
+    add_option_flags(p)
+    return p
+
+
+def configs_from_args(args: argparse.Namespace):
+    """(ResegmentationConfig, DecisionPointOptions, MergeRules) of the flags
+    given over the dataclasses' defaults; a bad value is named by its flag."""
+    from ffnjax.agglomeration import MergeRules
+    from ffnjax.decision_points import DecisionPointOptions
+    from ffnjax.resegmentation import ResegmentationConfig
+
+    return tuple(_cli.build(cls, table, {}, _cli.given(args, cls, table))
+                 for cls, table in ((ResegmentationConfig, RESEGMENTATION_FLAGS),
+                                    (DecisionPointOptions, POINT_FLAGS), (MergeRules, RULE_FLAGS)))
 
 
 def beside(output: str, suffix: str, flag: str) -> Path:
@@ -145,6 +159,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     options_from_args(args)  # bad option values fail before anything is read
     config, point_options, rules = configs_from_args(args)
+    if not args.block:
+        for flag in ("scheduler", "workers", "pairs_per_task"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} works block by block only; add --block Z,Y,X")
+    if args.pairs_per_task is not None and args.pairs_per_task < 1:
+        raise ValueError(f"--pairs-per-task must be >= 1, got {args.pairs_per_task}")
     graph_path = Path(args.merge_graph) if args.merge_graph else beside(
         args.output, ".merge-graph.csv", "--merge-graph")
     results_path = Path(args.results) if args.results else beside(
@@ -161,18 +181,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     seg_vol = open_volume(args.segmentation)
     image_vol = open_volume(args.image)
-    seg = np.asarray(seg_vol.read((0, 0, 0), seg_vol.shape[:3]))
-    if seg.ndim != 3 or not np.issubdtype(seg.dtype, np.integer):
+    shape = tuple(int(n) for n in seg_vol.shape[:3])
+    if not np.issubdtype(seg_vol.dtype, np.integer) or (seg_vol.num_channels or 1) != 1:
         raise ValueError(f"--segmentation {args.segmentation} must be a 3D integer volume, got "
-                         f"shape {seg.shape} dtype {seg.dtype}")
+                         f"shape {tuple(seg_vol.shape)} dtype {seg_vol.dtype}")
     start = tuple(int(a) - int(b) for a, b in zip(seg_vol.offset, image_vol.offset))
-    end = tuple(s + n for s, n in zip(start, seg.shape))
+    end = tuple(s + n for s, n in zip(start, shape))
     if any(s < 0 for s in start) or any(e > n for e, n in zip(end, image_vol.shape)):
         raise ValueError(f"--segmentation {args.segmentation} covers {start}..{end} (z,y,x) of the "
                          f"image, outside --image {args.image} of shape {tuple(image_vol.shape)}")
-    image = np.asarray(image_vol.read(start, seg.shape))
-    if image.ndim == 4 and image.shape[-1] == 1:
-        image = image[..., 0]
     voxel_size = (_cli.numbers(args.voxel_size, "--voxel-size", kind=float, minimum=0, strict=True)
                   or tuple(seg_vol.voxel_size))
 
@@ -180,39 +197,57 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     options = options_from_args(args, inference_defaults(args.checkpoint, args.step))
     run_id = json.dumps({"image": args.image, "segmentation": args.segmentation,
                          "checkpoint": str(Path(args.checkpoint).absolute()), "step": args.step})
+    common = dict(voxel_size=voxel_size, config=config, rules=rules, point_options=point_options,
+                  results_path=results_path, run_id=run_id, overwrite=args.restart,
+                  progress=not args.quiet)
     t0 = time.perf_counter()
     try:
-        result = agglomeration.agglomerate(
-            image, seg, params, model_config, options, voxel_size=voxel_size, config=config,
-            rules=rules, point_options=point_options, results_path=results_path, run_id=run_id,
-            overwrite=args.restart, progress=not args.quiet)
+        if args.block:
+            from ffnjax import agglomeration_blocks as blocks
+            from ffnjax.dask_tasks import engine
+
+            sched = None if args.scheduler == "local" else (args.scheduler or "sync")
+            with engine(sched, 1, args.workers) as eng:
+                result = blocks.agglomerate_blocks(
+                    blocks.Region(args.image, start, shape), args.segmentation, params,
+                    model_config, options, block=args.block, engine=eng,
+                    pairs_per_task=args.pairs_per_task or 8, **common)
+                create_volume(args.output, shape, "uint64", voxel_size=tuple(seg_vol.voxel_size),
+                              offset=tuple(seg_vol.offset), overwrite=True)
+                blocks.relabel_blocks(args.segmentation, args.output,
+                                      agglomeration.merge_mapping(result.merges), args.block,
+                                      engine=eng, progress=not args.quiet)
+        else:
+            seg = np.asarray(seg_vol.read((0, 0, 0), shape))
+            image = np.asarray(image_vol.read(start, shape))
+            if image.ndim == 4 and image.shape[-1] == 1:
+                image = image[..., 0]
+            result = agglomeration.agglomerate(image, seg, params, model_config, options, **common)
+            out = create_volume(args.output, shape, "uint64", voxel_size=tuple(seg_vol.voxel_size),
+                                offset=tuple(seg_vol.offset), overwrite=True)
+            out.write((0, 0, 0), result.labels.astype(np.uint64))
     except KeyboardInterrupt as e:  # SIGINT / SIGTERM: scored pairs are in the results file
         raise interrupt.with_resume(e, f"the pairs scored so far are kept in {results_path}; "
                                        "rerun the same command to resume") from None
     wall = time.perf_counter() - t0
-
-    out = create_volume(args.output, seg.shape, "uint64", voxel_size=tuple(seg_vol.voxel_size),
-                        offset=tuple(seg_vol.offset), overwrite=True)
-    out.write((0, 0, 0), result.labels.astype(np.uint64))
     agglomeration.save_merge_graph(graph_path, result.rows)
 
     reasons: dict[str, int] = {}
     for row in result.rows:
         reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
     times = [r.seconds for r in result.results]
-    n_before = len(np.unique(seg[seg != 0]))
-    n_after = len(np.unique(result.labels[result.labels != 0]))
+    merged_away = len(agglomeration.merge_mapping(result.merges))
     summary = {"decision_points": len(result.points), "scored_now": result.scored,
                "merges": len(result.merges), "reasons": reasons,
-               "segments_before": n_before, "segments_after": n_after,
+               "segments_merged_away": merged_away, "block": args.block,
                "median_seconds_per_point": float(np.median(times)) if times else 0.0,
                "wall_s": round(wall, 3), "output": args.output, "merge_graph": str(graph_path),
                "results": str(results_path)}
     print(decision_points.describe(result.points))
     print(f"{result.scored} pairs resegmented now, {len(result.points) - result.scored} read from "
-          f"{results_path}; {len(result.merges)} merges ({reasons}); segments {n_before} -> "
-          f"{n_after}; median {summary['median_seconds_per_point']:.2f} s per point, {wall:.1f} s")
-    print(f"wrote {args.output} {tuple(seg.shape)} uint64 and {graph_path}")
+          f"{results_path}; {len(result.merges)} merges ({reasons}); {merged_away} segments "
+          f"joined to others; median {summary['median_seconds_per_point']:.2f} s per point, {wall:.1f} s")
+    print(f"wrote {args.output} {shape} uint64 and {graph_path}")
     if args.info_json:
         Path(args.info_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.info_json).write_text(json.dumps(summary, indent=1))

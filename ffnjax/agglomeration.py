@@ -59,11 +59,19 @@ class MergeRules:
       of B, from B of A and of B) > `min_consistency`;
     * the network was not confused: for at least one fill, deleted voxels /
       fill voxels < `max_deleted_fraction`.
+
+    `cannot_link` (ffnjax's guard; google/ffn has none): accepted pairs are
+    joined in `merge_order` (larger contact first), and a pair is refused
+    ('chain') when it would put into one object two segments whose own pair
+    was scored and rejected because the fills disagreed ('iou' or
+    'consistency'). Without it, a small segment that is itself a merger joins
+    its two objects through two good-looking pairs (docs/agglomeration.md).
     """
 
     min_iou: float = 0.8
     min_consistency: float = 0.6
     max_deleted_fraction: float = 0.02
+    cannot_link: bool = True
 
     def __post_init__(self):
         for name in ("min_iou", "min_consistency", "max_deleted_fraction"):
@@ -73,8 +81,9 @@ class MergeRules:
             object.__setattr__(self, name, v)
 
     def decide(self, r: PairResult) -> tuple[bool, str]:
-        """(merge?, why): 'accepted', 'no_seed', 'iou', 'consistency' or 'deleted'
-        (the first rule that failed)."""
+        """(merge?, why) of this pair alone: 'accepted', 'no_seed', 'iou',
+        'consistency' or 'deleted' (the first rule that failed). The
+        `cannot_link` guard needs every pair: `decide_all`."""
         if r.from_a is None or r.from_b is None:
             return False, "no_seed"
         if not r.iou > self.min_iou:
@@ -85,6 +94,61 @@ class MergeRules:
         if not min(r.from_a.deleted_fraction, r.from_b.deleted_fraction) < self.max_deleted_fraction:
             return False, "deleted"
         return True, "accepted"
+
+
+# Rejections that are evidence the two segments are different objects.
+DISAGREEMENTS = ("iou", "consistency")
+
+
+def agreement(r: PairResult) -> float:
+    """How strongly a pair's fills agree: the least of its IoU and four fractions."""
+    if r.from_a is None or r.from_b is None:
+        return float("-inf")
+    return min(r.iou, r.from_a.frac_a, r.from_a.frac_b, r.from_b.frac_a, r.from_b.frac_b)
+
+
+def merge_order(r: PairResult) -> tuple[float, float]:
+    """Sort key of accepted pairs under `cannot_link`, first joined first: the
+    larger contact (a neurite cut in two meets its other half over its whole
+    cross-section, a merged fragment its wrong object over a part), then the
+    stronger `agreement`."""
+    return (-float(r.point.contact), -agreement(r))
+
+
+def decide_all(results: Sequence[PairResult], rules: MergeRules) -> list[tuple[bool, str]]:
+    """(merge?, why) per pair, as `rules.decide`, then the `cannot_link` guard:
+    accepted pairs join groups in `merge_order`, and one that would join
+    two groups holding a pair rejected in `DISAGREEMENTS` is refused ('chain')."""
+    decisions = [rules.decide(r) for r in results]
+    if not rules.cannot_link:
+        return decisions
+    parent: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    apart: dict[int, set[int]] = {}          # root -> ids it may not join
+    for r, (_, why) in zip(results, decisions):
+        if why in DISAGREEMENTS:
+            a, b = r.point.a, r.point.b
+            apart.setdefault(a, set()).add(b)
+            apart.setdefault(b, set()).add(a)
+    order = sorted((i for i, (ok, _) in enumerate(decisions) if ok),
+                   key=lambda i: merge_order(results[i]))
+    for i in order:
+        ra, rb = find(results[i].point.a), find(results[i].point.b)
+        if ra == rb:
+            continue
+        if rb in {find(x) for x in apart.get(ra, ())}:
+            decisions[i] = (False, "chain")
+            continue
+        parent[rb] = ra
+        apart[ra] = apart.get(ra, set()) | apart.pop(rb, set())
+    return decisions
 
 
 # ----------------------------------------------------------------------------
@@ -195,12 +259,9 @@ def append_rows(path: str | os.PathLike, rows: Iterable[dict]) -> None:
 
 
 def merge_graph_rows(results: Sequence[PairResult], rules: MergeRules) -> list[dict[str, Any]]:
-    """GRAPH_FIELDS rows: every pair's scores with its decision."""
-    rows = []
-    for r in results:
-        merge, why = rules.decide(r)
-        rows.append({**result_row(r), "merge": int(merge), "reason": why})
-    return rows
+    """GRAPH_FIELDS rows: every pair's scores with its decision (`decide_all`)."""
+    return [{**result_row(r), "merge": int(merge), "reason": why}
+            for r, (merge, why) in zip(results, decide_all(results, rules))]
 
 
 def save_merge_graph(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> Path:
@@ -225,21 +286,33 @@ def load_merge_graph(path: str | os.PathLike) -> list[tuple[PairResult, bool, st
     return [(row_result(r), bool(int(r["merge"])), r["reason"]) for r in rows]
 
 
-def merge_labels(seg: np.ndarray, pairs: Iterable[tuple[int, int]]) -> np.ndarray:
-    """`seg` with every group of ids joined by `pairs` (their connected
-    components: a union-find) relabelled to the group's smallest id; other ids
-    keep theirs."""
+def merge_mapping(pairs: Iterable[tuple[int, int]]) -> dict[int, int]:
+    """{id: new id} of every id that `pairs` join to a smaller one: the
+    connected components of the pairs (a union-find), each onto its smallest id."""
     pairs = np.asarray([(int(a), int(b)) for a, b in pairs], np.int64).reshape(-1, 2)
     if not len(pairs):
-        return seg.copy()
+        return {}
     ids = np.unique(pairs)
     index = np.searchsorted(ids, pairs)
     graph = coo_matrix((np.ones(len(pairs)), (index[:, 0], index[:, 1])), shape=(len(ids),) * 2)
     _, comp = connected_components(graph, directed=False)
     smallest = np.full(comp.max() + 1, np.iinfo(np.int64).max)
     np.minimum.at(smallest, comp, ids)
-    mapping = {int(i): int(smallest[c]) for i, c in zip(ids, comp) if smallest[c] != i}
+    return {int(i): int(smallest[c]) for i, c in zip(ids, comp) if smallest[c] != i}
+
+
+def relabel(seg: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+    """A copy of `seg` with the ids of `mapping` replaced (fastremap); others kept."""
+    if not mapping:
+        return np.array(seg, copy=True)
     return fastremap.remap(seg, mapping, preserve_missing_labels=True, in_place=False)
+
+
+def merge_labels(seg: np.ndarray, pairs: Iterable[tuple[int, int]]) -> np.ndarray:
+    """`seg` with every group of ids joined by `pairs` (their connected
+    components: a union-find) relabelled to the group's smallest id; other ids
+    keep theirs."""
+    return relabel(seg, merge_mapping(pairs))
 
 
 # ----------------------------------------------------------------------------
@@ -265,6 +338,17 @@ class AgglomerationResult:
     merges: list[tuple[int, int]]
     labels: np.ndarray
     scored: int
+
+
+def run_record(shape: Sequence[int], voxel_size: Sequence[float], model_config: ModelConfig,
+               options: InferenceOptions, config: ResegmentationConfig,
+               point_options: DecisionPointOptions, run_id: str = "") -> str:
+    """What a pair's scores depend on, as the results file records it (the
+    whole-volume and the block-wise paths write the same record: their scores agree)."""
+    return json.dumps({"shape": [int(n) for n in shape], "voxel_size": [float(v) for v in voxel_size],
+                       "model": model_config.to_dict(), "options": options.result_dict(),
+                       "config": dataclasses.asdict(config),
+                       "points": dataclasses.asdict(point_options), "run": run_id}, sort_keys=True)
 
 
 def agglomerate(image: Any, seg: np.ndarray, params: Any, model_config: ModelConfig,
@@ -301,10 +385,7 @@ def agglomerate(image: Any, seg: np.ndarray, params: Any, model_config: ModelCon
     apply_fn = apply_fn or default_apply_fn(model_config)
     check_apply_fn(apply_fn, params, model_config, options.batch_size)
     points = find_decision_points(seg, voxel_size, point_options)
-    run = json.dumps({"shape": list(seg.shape), "voxel_size": [float(v) for v in voxel_size],
-                      "model": model_config.to_dict(), "options": options.result_dict(),
-                      "config": dataclasses.asdict(config),
-                      "points": dataclasses.asdict(point_options), "run": run_id}, sort_keys=True)
+    run = run_record(seg.shape, voxel_size, model_config, options, config, point_options, run_id)
     done = open_results(results_path, run, overwrite) if results_path else {}
     todo = [p for p in points if (p.a, p.b) not in done]
     image_n = np.asarray(normalize_image(arr, options.image_mean, options.image_stddev))

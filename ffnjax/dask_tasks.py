@@ -37,7 +37,7 @@ LOCAL_SCHEDULERS = ("sync", "synchronous", "single-threaded", "threads", "thread
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    return tqdm(total=total, desc=desc, unit="block" if desc != "match" else "pair",
+    return tqdm(total=total, desc=desc, unit={"match": "pair", "pairs": "task"}.get(desc, "block"),
                 disable=not enabled, dynamic_ncols=True)
 
 

@@ -169,22 +169,24 @@ def interface_faces(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     return np.minimum(u, v), np.maximum(u, v), p, q
 
 
-def border_distance(shape: Sequence[int], voxel_size: Sequence[float]) -> np.ndarray:
-    """Distance from every voxel to the nearest voxel just outside the volume."""
-    axes = [(np.minimum(np.arange(n), n - 1 - np.arange(n)) + 1) * float(s)
-            for n, s in zip(shape, voxel_size)]
-    return np.minimum(np.minimum(axes[0][:, None, None], axes[1][None, :, None]),
-                      axes[2][None, None, :]).astype(np.float32)
+def border_distance_at(coords: np.ndarray, shape: Sequence[int],
+                       voxel_size: Sequence[float]) -> np.ndarray:
+    """Distance from each voxel of `coords` ((n, 3) z,y,x) to the nearest voxel
+    just outside a volume of `shape`."""
+    coords = np.asarray(coords, np.int64).reshape(-1, 3)
+    n = np.asarray(shape, np.int64)
+    steps = np.minimum(coords, n - 1 - coords) + 1
+    return (steps * np.asarray(voxel_size, np.float64)).min(axis=1).astype(np.float32)
 
 
 def _pair_clearance(labels: np.ndarray, a: int, b: int, cand: np.ndarray, vs: np.ndarray,
                     cap: float, border: np.ndarray) -> np.ndarray:
-    """Clearance (capped) of candidate voxels `cand` ((n, 3) z,y,x) of pair (a, b).
+    """Clearance (capped) of candidate voxels `cand` ((n, 3) z,y,x in `labels`) of pair (a, b).
 
     One EDT of the pair's union on a crop that reaches `cap` beyond the
     candidates: anything farther than the cap cannot lower a capped value, and
     the crop's own faces are not boundaries (`black_border=False`); the
-    volume's border is `border`.
+    volume's border enters through `border` (n,), the candidates' distances to it.
     """
     margin = np.ceil(cap / vs).astype(np.int64) + 1
     lo = np.maximum(cand.min(axis=0) - margin, 0)
@@ -194,7 +196,7 @@ def _pair_clearance(labels: np.ndarray, a: int, b: int, cand: np.ndarray, vs: np
     dist = edt.edt(union, anisotropy=tuple(vs), black_border=False)
     local = cand - lo
     inside = dist[tuple(local.T)]
-    return np.minimum(np.minimum(inside, border[tuple(cand.T)]), np.float32(cap))
+    return np.minimum(np.minimum(inside, border), np.float32(cap))
 
 
 def choose_point(cand: np.ndarray, clearance: np.ndarray) -> int:
@@ -207,22 +209,74 @@ def choose_point(cand: np.ndarray, clearance: np.ndarray) -> int:
     return int(order[0])
 
 
-def find_decision_points(seg: np.ndarray, voxel_size: Sequence[float] = (1, 1, 1),
-                         options: DecisionPointOptions = DecisionPointOptions()
-                         ) -> list[DecisionPoint]:
-    """One `DecisionPoint` per pair of segments that touch (or come within
-    `options.max_distance`), sorted by (a, b). See the module docstring.
+@dataclasses.dataclass(frozen=True)
+class Candidates:
+    """What one block (or the whole volume) says about its pairs, in volume coordinates.
+
+    Attributes:
+      pairs: (n, 2) int64 segment ids a < b.
+      contact: (n,) faces between the original segments counted in the block.
+      min_gap: (n,) the smallest face gap seen in the block.
+      pair_of: (m,) index into `pairs` of each candidate voxel.
+      coords: (m, 3) int64 z,y,x of the candidate voxels.
+      face_gap: (m,) the smallest gap of the faces the voxel belongs to.
+      clearance: (m,) float32 capped clearance of the voxel.
+    """
+
+    pairs: np.ndarray
+    contact: np.ndarray
+    min_gap: np.ndarray
+    pair_of: np.ndarray
+    coords: np.ndarray
+    face_gap: np.ndarray
+    clearance: np.ndarray
+
+    @staticmethod
+    def empty() -> "Candidates":
+        z = lambda *shape, dtype=np.int64: np.zeros(shape, dtype)  # noqa: E731
+        return Candidates(z(0, 2), z(0), z(0, dtype=np.float64), z(0), z(0, 3),
+                          z(0, dtype=np.float64), z(0, dtype=np.float32))
+
+
+def block_margin(voxel_size: Sequence[float], options: DecisionPointOptions) -> tuple[int, ...]:
+    """Voxels of context around a block's core that make `find_candidates` on
+    the block exact: clearances reach `clearance_cap` beyond a candidate, and
+    the expansion `2 * max_distance` (a gap voxel's nearest segment, and the
+    segments it lies between)."""
+    vs = relative_voxel_size(voxel_size)
+    reach = options.clearance_cap + 2 * options.max_distance
+    return tuple(int(m) for m in np.ceil(reach / vs).astype(np.int64) + 2)
+
+
+def find_candidates(seg: np.ndarray, voxel_size: Sequence[float] = (1, 1, 1),
+                    options: DecisionPointOptions = DecisionPointOptions(), *,
+                    origin: Sequence[int] = (0, 0, 0),
+                    core: tuple[Sequence[int], Sequence[int]] | None = None,
+                    volume_shape: Sequence[int] | None = None) -> Candidates:
+    """The candidates of every pair whose faces lie in `core` (see the module docstring).
 
     Args:
-      seg: z,y,x integer segmentation, 0 = background.
-      voxel_size: z,y,x voxel size (only the ratios of its sides matter).
-      options: DecisionPointOptions.
+      seg: z,y,x segmentation of a block with context (`block_margin`), or of
+        the whole volume.
+      origin: where `seg` starts in the volume.
+      core: (start, stop) in the volume: only faces whose lower voxel lies
+        there count (each face of the volume belongs to exactly one core);
+        None: all of `seg`.
+      volume_shape: the whole volume's shape (its border bounds clearances;
+        default: `seg` is the whole volume).
     """
     seg, vs = _check(seg, voxel_size)
+    origin = np.asarray(origin, np.int64)
+    volume_shape = tuple(volume_shape) if volume_shape is not None else tuple(origin + seg.shape)
     labels, gap = expand_labels(seg, vs, options.max_distance)
     a, b, p, q = interface_faces(labels)
+    if core is not None:
+        lo, hi = (np.asarray(c, np.int64) - origin for c in core)
+        pz = np.stack(np.unravel_index(p, labels.shape), 1)
+        keep = np.all((pz >= lo) & (pz < hi), axis=1)
+        a, b, p, q = a[keep], b[keep], p[keep], q[keep]
     if a.size == 0:
-        return []
+        return Candidates.empty()
     orig = seg.reshape(-1)
     touching = (orig[p] != 0) & (orig[q] != 0)
     face_gap = (gap.reshape(-1)[p] + gap.reshape(-1)[q]) / 2
@@ -234,27 +288,83 @@ def find_decision_points(seg: np.ndarray, voxel_size: Sequence[float] = (1, 1, 1
     tol = np.where(min_gap[inverse] > 0, 0.5 * vs.min(), 0.0)  # touching: the contact only
     close = face_gap <= min_gap[inverse] + tol
 
-    # Candidate voxels per pair (both sides of each closest face), grouped by pair.
+    # Candidate voxels (both sides of each close face): one row per (pair, voxel), its least gap.
     cand_pair = np.concatenate([inverse[close], inverse[close]])
     cand_flat = np.concatenate([p[close], q[close]])
-    key = np.unique(cand_pair * labels.size + cand_flat)
-    cand_pair, cand_flat = key // labels.size, key % labels.size
+    cand_gap = np.concatenate([face_gap[close], face_gap[close]])
+    order = np.lexsort((cand_gap, cand_flat, cand_pair))
+    cand_pair, cand_flat, cand_gap = cand_pair[order], cand_flat[order], cand_gap[order]
+    first = np.ones(len(order), bool)
+    first[1:] = (np.diff(cand_pair) != 0) | (np.diff(cand_flat) != 0)
+    cand_pair, cand_flat, cand_gap = cand_pair[first], cand_flat[first], cand_gap[first]
+    local = np.stack(np.unravel_index(cand_flat, labels.shape), 1).astype(np.int64)
+    border = border_distance_at(local + origin, volume_shape, vs)
+    clearance = np.zeros(len(local), np.float32)
     starts = np.searchsorted(cand_pair, np.arange(len(pairs) + 1))
-    coords = np.stack(np.unravel_index(cand_flat, labels.shape), 1).astype(np.int64)
-    border = border_distance(labels.shape, vs)
+    for k, (ia, ib) in enumerate(pairs):
+        sl = slice(starts[k], starts[k + 1])
+        clearance[sl] = _pair_clearance(labels, int(ia), int(ib), local[sl], vs,
+                                        options.clearance_cap, border[sl])
+    return Candidates(pairs=pairs.astype(np.int64), contact=contact, min_gap=min_gap,
+                      pair_of=cand_pair, coords=local + origin, face_gap=cand_gap,
+                      clearance=clearance)
 
+
+def points_of(parts: Sequence[Candidates],
+              options: DecisionPointOptions = DecisionPointOptions()) -> list[DecisionPoint]:
+    """One `DecisionPoint` per pair from the candidates of every block (or of
+    the whole volume), sorted by (a, b): contacts summed, gaps and candidates
+    taken at the pair's closest approach over all blocks."""
+    parts = [c for c in parts if len(c.pairs)]
+    if not parts:
+        return []
+    all_pairs = np.concatenate([c.pairs for c in parts])
+    pairs, inverse = np.unique(all_pairs, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    contact = np.bincount(inverse, weights=np.concatenate([c.contact for c in parts]),
+                          minlength=len(pairs)).astype(np.int64)
+    min_gap = np.full(len(pairs), np.inf)
+    np.minimum.at(min_gap, inverse, np.concatenate([c.min_gap for c in parts]))
+    offsets = np.cumsum([0] + [len(c.pairs) for c in parts])[:-1]
+    pair_of = np.concatenate([inverse[o + c.pair_of] for o, c in zip(offsets, parts)])
+    coords = np.concatenate([c.coords for c in parts])
+    face_gap = np.concatenate([c.face_gap for c in parts])
+    clearance = np.concatenate([c.clearance for c in parts])
+    close = face_gap <= min_gap[pair_of] + np.where(min_gap[pair_of] > 0, 0.5, 0.0)
+    pair_of, coords, clearance = pair_of[close], coords[close], clearance[close]
+    # A voxel found by two blocks (a face's upper voxel across a core's edge) counts once.
+    order = np.lexsort((coords[:, 2], coords[:, 1], coords[:, 0], pair_of))
+    pair_of, coords, clearance = pair_of[order], coords[order], clearance[order]
+    first = np.ones(len(order), bool)
+    first[1:] = (np.diff(pair_of) != 0) | np.any(np.diff(coords, axis=0) != 0, axis=1)
+    pair_of, coords, clearance = pair_of[first], coords[first], clearance[first]
+    starts = np.searchsorted(pair_of, np.arange(len(pairs) + 1))
     points = []
     for k, (ia, ib) in enumerate(pairs):
         if contact[k] > 0 and contact[k] < options.min_contact:
             continue
-        cand = coords[starts[k]:starts[k + 1]]
-        clear = _pair_clearance(labels, int(ia), int(ib), cand, vs, options.clearance_cap, border)
+        cand, clear = coords[starts[k]:starts[k + 1]], clearance[starts[k]:starts[k + 1]]
         i = choose_point(cand, clear)
         points.append(DecisionPoint(a=int(ia), b=int(ib), point=tuple(int(c) for c in cand[i]),
                                     contact=int(contact[k]),
                                     gap=float(0.0 if contact[k] else min_gap[k]),
                                     clearance=float(clear[i])))
     return points
+
+
+def find_decision_points(seg: np.ndarray, voxel_size: Sequence[float] = (1, 1, 1),
+                         options: DecisionPointOptions = DecisionPointOptions()
+                         ) -> list[DecisionPoint]:
+    """One `DecisionPoint` per pair of segments that touch (or come within
+    `options.max_distance`), sorted by (a, b). See the module docstring;
+    block by block: `ffnjax.agglomeration_blocks`.
+
+    Args:
+      seg: z,y,x integer segmentation, 0 = background.
+      voxel_size: z,y,x voxel size (only the ratios of its sides matter).
+      options: DecisionPointOptions.
+    """
+    return points_of([find_candidates(seg, voxel_size, options)], options)
 
 
 def describe(points: Sequence[DecisionPoint]) -> str:

@@ -212,6 +212,33 @@ def test_merge_rules_follow_google_ffns_thresholds():
         ag.MergeRules(min_iou=1.5)
 
 
+def test_cannot_link_refuses_a_chain_through_a_merged_fragment():
+    # Segment 3 is a fragment holding parts of two objects: it agrees with 1 (large contact)
+    # and with 2 (small contact), while 1 and 2 disagree with each other.
+    good = FillScore((0, 0, 0), 1000, 0.9, 0.9, 0, 4.0, 10)
+    apart = FillScore((0, 0, 0), 1000, 0.9, 0.1, 0, 4.0, 10)
+    pair = lambda a, b, contact, fill, iou: PairResult(  # noqa: E731
+        dp.DecisionPoint(a, b, (0, 0, 0), contact, 0.0, 3.0), fill, fill, iou, 0.0)
+    results = [pair(2, 3, 50, good, 0.95), pair(1, 3, 400, good, 0.85), pair(1, 2, 300, apart, 0.9),
+               pair(4, 5, 10, good, 0.9)]
+    decided = ag.decide_all(results, ag.MergeRules())
+    assert decided == [(False, "chain"), (True, "accepted"), (False, "consistency"),
+                       (True, "accepted")]
+    assert [r.point.a for r in results if ag.merge_order(r) == min(map(ag.merge_order, results))] == [1]
+    # Without the guard union-find joins 1 and 2 through 3, as google/ffn would.
+    loose = ag.decide_all(results, ag.MergeRules(cannot_link=False))
+    assert loose == [ag.MergeRules().decide(r) for r in results]
+    merged = ag.merge_labels(np.array([[[1, 2, 3]]]), [(r.point.a, r.point.b) for r, (ok, _)
+                                                        in zip(results, loose) if ok])
+    assert merged.tolist() == [[[1, 1, 1]]]
+    # A rejection that is no evidence of two objects (a side without a seed) links nothing apart.
+    results[2] = PairResult(results[2].point, None, apart, 0.0, 0.0)
+    assert [ok for ok, _ in ag.decide_all(results, ag.MergeRules())] == [True, True, False, True]
+    # Rows carry the guarded decision.
+    rows = ag.merge_graph_rows(results, ag.MergeRules())
+    assert [r["reason"] for r in rows] == ["accepted", "accepted", "no_seed", "accepted"]
+
+
 def test_merge_labels_is_a_union_find_onto_the_smallest_id():
     seg = np.array([[[0, 3, 7, 9, 4, 12]]], np.uint64)
     out = ag.merge_labels(seg, [(7, 9), (9, 12), (3, 4)])
@@ -321,3 +348,24 @@ def test_command_writes_outputs_reuses_scores_and_guards_outputs(cli_setup, caps
     assert [m for _, m, _ in regraph] == [rules.decide(r)[0] for r, _, _ in graph]
     with pytest.raises(ValueError, match="analysis_radius"):
         cli.main([*argv, "--overwrite", "--analysis-radius", "9,8,8"])
+
+
+def test_command_block_by_block_equals_the_whole_volume_run(cli_setup):
+    from experiments import agglomerate as cli
+    from ffnjax.volumes import read_all
+
+    root = cli_setup
+    base = ["--checkpoint", str(root / "ckpt"), "--image", str(root / "image.zarr"),
+            "--segmentation", str(root / "seg.zarr"), "--radius", "8,10,10",
+            "--analysis-radius", "6,8,8", "--quiet", "--min-iou", "0.5"]
+    whole = cli.main([*base, "--output", str(root / "whole.zarr")])
+    blocks = cli.main([*base, "--output", str(root / "blocks.zarr"), "--block", "16,20,20",
+                       "--scheduler", "threads", "--pairs-per-task", "2"])
+    assert blocks["scored_now"] == whole["scored_now"] == blocks["decision_points"] == 3
+    assert blocks["merges"] == whole["merges"]
+    np.testing.assert_array_equal(read_all(str(root / "blocks.zarr")), read_all(str(root / "whole.zarr")))
+    strip = lambda path: [(r, m, w) for r, m, w in ag.load_merge_graph(path)]  # noqa: E731
+    assert ([(dataclasses.replace(r, seconds=0), m) for r, m, _ in strip(root / "blocks.zarr.merge-graph.csv")]
+            == [(dataclasses.replace(r, seconds=0), m) for r, m, _ in strip(root / "whole.zarr.merge-graph.csv")])
+    with pytest.raises(ValueError, match="--scheduler works block by block only"):
+        cli.main([*base, "--output", str(root / "x.zarr"), "--scheduler", "threads"])
