@@ -513,6 +513,22 @@ def build(cls: type, table: Mapping[str, Flag], base: Mapping[str, Any],
         raise
 
 
+def flags_of(values: Mapping[str, Any], table: Mapping[str, Flag]) -> list[str]:
+    """The command-line flags that give `values` ({field: value}, e.g. `given`)
+    to a command whose flags come from `table`: the inverse of parsing them."""
+    out: list[str] = []
+    for name, value in values.items():
+        flag = table[name]
+        option = flag.names[0] if flag.names else _option(name)
+        if isinstance(value, bool):
+            out.append(option if value else "--no-" + option[2:])
+        elif isinstance(value, (tuple, list)):
+            out += [option, ",".join(str(v) for v in value)]
+        else:
+            out += [option, str(value)]
+    return out
+
+
 def with_help(table: Mapping[str, Flag], **texts: str) -> dict[str, Flag]:
     """A copy of `table` where the named fields get a command's own help text."""
     return {k: dataclasses.replace(f, help=texts[k]) if k in texts else f for k, f in table.items()}

@@ -34,7 +34,7 @@ __all__ = ["InferenceOptions", "ModelConfig", "TrainConfig", "logit",
 __version__ = "0.1.0"
 
 # Submodules reachable as `ffnjax.<name>` after a plain `import ffnjax`.
-SUBMODULES = ("agglomeration", "augment", "baseline", "blockfiles", "blockwise", "checkpoints",
+SUBMODULES = ("agglomeration", "agglomeration_blocks", "augment", "baseline", "blockfiles", "blockwise", "checkpoints",
               "conv", "dask_tasks", "decision_points", "erl", "files", "flood", "fovsplit",
               "gffn_output", "handoff", "interrupt", "multihost", "nets", "request",
               "resegmentation", "restrict", "resume", "scale", "seed_policies", "segmentation",

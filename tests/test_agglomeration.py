@@ -369,3 +369,36 @@ def test_command_block_by_block_equals_the_whole_volume_run(cli_setup):
             == [(dataclasses.replace(r, seconds=0), m) for r, m, _ in strip(root / "whole.zarr.merge-graph.csv")])
     with pytest.raises(ValueError, match="--scheduler works block by block only"):
         cli.main([*base, "--output", str(root / "x.zarr"), "--scheduler", "threads"])
+
+
+def test_pipeline_command_runs_consensus_then_agglomeration(cli_setup, capsys):
+    from experiments import agglomerate as cli
+    from experiments import pipeline
+    from ffnjax.volumes import open_volume, read_all
+
+    root = cli_setup
+    out = root / "pipe"
+    argv = ["--checkpoint", str(root / "ckpt"), "--image", str(root / "image.zarr"),
+            "--out", str(out), "--box", "0:40,0:48,4:48", "--min-segment-size", "50",
+            "--max-steps", "4", "--seed-policy", "grid", "--seed-grid-step", "10,10,10",
+            "--max-distance", "12",
+            "--radius", "8,10,10", "--analysis-radius", "6,8,8", "--min-iou", "0.5", "--quiet"]
+    summary = pipeline.main(argv)
+    seg_argv, agg_argv = summary["segment_argv"], summary["agglomerate_argv"]
+    assert "--consensus" in seg_argv and "--min-segment-size" in agg_argv
+    assert summary["agglomerate"]["decision_points"] >= 1 and summary["segment"]
+    assert agg_argv[agg_argv.index("--min-iou") + 1] == "0.5"
+    overseg = open_volume(str(out / "oversegmentation.zarr"))
+    assert tuple(overseg.offset) == (0, 0, 4) and overseg.shape == (40, 48, 44)
+    # The agglomeration step is the agglomerate command on the oversegmentation.
+    direct = cli.main([*agg_argv[:agg_argv.index("--output")], "--output", str(root / "direct.zarr"),
+                       *agg_argv[agg_argv.index("--output") + 2:], "--results",
+                       str(root / "direct.jsonl")])
+    assert direct["merges"] == summary["agglomerate"]["merges"]
+    np.testing.assert_array_equal(read_all(str(root / "direct.zarr")),
+                                  read_all(str(out / "agglomerated.zarr")))
+    assert json.loads((out / "pipeline.json").read_text())["output"] == str(out / "agglomerated.zarr")
+    # A rerun reuses the oversegmentation and every score.
+    again = pipeline.main(argv)
+    assert again["agglomerate"]["scored_now"] == 0
+    assert "reusing" in capsys.readouterr().out
