@@ -12,8 +12,11 @@ fills) followed by this step (Januszewski et al. 2018; google/ffn's
    interrupted run resumes without scoring a pair twice, and other thresholds
    can be tried without refilling); the decisions become a *merge graph*
    (CSV: pair, point, scores, decision), and the accepted pairs a union-find
-   over segment ids: each merged group takes its smallest id (`merge_labels`,
-   relabelled with fastremap).
+   over segment ids, guarded so that no merge joins two segments whose own
+   fills disagreed (`MergeRules.cannot_link`, `decide_all`): each merged group
+   takes its smallest id (`merge_labels`, relabelled with fastremap).
+
+Block by block, for volumes larger than memory: `ffnjax.agglomeration_blocks`.
 
 Python API::
 
