@@ -155,6 +155,11 @@ def _exists(spec: str) -> bool:
     return bool(path) and "://" not in path and Path(path).expanduser().exists()
 
 
+def _before_after(counts: dict) -> str:
+    return (f" (segments {counts['segments_before']} -> {counts['segments_after']})"
+            if counts else "")
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     options_from_args(args)  # bad option values fail before anything is read
@@ -237,16 +242,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
     times = [r.seconds for r in result.results]
     merged_away = len(agglomeration.merge_mapping(result.merges))
+    counts = {}
+    if result.labels is not None:   # whole volume: the ids before and after, as cheap as reading
+        counts = {"segments_before": int(len(np.unique(seg[seg != 0]))),
+                  "segments_after": int(len(np.unique(result.labels[result.labels != 0])))}
     summary = {"decision_points": len(result.points), "scored_now": result.scored,
                "merges": len(result.merges), "reasons": reasons,
-               "segments_merged_away": merged_away, "block": args.block,
+               "segments_merged_away": merged_away, **counts, "block": args.block,
                "median_seconds_per_point": float(np.median(times)) if times else 0.0,
                "wall_s": round(wall, 3), "output": args.output, "merge_graph": str(graph_path),
                "results": str(results_path)}
     print(decision_points.describe(result.points))
     print(f"{result.scored} pairs resegmented now, {len(result.points) - result.scored} read from "
           f"{results_path}; {len(result.merges)} merges ({reasons}); {merged_away} segments "
-          f"joined to others; median {summary['median_seconds_per_point']:.2f} s per point, {wall:.1f} s")
+          f"joined to others{_before_after(counts)}; median {summary['median_seconds_per_point']:.2f} s per point, {wall:.1f} s")
     print(f"wrote {args.output} {shape} uint64 and {graph_path}")
     if args.info_json:
         Path(args.info_json).parent.mkdir(parents=True, exist_ok=True)
