@@ -38,6 +38,10 @@ FLAGS_BEFORE = {
     "fib25_eval": "--box --checkpoint --context --data --name --out --overwrite --skip-baseline",
     "gffn_parity": "--compat --data --json --min-segment-size --quiet",
     "import_tf": "--checkpoint --deltas --depth --features --fov --out --step",
+    # Commands added since keep the flags they were introduced with.
+    "pipeline": "--analysis-radius --block --box --cannot-link --checkpoint --compat --consensus "
+                "--image --max-distance --min-contact --min-iou --min-segment-size --out "
+                "--overwrite --radius --step",
     "segment": "--batch-size --bbox --checkpoint --checkpoint-every --consensus --consensus-mode "
                "--disconnected-seeds --fov-size --image --image-mean --image-stddev --info-json "
                "--init-activation --max-steps --min-boundary-dist --min-segment-size "
@@ -83,6 +87,8 @@ def missing_input_argv(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "gffn_parity": (["--data", str(gone), "--quiet"], str(gone)),
         "import_tf": (["--tf-checkpoint", str(gone / "model.ckpt"), "--out", str(tmp / "i")],
                       str(gone / "model.ckpt")),
+        "pipeline": (["--checkpoint", str(gone / "run"), "--image", str(gone / "img.npy"),
+                      "--out", str(tmp / "p")], str(gone / "run")),
         "segment": (["--checkpoint", str(gone / "run"), "--image", str(gone / "img.npy"),
                      "--output", str(tmp / "s.zarr")], str(gone / "run")),
         "segment_volume": (["--checkpoint", str(gone / "run"), "--image", str(gone / "img.zarr"),
