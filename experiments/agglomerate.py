@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", required=True, metavar="SPEC",
                    help="image volume; the segmentation's region in it is found by the "
                         "volumes' stored offsets")
+    g.add_argument("--image-offset", type=_cli.zyx_arg(), default=None, metavar="Z,Y,X",
+                   help="where the image's first voxel lies, in voxels (default: its stored "
+                        "offset); e.g. 100,0,0 for a slab file of z 100-149 whose segmentation "
+                        "records offset 100,0,0")
     g.add_argument("--segmentation", required=True, metavar="SPEC",
                    help="the oversegmentation to agglomerate (integer ids, 0 = background)")
     g.add_argument("--output", required=True, metavar="SPEC",
@@ -190,11 +194,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not np.issubdtype(seg_vol.dtype, np.integer) or (seg_vol.num_channels or 1) != 1:
         raise ValueError(f"--segmentation {args.segmentation} must be a 3D integer volume, got "
                          f"shape {tuple(seg_vol.shape)} dtype {seg_vol.dtype}")
-    start = tuple(int(a) - int(b) for a, b in zip(seg_vol.offset, image_vol.offset))
+    image_offset = args.image_offset if args.image_offset is not None else image_vol.offset
+    start = tuple(int(a) - int(b) for a, b in zip(seg_vol.offset, image_offset))
     end = tuple(s + n for s, n in zip(start, shape))
     if any(s < 0 for s in start) or any(e > n for e, n in zip(end, image_vol.shape)):
-        raise ValueError(f"--segmentation {args.segmentation} covers {start}..{end} (z,y,x) of the "
-                         f"image, outside --image {args.image} of shape {tuple(image_vol.shape)}")
+        raise ValueError(f"--segmentation {args.segmentation} (offset {tuple(seg_vol.offset)}) "
+                         f"covers {start}..{end} (z,y,x) of the image, outside --image {args.image} "
+                         f"of shape {tuple(image_vol.shape)} at offset {tuple(image_offset)}; "
+                         "--image-offset says where the image lies")
     voxel_size = (_cli.numbers(args.voxel_size, "--voxel-size", kind=float, minimum=0, strict=True)
                   or tuple(seg_vol.voxel_size))
 

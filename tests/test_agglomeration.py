@@ -402,3 +402,25 @@ def test_pipeline_command_runs_consensus_then_agglomeration(cli_setup, capsys):
     again = pipeline.main(argv)
     assert again["agglomerate"]["scored_now"] == 0
     assert "reusing" in capsys.readouterr().out
+
+
+def test_command_places_a_slab_image_with_image_offset(cli_setup):
+    from experiments import agglomerate as cli
+    from ffnjax.volumes import read_all, save_volume
+
+    root = cli_setup
+    gt, seg = cut_scene()
+    # A slab file starting at z 4 that records no offset, and a segmentation of it that does.
+    save_volume(str(root / "slab.zarr"), (gt[4:] * 60).astype(np.uint8), voxel_size=(8, 8, 8))
+    save_volume(str(root / "slab_seg.zarr"), seg[4:].astype(np.uint64), voxel_size=(8, 8, 8),
+                offset=(4, 0, 0))
+    base = ["--checkpoint", str(root / "ckpt"), "--segmentation", str(root / "slab_seg.zarr"),
+            "--radius", "8,10,10", "--analysis-radius", "6,8,8", "--quiet"]
+    with pytest.raises(ValueError, match="--image-offset"):
+        cli.main([*base, "--image", str(root / "slab.zarr"), "--output", str(root / "o1.zarr")])
+    placed = cli.main([*base, "--image", str(root / "slab.zarr"), "--image-offset", "4,0,0",
+                       "--output", str(root / "o2.zarr")])
+    whole = cli.main([*base, "--image", str(root / "image.zarr"), "--output", str(root / "o3.zarr"),
+                      "--results", str(root / "o3.jsonl")])
+    assert placed["merges"] == whole["merges"] and placed["decision_points"] == whole["decision_points"]
+    np.testing.assert_array_equal(read_all(str(root / "o2.zarr")), read_all(str(root / "o3.zarr")))
