@@ -368,6 +368,18 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_at_step: int | None 
     if threading.current_thread() is threading.main_thread():
         old_handlers = {s: signal.signal(s, on_signal) for s in interrupt.SIGNALS}
 
+    def validate(at_step: int, write) -> dict[str, float]:
+        val = evaluate(jax.device_get(inference_params(state)), val_batch, config)
+        _write_scalars(writer, "val", val, at_step)
+        if progress:
+            write(f"step {at_step} validation: " + " ".join(f"{k}={v:.4g}" for k, v in val.items()))
+        return {f"val_{k}": v for k, v in val.items()}
+
+    # A run that starts from another model's weights (fine-tuning) is first
+    # validated as it starts, so its curve shows what training changed.
+    initial_val = (validate(step, print) if val_batch is not None and kind == "init_from"
+                   else {})
+
     # --- Loop -------------------------------------------------------------------------
     sampler_state = sampler.get_state()
     prefetcher = Prefetcher(sampler, local_batch, config.prefetch)
@@ -402,12 +414,7 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_at_step: int | None 
                 final = dict(host, step=step)
                 interval, t_interval, waited, last_logged = [], time.perf_counter(), 0.0, step
             if val_batch is not None and due(step, config.val_every, end):
-                val = evaluate(jax.device_get(inference_params(state)), val_batch, config)
-                _write_scalars(writer, "val", val, step)
-                if progress:
-                    bar.write(f"step {step} validation: " +
-                              " ".join(f"{k}={v:.4g}" for k, v in val.items()))
-                last_val = {f"val_{k}": v for k, v in val.items()}
+                last_val = validate(step, bar.write)
             if primary and due(step, config.image_every, end):
                 _example_png(workdir / "images" / f"step_{step:06d}.png",
                              jax.device_get(inference_params(state)), batch_np, config, seed=step)
@@ -429,7 +436,8 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_at_step: int | None 
             writer.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
-    metrics = dict(final, **last_val, step=step, wall_s=time.perf_counter() - t_start)
+    metrics = dict(final, **last_val, **{f"initial_{k}": v for k, v in initial_val.items()},
+                   step=step, wall_s=time.perf_counter() - t_start)
     if stopped:
         raise interrupt.Interrupted(
             received[0] if received else signal.SIGTERM, result=metrics,

@@ -40,3 +40,25 @@ def test_nan_guard_names_the_step_range(tmp_path):
                                image_stddevs=(1e-45,))
     with pytest.raises(FloatingPointError, match=r"steps 1\.\.2"):
         train(config, tmp_path, progress=False)
+
+
+def test_a_fine_tuning_run_is_validated_as_it_starts(tmp_path):
+    from ffnjax.inputs import load_validation_batch
+    from ffnjax.step import evaluate
+    from ffnjax.synthetic import make_volume
+
+    image, labels = make_volume((24, 48, 48), seed=3)
+    np.save(tmp_path / "val_image.npy", image)
+    np.save(tmp_path / "val_labels.npy", labels.astype(np.uint32))
+    val = dict(val_images=(str(tmp_path / "val_image.npy"),),
+               val_labels=(str(tmp_path / "val_labels.npy"),), val_examples=8, val_every=2)
+    source = TrainConfig.smoke(steps=4, checkpoint_every=100, image_every=100, **val)
+    first = train(source, tmp_path / "src", progress=False)
+    assert "initial_val_loss" not in first and "val_loss" in first   # a new run: no step 0
+    tuned = TrainConfig.smoke(steps=2, checkpoint_every=100, image_every=100,
+                              init_from=str(tmp_path / "src"), learning_rate=1e-2, **val)
+    out = train(tuned, tmp_path / "tuned", progress=False)
+    _, params = load_checkpoint(tmp_path / "src")
+    start = evaluate(params, load_validation_batch(tuned), tuned)
+    np.testing.assert_allclose(out["initial_val_loss"], start["loss"], rtol=1e-5)
+    assert out["val_loss"] != out["initial_val_loss"]    # validated again after training
