@@ -41,6 +41,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from tqdm.auto import tqdm
 
+from ffnjax import scale
 from ffnjax.config import InferenceOptions, ModelConfig
 from ffnjax.decision_points import DecisionPoint, DecisionPointOptions, find_decision_points
 from ffnjax.files import write_bytes
@@ -365,6 +366,9 @@ def agglomerate(image: Any, seg: np.ndarray, params: Any, model_config: ModelCon
                 on_pairs: Callable[[list[PairResult]], Any] | None = None) -> AgglomerationResult:
     """Finds decision points, resegments every pair not scored yet, merges.
 
+    With `options.downsample` (a model trained at a coarser scale) the work
+    runs at that scale and only the merges come back to the native grid.
+
     Args:
       image: z,y,x raw image (numpy or volume), aligned with `seg`.
       seg: z,y,x integer oversegmentation (0 = background).
@@ -385,6 +389,19 @@ def agglomerate(image: Any, seg: np.ndarray, params: Any, model_config: ModelCon
     seg = np.asarray(seg)
     if arr.shape != seg.shape:
         raise ValueError(f"image shape {arr.shape} differs from segmentation shape {seg.shape}")
+    factors = tuple(int(f) for f in options.downsample)
+    if not scale.is_identity(factors):
+        # A model that works at a coarser scale resegments there: the image
+        # block-averaged and the segmentation subsampled as `ffnjax.segment`
+        # does (ids survive), points and scores in coarse voxels; the merges
+        # then relabel the native segmentation.
+        coarse = agglomerate(
+            scale.downsample_image(arr, factors), scale.downsample_labels(seg, factors), params,
+            model_config, dataclasses.replace(options, downsample=(1, 1, 1)), apply_fn,
+            voxel_size=tuple(float(v) * f for v, f in zip(voxel_size, factors)), config=config,
+            rules=rules, point_options=point_options, results_path=results_path, run_id=run_id,
+            overwrite=overwrite, progress=progress, on_pairs=on_pairs)
+        return dataclasses.replace(coarse, labels=merge_labels(seg, coarse.merges))
     apply_fn = apply_fn or default_apply_fn(model_config)
     check_apply_fn(apply_fn, params, model_config, options.batch_size)
     points = find_decision_points(seg, voxel_size, point_options)

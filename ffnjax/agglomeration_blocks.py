@@ -180,6 +180,10 @@ def agglomerate_blocks(image: Source, seg: Source, params: Any, model_config: Mo
     merge_mapping(result.merges), block)`. Scores, merge graph and merges
     equal `agglomerate`'s on the same inputs."""
     shape, _ = reader(seg)
+    if any(int(f) != 1 for f in options.downsample):
+        raise ValueError(f"block-wise agglomeration runs at the volumes' own scale, but the options "
+                         f"ask for downsample {tuple(options.downsample)}: agglomerate the whole "
+                         f"volume (it works at that scale), or downsample the volumes first")
     apply_fn = apply_fn or default_apply_fn(model_config)
     check_apply_fn(apply_fn, params, model_config, options.batch_size)
     points = decision_points_by_block(seg, block, voxel_size, point_options, engine=engine,

@@ -67,3 +67,19 @@ def test_blockwise_agglomeration_equals_the_whole_volume_run(tmp_path):
     create_volume(out, seg.shape, np.uint64)
     ab.relabel_blocks(seg_spec, out, ag.merge_mapping(blocks.merges), (16, 20, 20))
     np.testing.assert_array_equal(read_all(out), whole.labels)
+
+
+def test_a_coarse_model_agglomerates_at_its_scale_and_merges_native_ids(tmp_path):
+    # The cut scene's boundaries lie on even voxels, so a 2x block mean keeps every object exact.
+    import dataclasses
+
+    gt, seg = cut_scene()
+    options = dataclasses.replace(oracle_options(), downsample=(2, 2, 2))
+    coarse = ag.agglomerate(gt, seg, None, TINY, options, oracle_apply_fn, config=CONFIG,
+                            progress=False)
+    assert coarse.merges == [(1, 5)]
+    assert all(max(p.point) < 24 for p in coarse.points)          # coarse coordinates
+    np.testing.assert_array_equal(coarse.labels, ag.merge_labels(seg, [(1, 5)]))
+    with pytest.raises(ValueError, match="downsample"):
+        ab.agglomerate_blocks(gt, seg, None, TINY, options, block=(16, 20, 20), config=CONFIG,
+                              progress=False, apply_fn=oracle_apply_fn)
