@@ -75,12 +75,38 @@ RULE_FLAGS: dict[str, _cli.Flag] = {
 }
 
 
+def config_tables() -> tuple[tuple[type, dict[str, _cli.Flag]], ...]:
+    """(dataclass, its flags) of agglomeration's settings, in the order
+    `configs_from_args` returns them: ResegmentationConfig, DecisionPointOptions,
+    MergeRules (imported here: they load JAX)."""
+    from ffnjax.agglomeration import MergeRules
+    from ffnjax.decision_points import DecisionPointOptions
+    from ffnjax.resegmentation import ResegmentationConfig
+
+    return ((ResegmentationConfig, RESEGMENTATION_FLAGS), (DecisionPointOptions, POINT_FLAGS),
+            (MergeRules, RULE_FLAGS))
+
+
+def add_model_flags(group) -> None:
+    """--checkpoint and --step."""
+    group.add_argument("--checkpoint", required=True, metavar="WORKDIR",
+                       help="workdir holding the model (experiments.train or experiments.import_tf)")
+    group.add_argument("--step", type=int, default=None,
+                       help="checkpoint step (default: the latest)")
+
+
+def add_config_flags(parser) -> None:
+    """One flag per field of every `config_tables` dataclass, in one group."""
+    group = parser.add_argument_group(
+        "agglomeration (ResegmentationConfig, DecisionPointOptions, MergeRules; google/ffn's rule)")
+    for cls, table in config_tables():
+        _cli.add_flags(group, cls, table)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _cli.make_parser("agglomerate", __doc__)
     g = p.add_argument_group("run")
-    g.add_argument("--checkpoint", required=True, metavar="WORKDIR",
-                   help="workdir holding the model (experiments.train or experiments.import_tf)")
-    g.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    add_model_flags(g)
     g.add_argument("--image", required=True, metavar="SPEC",
                    help="image volume; the segmentation's region in it is found by the "
                         "volumes' stored offsets")
@@ -118,16 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--pairs-per-task", type=int, default=None,
                    help="with --block: decision points resegmented per Dask task (default 8)")
     _cli.add_common(g)
-
-    from ffnjax.agglomeration import MergeRules
-    from ffnjax.decision_points import DecisionPointOptions
-    from ffnjax.resegmentation import ResegmentationConfig
-
-    r = p.add_argument_group("resegmentation (ResegmentationConfig, DecisionPointOptions)")
-    _cli.add_flags(r, ResegmentationConfig, RESEGMENTATION_FLAGS)
-    _cli.add_flags(r, DecisionPointOptions, POINT_FLAGS)
-    m = p.add_argument_group("merge rule (MergeRules; google/ffn's defaults)")
-    _cli.add_flags(m, MergeRules, RULE_FLAGS)
+    add_config_flags(p)
     add_option_flags(p)
     return p
 
@@ -135,13 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
 def configs_from_args(args: argparse.Namespace):
     """(ResegmentationConfig, DecisionPointOptions, MergeRules) of the flags
     given over the dataclasses' defaults; a bad value is named by its flag."""
-    from ffnjax.agglomeration import MergeRules
-    from ffnjax.decision_points import DecisionPointOptions
-    from ffnjax.resegmentation import ResegmentationConfig
-
     return tuple(_cli.build(cls, table, {}, _cli.given(args, cls, table))
-                 for cls, table in ((ResegmentationConfig, RESEGMENTATION_FLAGS),
-                                    (DecisionPointOptions, POINT_FLAGS), (MergeRules, RULE_FLAGS)))
+                 for cls, table in config_tables())
 
 
 def beside(output: str, suffix: str, flag: str) -> Path:

@@ -32,15 +32,9 @@ from ffnjax.config import InferenceOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ffnjax.agglomeration import MergeRules
-    from ffnjax.decision_points import DecisionPointOptions
-    from ffnjax.resegmentation import ResegmentationConfig
-
     p = _cli.make_parser("pipeline", __doc__)
     g = p.add_argument_group("run")
-    g.add_argument("--checkpoint", required=True, metavar="WORKDIR",
-                   help="workdir holding the model (experiments.train or experiments.import_tf)")
-    g.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    agglomerate_cmd.add_model_flags(g)
     g.add_argument("--image", required=True, metavar="SPEC", help="image volume to segment")
     g.add_argument("--out", required=True, metavar="DIR",
                    help="folder for oversegmentation.zarr, agglomerated.zarr and pipeline.json")
@@ -51,19 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="agglomerate block by block (default: the whole volume at once)")
     _cli.add_common(g)
     segment_cmd.add_option_flags(p)
-    r = p.add_argument_group("agglomeration (ResegmentationConfig, DecisionPointOptions, MergeRules)")
-    _cli.add_flags(r, ResegmentationConfig, agglomerate_cmd.RESEGMENTATION_FLAGS)
-    _cli.add_flags(r, DecisionPointOptions, agglomerate_cmd.POINT_FLAGS)
-    _cli.add_flags(r, MergeRules, agglomerate_cmd.RULE_FLAGS)
+    agglomerate_cmd.add_config_flags(p)
     return p
 
 
 def step_argvs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """(segment's argv, agglomerate's argv) for the flags given."""
-    from ffnjax.agglomeration import MergeRules
-    from ffnjax.decision_points import DecisionPointOptions
-    from ffnjax.resegmentation import ResegmentationConfig
-
     out = Path(args.out)
     options = _cli.given(args, InferenceOptions, _cli.INFERENCE_FLAGS)
     options.setdefault("consensus", True)
@@ -80,9 +67,7 @@ def step_argvs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     agg = [*common, "--segmentation", str(out / "oversegmentation.zarr"),
            "--output", str(out / "agglomerated.zarr"), "--info-json", str(out / "agglomerate.json"),
            *_cli.flags_of(options, _cli.INFERENCE_FLAGS)]
-    for cls, table in ((ResegmentationConfig, agglomerate_cmd.RESEGMENTATION_FLAGS),
-                       (DecisionPointOptions, agglomerate_cmd.POINT_FLAGS),
-                       (MergeRules, agglomerate_cmd.RULE_FLAGS)):
+    for cls, table in agglomerate_cmd.config_tables():
         agg += _cli.flags_of(_cli.given(args, cls, table), table)
     agg += ["--block", ",".join(map(str, args.block))] if args.block else []
     return seg, agg

@@ -355,6 +355,28 @@ def run_record(shape: Sequence[int], voxel_size: Sequence[float], model_config: 
                        "points": dataclasses.asdict(point_options), "run": run_id}, sort_keys=True)
 
 
+def scored_already(points: Sequence[DecisionPoint], results_path: str | os.PathLike | None,
+                   run: str, overwrite: bool = False
+                   ) -> tuple[dict[tuple[int, int], dict], list[DecisionPoint]]:
+    """(rows the results file holds for this `run`, the points still to score)."""
+    done = open_results(results_path, run, overwrite) if results_path else {}
+    return done, [p for p in points if (p.a, p.b) not in done]
+
+
+def assemble(points: Sequence[DecisionPoint], new: dict[tuple[int, int], PairResult],
+             done: dict[tuple[int, int], dict], rules: MergeRules,
+             seg: np.ndarray | None) -> AgglomerationResult:
+    """The AgglomerationResult of every point's scores (scored now in `new`, or
+    read back from `done`), decided by `rules`; `labels` merged from `seg`
+    (None: left to the caller)."""
+    results = [new.get((p.a, p.b)) or row_result(done[(p.a, p.b)]) for p in points]
+    rows = merge_graph_rows(results, rules)
+    merges = [(r["a"], r["b"]) for r in rows if r["merge"]]
+    return AgglomerationResult(points=list(points), results=results, rows=rows, merges=merges,
+                               labels=None if seg is None else merge_labels(seg, merges),  # type: ignore[arg-type]
+                               scored=len(new))
+
+
 def agglomerate(image: Any, seg: np.ndarray, params: Any, model_config: ModelConfig,
                 options: InferenceOptions = InferenceOptions(), apply_fn: ApplyFn | None = None,
                 *, voxel_size: Sequence[float] = (1, 1, 1),
@@ -406,11 +428,11 @@ def agglomerate(image: Any, seg: np.ndarray, params: Any, model_config: ModelCon
     check_apply_fn(apply_fn, params, model_config, options.batch_size)
     points = find_decision_points(seg, voxel_size, point_options)
     run = run_record(seg.shape, voxel_size, model_config, options, config, point_options, run_id)
-    done = open_results(results_path, run, overwrite) if results_path else {}
-    todo = [p for p in points if (p.a, p.b) not in done]
+    done, todo = scored_already(points, results_path, run, overwrite)
     image_n = np.asarray(normalize_image(arr, options.image_mean, options.image_stddev))
     per_call = max(1, config.fills_per_call // 2)
     new: dict[tuple[int, int], PairResult] = {}
+    accepted = 0   # pairs the rule accepts on their own scores (before the cannot-link guard)
     with tqdm(total=len(points), initial=len(points) - len(todo), desc="agglomerate",
               unit="pair", disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(todo), per_call):
@@ -423,9 +445,6 @@ def agglomerate(image: Any, seg: np.ndarray, params: Any, model_config: ModelCon
             if on_pairs is not None:
                 on_pairs(batch)
             bar.update(len(batch))
-            bar.set_postfix_str(f"merges={sum(rules.decide(r)[0] for r in new.values())}")
-    results = [new.get((p.a, p.b)) or row_result(done[(p.a, p.b)]) for p in points]
-    rows = merge_graph_rows(results, rules)
-    merges = [(r["a"], r["b"]) for r in rows if r["merge"]]
-    return AgglomerationResult(points=points, results=results, rows=rows, merges=merges,
-                               labels=merge_labels(seg, merges), scored=len(new))
+            accepted += sum(rules.decide(r)[0] for r in batch)
+            bar.set_postfix_str(f"accepted={accepted}")
+    return assemble(points, new, done, rules, seg)

@@ -30,9 +30,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ffnjax import dask_tasks
-from ffnjax.agglomeration import (AgglomerationResult, MergeRules, append_rows, decide_all,
-                                  merge_graph_rows, merge_mapping, open_results, relabel,
-                                  result_row, row_result, run_record)
+from ffnjax.agglomeration import (AgglomerationResult, MergeRules, append_rows, assemble,
+                                  relabel, result_row, run_record, scored_already)
 from ffnjax.config import InferenceOptions, ModelConfig
 from ffnjax.decision_points import (DecisionPoint, DecisionPointOptions, block_margin,
                                     find_candidates, points_of)
@@ -189,9 +188,9 @@ def agglomerate_blocks(image: Source, seg: Source, params: Any, model_config: Mo
     points = decision_points_by_block(seg, block, voxel_size, point_options, engine=engine,
                                       progress=progress)
     run = run_record(shape, voxel_size, model_config, options, config, point_options, run_id)
-    done = open_results(results_path, run, overwrite) if results_path else {}
-    todo = [p for p in points if (p.a, p.b) not in done]
-    chunks = [todo[i:i + max(int(pairs_per_task), 1)] for i in range(0, len(todo), max(int(pairs_per_task), 1))]
+    done, todo = scored_already(points, results_path, run, overwrite)
+    n = max(int(pairs_per_task), 1)
+    chunks = [todo[i:i + n] for i in range(0, len(todo), n)]
     shared = dict(image=image, seg=seg, params=params, model_config=model_config, options=options,
                   apply_fn=apply_fn, config=config, voxel_size=tuple(voxel_size),
                   results_path=results_path)
@@ -199,12 +198,8 @@ def agglomerate_blocks(image: Source, seg: Source, params: Any, model_config: Mo
                                   progress=progress, shared=shared,
                                   labels=[f"pairs {c[0].a}-{c[0].b}..." for c in chunks])
     new = {(r.point.a, r.point.b): r for chunk in scored for r in chunk}
-    results = [new.get((p.a, p.b)) or row_result(done[(p.a, p.b)]) for p in points]
-    rows = merge_graph_rows(results, rules)
-    merges = [(r["a"], r["b"]) for r in rows if r["merge"]]
-    return AgglomerationResult(points=points, results=results, rows=rows, merges=merges,
-                               labels=None, scored=len(new))  # type: ignore[arg-type]
+    return assemble(points, new, done, rules, None)
 
 
 __all__ = ["Region", "reader", "block_cores", "decision_points_by_block", "resegment_windows",
-           "relabel_blocks", "agglomerate_blocks", "merge_mapping", "decide_all"]
+           "relabel_blocks", "agglomerate_blocks"]
