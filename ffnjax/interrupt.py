@@ -116,10 +116,8 @@ def handling(signals=SIGNALS) -> Iterator[None]:
         _local.raised.clear()
 
 
-def with_resume(e: KeyboardInterrupt, resume: str, result: Any = None) -> Interrupted:
+def with_resume(e: KeyboardInterrupt, resume: str) -> Interrupted:
     """`e` as an Interrupted carrying `resume` (raise the result)."""
     out = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
     out.resume = resume
-    if result is not None:
-        out.result = result
     return out

@@ -111,7 +111,7 @@ def build_mask(sources: Sequence[MaskSource], start: Sequence[int], size: Sequen
 def _box_bounds(n: int, pre: int, post: int, scale: int, limit: int) -> tuple[np.ndarray, ...]:
     """Per position along one axis, the [lo, hi) cells of google/ffn's shift-mask box."""
     pos = np.arange(n)
-    lo = np.maximum(pos + pre, 0) // scale
+    lo = np.minimum(np.maximum(pos + pre, 0) // scale, limit)   # a box past the end is empty
     hi = np.minimum((pos + post) // scale + 1, limit)
     return lo, np.maximum(hi, lo)
 
@@ -242,7 +242,14 @@ def coarse_inputs(shape: Sequence[int], options: InferenceOptions,
 
 def inputs_digest(restriction: Restriction, init: np.ndarray | None) -> str:
     """A digest of the masks and the starting labels, for the run's fingerprint ('' if none)."""
-    arrays = [restriction.mask, restriction.seed_mask, restriction.shift, init]
-    if all(a is None for a in arrays):
+    arrays = {"mask": restriction.mask, "seed_mask": restriction.seed_mask,
+              "shift": restriction.shift, "init": init}
+    if all(a is None for a in arrays.values()):
         return ""
-    return " data:" + digest([np.zeros(0) if a is None else a for a in arrays])
+    # Each array behind its name, shape and dtype: the same bytes in another
+    # role (a move mask become a seed mask) or shape give another digest.
+    pieces: list = []
+    for name, a in arrays.items():
+        pieces += [f"{name}:-;" if a is None else f"{name}:{a.shape}:{a.dtype.str};",
+                   b"" if a is None else a]
+    return " data:" + digest(pieces)

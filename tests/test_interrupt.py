@@ -71,23 +71,26 @@ def test_a_signal_stops_a_long_fill_within_a_second_and_the_saved_state_resumes(
 
 
 def test_a_signal_waits_for_the_end_of_a_deferred_block_and_a_second_one_does_not():
+    marks = []
     with interrupt.handling():
-        done = []
         with pytest.raises(interrupt.Interrupted):
             with interrupt.deferred():
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(0.05)
-                done.append("the block ran to its end")
-        assert done
+                marks.append("the first block ran to its end")
+    assert interrupt.pending() is None  # handling() forgets its signals
+    with interrupt.handling():
         with pytest.raises(interrupt.Interrupted):
             with interrupt.deferred():
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(0.05)
+                marks.append("the first signal waits")
                 os.kill(os.getpid(), signal.SIGINT)  # the second acts at once
                 time.sleep(0.05)
-                done.append("not reached")
-    assert done == ["the block ran to its end"]
-    interrupt.check()  # handling() forgets its signals
+                marks.append("not reached")
+        assert interrupt.pending() == signal.SIGINT
+    assert marks == ["the first block ran to its end", "the first signal waits"]
+    assert interrupt.pending() is None
 
 
 def test_training_stops_on_sigint_after_saving_a_checkpoint_and_resumes(tmp_path):
