@@ -202,8 +202,10 @@ def job_from_args(args: argparse.Namespace) -> Job:
                         ("segmentation_output_dir", req.output_dir)):
         if not value:
             raise ValueError(f"{args.request}: {name} is unset")
+    # A request has no downsample: the model's own (its workdir's facts) must not be overridden.
+    base = {k: v for k, v in req.options.to_dict().items() if k != "downsample"}
     return Job(args.image or req.image, args.checkpoint or req.checkpoint, req.model_config,
-               req.options.to_dict(), masks + list(req.masks), seed_masks + list(req.seed_masks),
+               base, masks + list(req.masks), seed_masks + list(req.seed_masks),
                args.init_segmentation or req.init_segmentation or None, req, box_start(args))
 
 

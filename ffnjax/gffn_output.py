@@ -70,11 +70,7 @@ def find_subvolume(output_dir: str | os.PathLike, corner: Sequence[int]) -> Path
 
 def reduce_id_bits(labels: np.ndarray) -> np.ndarray:
     """`labels` (ids >= 0) in the smallest of uint8/16/32/64 that holds the largest id."""
-    top = int(labels.max()) if labels.size else 0
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if top <= np.iinfo(dtype).max:
-            return labels.astype(dtype)
-    return labels.astype(np.uint64)
+    return labels.astype(np.min_scalar_type(int(labels.max()) if labels.size else 0))
 
 
 def save_subvolume(output_dir: str | os.PathLike, corner: Sequence[int], labels: np.ndarray,

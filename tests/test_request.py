@@ -178,6 +178,10 @@ def test_a_box_names_the_subvolume_and_flags_win(setup):
         InferenceOptions.google_ffn(**{**opts.to_dict(), "move_threshold": 0.8})
     want, _ = _expected(root, params, img[2:22, 2:30, 2:30], opts)
     np.testing.assert_array_equal(seg, want)
+    # A request sets no downsample: a model trained at a coarser scale keeps its own.
+    facts = {"downsample": (2, 2, 2)}
+    assert cli.options_from_args(_args(path), {**facts, **cli.job_from_args(_args(path)).base}
+                                 ).downsample == (2, 2, 2)
 
 
 def test_bad_requests_are_one_error_line_and_exit_2(setup, tmp_path, capsys):

@@ -4,7 +4,6 @@ scikit-image), their names, their arguments, and google/ffn's origins files."""
 
 from __future__ import annotations
 
-import pickle
 import sys
 import types
 from collections import namedtuple
@@ -229,4 +228,3 @@ def test_invert_origins_reads_ffnjax_and_google_ffn_files(tmp_path, monkeypatch)
         gffn_output.load_origins(evil.parent, corner)
     with pytest.raises(ValueError, match="no segmentation of the subvolume"):
         gffn_output.load_origins(tmp_path, corner)
-    assert pickle  # (the module pickles through np.savez above)
