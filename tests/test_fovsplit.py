@@ -105,13 +105,22 @@ p = nets.init_params(cfg, 1)
 p["params"]["conv_lom"]["bias"] = jnp.full((1,), 6.0)
 img = t.cell_image((24, 28, 28))
 fills = {}
+split_calls = []                      # the fill itself must build the split network
+_split_apply = fovsplit.split_apply
+def _counted(*a, **k):
+    split_calls.append(1)
+    return _split_apply(*a, **k)
+fovsplit.split_apply = _counted
 for split in ("off", "on"):
     opt = InferenceOptions(fov_split=split)
     spec = flood.FillSpec.from_configs(img.shape, cfg, opt)
     mesh = flood.fill_devices(spec, flood.default_apply_fn(cfg))
+    before = len(split_calls)
     prob, tr = flood.fill(img, (12, 14, 14), p, cfg, opt, with_trace=True)
-    fills[split] = (prob, tr, 1 if mesh is None else int(mesh.devices.size))
+    fills[split] = (prob, tr, 1 if mesh is None else int(mesh.devices.size), len(split_calls) - before)
+fovsplit.split_apply = _split_apply
 out["fill_devices"] = [fills["off"][2], fills["on"][2]]
+out["split_built"] = [fills["off"][3], fills["on"][3]]
 out["steps"] = [fills["off"][1]["steps"], fills["on"][1]["steps"]]
 out["same_positions"] = bool(np.array_equal(fills["off"][1]["positions"], fills["on"][1]["positions"]))
 out["prob_err"] = float(np.abs(fills["off"][0] - fills["on"][0]).max())
@@ -147,6 +156,7 @@ def test_split_equals_one_device_in_the_net_the_fill_and_the_segmentation(device
     for dtype, err in out["forward"]:
         assert err < (2e-2 if dtype == "bfloat16" else 1e-5), (dtype, err)
     assert out["fill_devices"] == [1, devices]
+    assert out["split_built"][0] == 0 and out["split_built"][1] >= 1, out["split_built"]
     assert out["steps"][0] == out["steps"][1] >= 8
     assert out["same_positions"]
     assert out["prob_err"] < 1e-5
