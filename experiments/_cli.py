@@ -143,8 +143,7 @@ COMPILE_CACHE_DEFAULT = True
 def compile_cache_dir() -> Path:
     """Where the commands keep compiled JAX programs: $XDG_CACHE_HOME/ffnjax/jax-compile,
     or ~/.cache/ffnjax/jax-compile when XDG_CACHE_HOME is unset or empty."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ffnjax" / "jax-compile"
+    return files.cache_home("jax-compile")
 
 
 def add_compile_cache(group, default: bool = COMPILE_CACHE_DEFAULT) -> None:

@@ -14,6 +14,8 @@ flags give (`--compat`, then the option flags) and prints the agreement
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import time
 from pathlib import Path
@@ -136,12 +138,15 @@ def agreement(seeds: np.ndarray, positions: np.ndarray | None, segmentation: np.
     return out
 
 
-def run(options: InferenceOptions, data: str | Path = DATA, progress: bool = True
-        ) -> tuple[np.ndarray, Any, dict[str, Any]]:
-    """Segments the crop with `options`; returns (segmentation, SegmentInfo, agreement)."""
+def run(options: InferenceOptions, data: str | Path = DATA, progress: bool = True,
+        conv_impl: str | None = None) -> tuple[np.ndarray, Any, dict[str, Any]]:
+    """Segments the crop with `options` (and the model's convolutions computed by
+    `conv_impl`, when given); returns (segmentation, SegmentInfo, agreement)."""
     from ffnjax.segmentation import segment  # loads JAX
     image, reference = load_crop(data), load_reference(data)
     model_config, params = load_model(data)
+    if conv_impl is not None:
+        model_config = dataclasses.replace(model_config, conv_impl=conv_impl)
     seg, info = segment(image, params, model_config, options, progress=progress,
                         record_positions=True)
     return seg, info, agreement(info.seeds, info.positions, seg, reference)

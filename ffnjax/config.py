@@ -77,7 +77,7 @@ def _jsonable(v: Any) -> Any:
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-CONV_IMPLS = ("auto", "native", "depth_split", "stacked_z", "stacked_zy", "im2col")
+CONV_IMPLS = ("auto", "native", "depth_split", "stacked_z", "stacked_zy", "im2col", "direct")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,12 +24,16 @@ Formulations (`IMPLS`):
   stacked_zy  one 1D convolution along x with kz * ky * Cout outputs,
               followed by shifted adds over y and z.
   im2col      explicit patches (kz*ky*kx*Cin columns) and one GEMM.
+  direct      the AVX-512 direct convolution of `ffnjax.cpu_kernel` (an XLA
+              FFI call, float32, output channels a multiple of 16); where it
+              cannot run (no AVX-512 or compiler, bfloat16, other channel
+              counts, not the CPU backend) it computes `depth_split`.
 
 `conv3d(x, kernel, impl)` dispatches; `impl='auto'` resolves through
 `resolve_impl` to the fastest formulation measured for the default backend
-(`benchmarks/forward_bench.py`): a reformulation on CPU, the native convolution
-on GPU/TPU, whose libraries (cuDNN, the TPU compiler) already handle 3D
-convolutions well.
+(`benchmarks/forward_bench.py`): on CPU `direct` where the kernel is
+available, else `depth_split`; the native convolution on GPU/TPU, whose
+libraries (cuDNN, the TPU compiler) already handle 3D convolutions well.
 
 Inside `channel_parallel(axis_name, size)` (used by
 `benchmarks.sharded_forward` for batches smaller than the device count)
@@ -51,13 +55,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ffnjax import cpu_kernel
+
 Array = jax.Array
 
-IMPLS = ("native", "depth_split", "stacked_z", "stacked_zy", "im2col")
+IMPLS = ("native", "depth_split", "stacked_z", "stacked_zy", "im2col", "direct")
 
 # What `impl='auto'` becomes, per backend (see benchmarks/README.md for the
-# measurements behind the CPU choice).
-AUTO_IMPL = {"cpu": "depth_split"}
+# measurements behind the CPU choice); on CPU 'direct' only where
+# `cpu_kernel.available()`, else 'depth_split'.
+AUTO_IMPL = {"cpu": "direct"}
 AUTO_IMPL_DEFAULT = "native"
 
 
@@ -69,14 +76,18 @@ def resolve_impl(impl: str = "auto", backend: str | None = None) -> str:
       backend: 'cpu', 'gpu', 'tpu', ...; defaults to `jax.default_backend()`.
 
     Returns:
-      One of `IMPLS`: for 'auto', `AUTO_IMPL[backend]` (CPU) or 'native'.
+      One of `IMPLS`: for 'auto', `AUTO_IMPL[backend]` (CPU; 'depth_split'
+      where the direct kernel is unavailable) or 'native'.
 
     Raises:
       ValueError: naming `impl` when it is unknown.
     """
     if impl == "auto":
         backend = backend or jax.default_backend()
-        return AUTO_IMPL.get(backend, AUTO_IMPL_DEFAULT)
+        impl = AUTO_IMPL.get(backend, AUTO_IMPL_DEFAULT)
+        if impl == "direct" and not cpu_kernel.available():
+            return "depth_split"
+        return impl
     if impl not in IMPLS:
         raise ValueError(f"conv impl must be 'auto' or one of {IMPLS}, got {impl!r}")
     return impl
@@ -168,6 +179,23 @@ def conv3d_depth_split(x: Array, kernel: Array) -> Array:
     return _depth_split_valid(xp, kernel, x.shape[1])
 
 
+def _direct_valid(xp: Array, kernel: Array, z: int) -> Array:
+    """`_depth_split_valid` computed by the direct kernel: xp already padded in z
+    (z + kz - 1 slices), padded here in y and x (SAME), VALID along z."""
+    if not cpu_kernel.supports(xp, kernel):
+        return _depth_split_valid(xp, kernel, z)
+    widths = ((0, 0), (0, 0), _pads(kernel.shape[1]), _pads(kernel.shape[2]), (0, 0))
+    return cpu_kernel.conv3d_valid(jnp.pad(xp, widths), kernel)
+
+
+def conv3d_direct(x: Array, kernel: Array) -> Array:
+    """`ffnjax.cpu_kernel`'s direct convolution with SAME padding (`depth_split`
+    where it cannot run)."""
+    lo, hi = _pads(kernel.shape[0])
+    xp = jnp.pad(x, ((0, 0), (lo, hi), (0, 0), (0, 0), (0, 0)))
+    return _direct_valid(xp, kernel, x.shape[1])
+
+
 def conv3d_stacked_z(x: Array, kernel: Array) -> Array:
     """One 2D convolution with kz*Cout outputs, then shifted adds over z.
 
@@ -224,7 +252,11 @@ _FORMULATIONS = {
     "stacked_z": conv3d_stacked_z,
     "stacked_zy": conv3d_stacked_zy,
     "im2col": conv3d_im2col,
+    "direct": conv3d_direct,
 }
+# How each formulation computes a convolution whose input is already padded in
+# z (VALID along z, SAME in y and x); the others go through depth_split's.
+_VALID_Z = {"direct": _direct_valid}
 
 
 _CHANNEL_PARALLEL = threading.local()
@@ -277,7 +309,8 @@ def depth_parallel(axis_name: str, size: int, depth: int) -> Iterator[None]:
     receives the kz // 2 slices next to its slab from each neighbour
     (`lax.ppermute`; zeros at the two ends of the volume, as SAME padding
     gives), zeroes the slices past `depth` (padding when `size` does not
-    divide it), and convolves VALID along z as `depth_split` does. The result
+    divide it), and convolves VALID along z as the formulation does
+    (the direct kernel where it runs, else `depth_split`'s 2D convolutions). The result
     on every slab equals the unsplit convolution's slices there.
     `ffnjax.fovsplit` wraps a network in this context.
 
@@ -293,7 +326,8 @@ def depth_parallel(axis_name: str, size: int, depth: int) -> Iterator[None]:
         _DEPTH_PARALLEL.value = prev
 
 
-def _halo_conv(x: Array, kernel: Array, axis_name: str, size: int, depth: int) -> Array:
+def _halo_conv(x: Array, kernel: Array, axis_name: str, size: int, depth: int,
+               impl: str = "depth_split") -> Array:
     """SAME conv3d of the local z slab `x` inside `depth_parallel` (see there)."""
     zl = x.shape[1]
     lo, hi = _pads(kernel.shape[0])
@@ -319,7 +353,8 @@ def _halo_conv(x: Array, kernel: Array, axis_name: str, size: int, depth: int) -
     if hi:  # the bottom slices of the device above; zeros on the last device
         parts.append(lax.ppermute(valid(x[:, :hi], 0), axis_name,
                                   [(i + 1, i) for i in range(size - 1)]))
-    return _depth_split_valid(jnp.concatenate(parts, axis=1), kernel, zl)
+    valid_z = _VALID_Z.get(impl, _depth_split_valid)
+    return valid_z(jnp.concatenate(parts, axis=1), kernel, zl)
 
 
 def _kernel_grad(x: Array, dy: Array, ksize: tuple[int, int, int]) -> Array:
@@ -396,7 +431,7 @@ def conv3d(x: Array, kernel: Array, impl: str = "auto") -> Array:
     impl = resolve_impl(impl)
     split = getattr(_DEPTH_PARALLEL, "value", None)
     if split is not None and kernel.shape[0] > 1:
-        return _halo_conv(x, kernel, *split)
+        return _halo_conv(x, kernel, *split, impl=impl)
     if impl != "native" and kernel.shape[:3] == (1, 1, 1):
         return _channel_split(conv3d_pointwise, x, kernel)
     if impl != "native" and _odd(kernel):

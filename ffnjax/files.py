@@ -176,3 +176,10 @@ def digest(pieces: Iterable[bytes | str | np.ndarray], algorithm: str = "sha256"
             piece = np.ascontiguousarray(piece)
         h.update(piece)
     return h.hexdigest()
+
+
+def cache_home(*parts: str) -> Path:
+    """ffnjax's folder for caches a later run reuses: $XDG_CACHE_HOME/ffnjax/PARTS, or
+    ~/.cache/ffnjax/PARTS when XDG_CACHE_HOME is unset or empty."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base, "ffnjax", *parts)

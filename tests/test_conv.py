@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ffnjax import conv, nets
+from ffnjax import conv, cpu_kernel, nets
 from ffnjax.config import CONV_IMPLS, ModelConfig
 
 REFORMULATIONS = [i for i in conv.IMPLS if i != "native"]
@@ -32,6 +32,10 @@ def _inputs(shape, kshape, seed=0):
 @pytest.mark.parametrize("shape,kshape", [
     ((2, 5, 6, 7, 3), (3, 3, 3, 3, 4)),     # odd/even sizes, 3x3x3
     ((1, 4, 5, 3, 2), (1, 1, 1, 2, 5)),     # pointwise (conv_lom)
+    # Output channels in vectors of 16: what `direct` runs itself (the rest
+    # falls back to depth_split); rows of 29 and 7 cut into uneven blocks.
+    ((2, 5, 6, 29, 2), (3, 3, 3, 2, 16)),
+    ((1, 3, 4, 7, 5), (3, 3, 3, 5, 48)),
     # Shapes the convstack never uses; slow only because each compiles anew.
     pytest.param((1, 2, 5, 7, 2), (3, 1, 5, 2, 3), marks=pytest.mark.slow),  # anisotropic, deeper than z
     pytest.param((1, 4, 4, 4, 2), (2, 2, 2, 2, 3), marks=pytest.mark.slow),  # even: SAME pads (0, 1)
@@ -72,6 +76,21 @@ def test_gradients_match_native(impl):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4)
 
 
+def test_gradients_match_native_on_the_direct_kernel():
+    """16 channels in and out, so the forward and the input gradient's
+    convolution (channels swapped) both run on the direct kernel."""
+    x, k = _inputs((1, 4, 5, 6, 16), (3, 3, 3, 16, 16), seed=3)
+    w = jax.random.normal(jax.random.PRNGKey(8), (1, 4, 5, 6, 16))
+
+    def loss(impl_, a, b):
+        return jnp.sum(w * jnp.tanh(conv.conv3d(a, b, impl_)))
+
+    got = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)("direct", x, k)
+    want = jax.grad(loss, argnums=(1, 2))("native", x, k)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4)
+
+
 _NET = ModelConfig(depth=1, features=4, fov_size=(5, 7, 9), deltas=(1, 2, 2), conv_impl="native")
 
 
@@ -99,7 +118,8 @@ def test_network_matches_native(impl, native_net):
 
 
 def test_resolve_impl():
-    assert conv.resolve_impl("auto", "cpu") == conv.AUTO_IMPL["cpu"]
+    want_cpu = "direct" if cpu_kernel.available() else "depth_split"
+    assert conv.resolve_impl("auto", "cpu") == want_cpu
     assert conv.resolve_impl("auto", "gpu") == "native"
     assert conv.resolve_impl("auto", "tpu") == "native"
     for impl in conv.IMPLS:

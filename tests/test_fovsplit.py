@@ -81,7 +81,7 @@ def test_unsplit_outside_a_mesh_is_unchanged():
 
 _SPLIT = r"""
 import json, numpy as np, jax, jax.numpy as jnp
-from ffnjax import flood, fovsplit, nets, segmentation
+from ffnjax import cpu_kernel, flood, fovsplit, nets, segmentation
 from ffnjax.config import InferenceOptions, ModelConfig
 import tests.test_flood as t
 
@@ -91,13 +91,17 @@ rng = np.random.default_rng(0)
 mesh = fovsplit.z_mesh(jax.local_devices())
 for depth, feats, fov, dtype in [(2, 4, (9, 9, 9), "float32"),    # z = 9: slabs padded on 2 and 4
                                  (3, 8, (8 + 1, 11, 7), "bfloat16"),
-                                 (2, 4, (5, 9, 7), "float32")]:   # 4 devices: the last slab all padding
+                                 (2, 4, (5, 9, 7), "float32"),    # 4 devices: the last slab all padding
+                                 (2, 16, (9, 9, 9), "float32")]:  # 16 features: the direct kernel
     cfg = ModelConfig(depth=depth, features=feats, fov_size=fov, deltas=(1, 1, 1), compute_dtype=dtype)
     p, f = nets.init_params(cfg, 0), nets.make_apply_fn(cfg)
     img, msk = (rng.normal(size=(2, *fov, 1)).astype("float32") for _ in range(2))
     a = np.asarray(jax.jit(f)(p, img, msk))
-    b = np.asarray(jax.jit(fovsplit.split_apply(f, mesh))(p, img, msk))
+    split = jax.jit(fovsplit.split_apply(f, mesh))
+    b = np.asarray(split(p, img, msk))
     out["forward"].append([dtype, float(np.abs(a - b).max() / np.abs(a).max())])
+# The 16-feature split net calls the direct kernel where it is available.
+out["direct"] = [cpu_kernel.available(), cpu_kernel.TARGET in split.lower(p, img, msk).as_text()]
 
 # A fill with the split: a convstack whose output layer is pushed up so that it moves.
 cfg = ModelConfig(depth=2, features=4, fov_size=(9, 9, 9), deltas=(2, 2, 2))
@@ -155,6 +159,7 @@ def test_split_equals_one_device_in_the_net_the_fill_and_the_segmentation(device
     assert out["devices"] == devices
     for dtype, err in out["forward"]:
         assert err < (2e-2 if dtype == "bfloat16" else 1e-5), (dtype, err)
+    assert out["direct"][1] == out["direct"][0]
     assert out["fill_devices"] == [1, devices]
     assert out["split_built"][0] == 0 and out["split_built"][1] >= 1, out["split_built"]
     assert out["steps"][0] == out["steps"][1] >= 8

@@ -1,0 +1,177 @@
+"""A direct 3D convolution for x86 CPUs with AVX-512, called from JAX through XLA's FFI.
+
+XLA:CPU computes ffnjax's 3x3x3 convolutions with Eigen's 2D spatial
+convolution (`conv.depth_split`), which reaches about 120 GFLOP/s on one core
+of this project's machine where oneDNN, in TensorFlow, reaches about 155. The
+kernel in `csrc/conv3d_direct.cc` is a register-blocked direct convolution
+that matches oneDNN there (`benchmarks/forward_bench.py`), so a batch-1 fill,
+which has no batch to spread, gets google/ffn's speed per core.
+
+The source ships with the package and is compiled on first use with the C++
+compiler on the PATH (`$CXX`, else `g++`, else `c++`; about 5 s), into
+`files.cache_home('kernels', KEY)` where KEY digests the source, the compiler,
+its flags and jaxlib's FFI headers, so a changed kernel or jaxlib compiles
+again and two processes never load each other's half-written library (the
+library is written beside its name and moved into place). The compiled
+handler is registered with XLA once per process (`load`).
+
+Nothing is required: on a CPU without AVX-512F, off Linux x86-64, without a
+compiler, when compiling fails (a warning says why, once), or with
+`FFNJAX_CPU_KERNEL=0`, `available()` is False and `conv.conv3d(impl='direct')`
+computes `depth_split` instead.
+
+`conv3d_valid(x, kernel)`: VALID, unit strides, float32 N,z,y,x,C input and
+kz,ky,kx,C,F kernel with F a multiple of 16 (`supports`). Each output is summed
+in one fixed order whatever slab of the volume it is computed in, so a volume
+split over devices (`ffnjax.fovsplit`) gives the bits of the whole.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import threading
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from ffnjax import files
+
+SOURCE = Path(__file__).with_name("csrc") / "conv3d_direct.cc"
+SYMBOL = "FfnjaxConv3dValid"
+TARGET = "ffnjax_conv3d_valid"
+ENV = "FFNJAX_CPU_KERNEL"
+FLAGS = ("-O3", "-mavx512f", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")
+# Output channels are handled in vectors of 16 float32.
+CHANNEL_MULTIPLE = 16
+
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}
+
+
+def cpu_has_avx512() -> bool:
+    """Linux on x86-64 with AVX-512F and FMA (read from /proc/cpuinfo)."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return {"avx512f", "fma"} <= flags
+    return False
+
+
+def compiler() -> str | None:
+    """The C++ compiler to build with: $CXX, else g++, else c++ (None when none is found)."""
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build_key(cxx: str) -> str:
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    header = Path(jax.ffi.include_dir(), "xla", "ffi", "api", "ffi.h")
+    return files.digest([SOURCE.read_bytes(), version, " ".join(FLAGS), header.read_bytes(),
+                         jax.__version__])[:16]
+
+
+def library_path() -> Path | None:
+    """Where this machine's compiled kernel lives (None without a compiler)."""
+    cxx = compiler()
+    if cxx is None:
+        return None
+    return files.cache_home("kernels", _build_key(cxx)) / "libffnjax_conv3d.so"
+
+
+def build(force: bool = False) -> Path:
+    """Compile the kernel into `library_path()` unless it is there; returns the path.
+
+    Raises:
+      RuntimeError: without a compiler, or naming the compiler's error.
+    """
+    path = library_path()
+    if path is None:
+        raise RuntimeError("no C++ compiler found ($CXX, g++, c++)")
+    if path.exists() and not force:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = files.temp_path(path)
+    cmd = [compiler(), *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(tmp)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            raise RuntimeError(f"{' '.join(cmd[:1])} failed on {SOURCE.name}: " + " / ".join(tail))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _load() -> str | None:
+    """Build, load and register the kernel; returns why it is unavailable, or None."""
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return f"turned off by {ENV}={os.environ[ENV]}"
+    if not cpu_has_avx512():
+        return "this CPU has no AVX-512F/FMA (or is not Linux x86-64)"
+    try:
+        import ctypes
+        lib = ctypes.CDLL(str(build()))
+        _STATE["library"] = lib  # keep the handle for the life of the process
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(lib, SYMBOL)),
+                                    platform="cpu")
+    except Exception as err:  # noqa: BLE001 - any failure means: use depth_split
+        warnings.warn(f"ffnjax: the AVX-512 convolution kernel is not available ({err}); "
+                      "3x3x3 convolutions use depth_split", RuntimeWarning, stacklevel=3)
+        return str(err)
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """None when the kernel is ready to call, else why not (built and registered on first call)."""
+    with _LOCK:
+        if "reason" not in _STATE:
+            _STATE["reason"] = _load()
+        return _STATE["reason"]
+
+
+def available() -> bool:
+    """Whether `conv3d_valid` can run here (see the module docstring)."""
+    return unavailable_reason() is None
+
+
+def supports(x: jax.Array, kernel: jax.Array) -> bool:
+    """Whether `conv3d_valid(x, kernel)` runs here: the kernel is available, the
+    default backend is the CPU, both arrays are float32 and the output
+    channels are a multiple of 16."""
+    return (x.dtype == jnp.float32 and kernel.dtype == jnp.float32
+            and kernel.shape[-1] % CHANNEL_MULTIPLE == 0
+            and jax.default_backend() == "cpu" and available())
+
+
+def conv3d_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """VALID 3D convolution of x (N,z,y,x,C) with kernel (kz,ky,kx,C,F), float32.
+
+    Raises:
+      ValueError: when `supports(x, kernel)` is False (naming why).
+    """
+    if not supports(x, kernel):
+        why = unavailable_reason() or (
+            f"needs float32 and output channels a multiple of {CHANNEL_MULTIPLE}, got "
+            f"{x.dtype}/{kernel.dtype} and kernel shape {tuple(kernel.shape)}")
+        raise ValueError(f"conv3d_valid: {why}")
+    n, z, y, w, c = x.shape
+    kz, ky, kx, kc, f = kernel.shape
+    if kc != c or min(z - kz, y - ky, w - kx) < 0:
+        raise ValueError(f"conv3d_valid: input {x.shape} and kernel {kernel.shape} do not make a "
+                         "VALID convolution")
+    out = jax.ShapeDtypeStruct((n, z - kz + 1, y - ky + 1, w - kx + 1, f), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, kernel)

@@ -1,0 +1,139 @@
+// A direct 3D convolution for x86 CPUs with AVX-512, called from JAX through
+// XLA's FFI (ffnjax/cpu_kernel.py builds and registers it).
+//
+// Computes y[n, z, y, x, f] = sum_{a, b, e, c} x[n, z+a, y+b, x+e, c] * w[a, b, e, c, f]
+// (VALID, unit strides) for float32 N,Z,Y,X,C inputs and kz,ky,kx,C,F kernels
+// with F a multiple of 16; the caller pads for SAME. One output row is cut into
+// blocks of up to XB x-positions; a block keeps XB x 32 output channels in
+// vector registers while it runs over the kernel taps, so every weight vector
+// loaded serves XB positions and every input value broadcast serves 32
+// channels. For fixed (a, b) the taps along x and the input channels are one
+// contiguous run of kx*C values both in the input row and in the kernel, which
+// is the inner loop. Each output is a sum in a fixed order (a, b, then e and
+// c), whatever the block it falls in, so a volume split into slabs gives the
+// same bits as the whole.
+//
+// Runs on the calling thread: XLA:CPU gives each host device its own thread,
+// and ffnjax.fovsplit spreads one FOV over the devices.
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Geometry {
+  int64_t yp, xp, c;  // padded input rows/row length, channels
+  int64_t kz, ky, kx;
+  int64_t f;          // output channels (all of them: the kernel's row length)
+};
+
+// One block of XB output positions x NV*16 output channels starting at
+// channel f0. `in` points at input (z, y, x0), `out` at output (z, y, x0).
+template <int XB, int NV>
+inline void Block(const float* in, const float* w, float* out, const Geometry& g, int64_t f0) {
+  __m512 acc[XB][NV];
+  for (int i = 0; i < XB; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  const int64_t run = g.kx * g.c;
+  for (int64_t a = 0; a < g.kz; ++a) {
+    for (int64_t b = 0; b < g.ky; ++b) {
+      const float* r = in + (a * g.yp + b) * g.xp * g.c;
+      const float* k = w + (a * g.ky + b) * run * g.f + f0;
+      for (int64_t t = 0; t < run; ++t) {
+        __m512 wv[NV];
+        for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_ps(k + t * g.f + 16 * v);
+        for (int i = 0; i < XB; ++i) {
+          const __m512 s = _mm512_set1_ps(r[i * g.c + t]);
+          for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(s, wv[v], acc[i][v]);
+        }
+      }
+    }
+  }
+  for (int i = 0; i < XB; ++i)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(out + i * g.f + f0 + 16 * v, acc[i][v]);
+}
+
+template <int NV, int N>
+struct Dispatch {
+  // Block<n, NV> for a block size n in 1..N known only at run time.
+  static void Run(int n, const float* in, const float* w, float* out, const Geometry& g,
+                  int64_t f0) {
+    if (n == N) return Block<N, NV>(in, w, out, g, f0);
+    Dispatch<NV, N - 1>::Run(n, in, w, out, g, f0);
+  }
+};
+template <int NV>
+struct Dispatch<NV, 0> {
+  static void Run(int, const float*, const float*, float*, const Geometry&, int64_t) {}
+};
+
+// Largest block per channel group: accumulators + weights + one broadcast
+// must fit the 32 vector registers.
+constexpr int kBlock1 = 16;  // 16 channels
+constexpr int kBlock2 = 12;  // 32 channels
+
+// One output row (all x, all channels). Blocks are as even as possible
+// (33 positions: 11 + 11 + 11, not 12 + 12 + 9).
+void Row(const float* in, const float* w, float* out, int64_t width, const Geometry& g) {
+  for (int64_t f0 = 0; f0 < g.f; f0 += 32) {
+    const bool pair = g.f - f0 >= 32;
+    const int64_t most = pair ? kBlock2 : kBlock1;
+    const int64_t blocks = (width + most - 1) / most;
+    const int64_t base = width / blocks, extra = width % blocks;
+    int64_t x0 = 0;
+    for (int64_t j = 0; j < blocks; ++j) {
+      const int n = static_cast<int>(base + (j < extra ? 1 : 0));
+      const float* src = in + x0 * g.c;
+      float* dst = out + x0 * g.f;
+      if (pair) {
+        Dispatch<2, kBlock2>::Run(n, src, w, dst, g, f0);
+      } else {
+        Dispatch<1, kBlock1>::Run(n, src, w, dst, g, f0);
+      }
+      x0 += n;
+    }
+  }
+}
+
+ffi::Error Conv3dValidImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                           ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  const auto yd = y->dimensions();
+  if (xd.size() != 5 || wd.size() != 5 || yd.size() != 5) {
+    return ffi::Error::InvalidArgument("conv3d_direct: x, w and y must be 5-D");
+  }
+  Geometry g{xd[2], xd[3], xd[4], wd[0], wd[1], wd[2], wd[4]};
+  const int64_t n = xd[0], zo = yd[1], yo = yd[2], xo = yd[3];
+  if (wd[3] != g.c || g.f % 16 != 0 || yd[0] != n || yd[4] != g.f ||
+      zo != xd[1] - g.kz + 1 || yo != g.yp - g.ky + 1 || xo != g.xp - g.kx + 1) {
+    return ffi::Error::InvalidArgument("conv3d_direct: shapes do not make a VALID convolution "
+                                       "with a multiple of 16 output channels");
+  }
+  const float* xs = x.typed_data();
+  const float* ws = w.typed_data();
+  float* ys = y->typed_data();
+  for (int64_t b = 0; b < n; ++b) {
+    for (int64_t z = 0; z < zo; ++z) {
+      for (int64_t r = 0; r < yo; ++r) {
+        const float* in = xs + (((b * xd[1] + z) * g.yp + r) * g.xp) * g.c;
+        float* out = ys + (((b * zo + z) * yo + r) * xo) * g.f;
+        Row(in, ws, out, xo, g);
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FfnjaxConv3dValid, Conv3dValidImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,125 @@
+"""The AVX-512 direct convolution (`ffnjax.cpu_kernel`): equal to lax.conv on
+the shapes it is built for, bit-identical however a volume is cut into slabs,
+compiled from source on a fresh cache, and out of the way where it cannot run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ffnjax import conv, cpu_kernel
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_kernel = pytest.mark.skipif(not cpu_kernel.available(),
+                                  reason=f"direct kernel unavailable: {cpu_kernel.unavailable_reason()}")
+
+
+def _valid_reference(x, k):
+    return jax.lax.conv_general_dilated(
+        x, k, (1, 1, 1), "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+        precision=jax.lax.Precision.HIGHEST)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape,kshape", [
+    ((1, 35, 35, 35, 32), (3, 3, 3, 32, 32)),   # google/ffn's hidden layer, SAME-padded 33^3
+    ((2, 7, 9, 30, 3), (3, 3, 3, 3, 16)),       # batch 2, 16 channels, blocks of 14 + 14
+    ((1, 4, 6, 9, 4), (1, 3, 5, 4, 80)),        # anisotropic kernel, 32 + 32 + 16 channels
+    ((1, 3, 3, 3, 1), (3, 3, 3, 1, 16)),        # one output voxel
+])
+def test_valid_convolution_matches_lax(shape, kshape):
+    kx, kk = jax.random.split(jax.random.PRNGKey(sum(shape)))
+    x = jax.random.normal(kx, shape, jnp.float32)
+    k = jax.random.normal(kk, kshape, jnp.float32) / np.sqrt(np.prod(kshape[:4]))
+    got = np.asarray(jax.jit(cpu_kernel.conv3d_valid)(x, k))
+    want = np.asarray(_valid_reference(x, k))
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+@needs_kernel
+def test_slabs_give_the_bits_of_the_whole():
+    """Each output is summed in one order wherever it is computed: the slabs a
+    z split gives (with their halos) reproduce the whole volume exactly, which
+    is what makes `fovsplit` exact on this kernel."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 19, 11, 13, 32), jnp.float32)
+    k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 32, 32), jnp.float32)
+    whole = np.asarray(cpu_kernel.conv3d_valid(x, k))
+    parts = [np.asarray(cpu_kernel.conv3d_valid(x[:, z0:z1 + 2], k)) for z0, z1 in ((0, 6), (6, 12), (12, 17))]
+    assert np.array_equal(np.concatenate(parts, axis=1), whole)
+
+
+@needs_kernel
+def test_vmap_and_unsupported_inputs():
+    x = jax.random.normal(jax.random.PRNGKey(2), (3, 1, 5, 5, 5, 2), jnp.float32)
+    k = jax.random.normal(jax.random.PRNGKey(3), (3, 3, 3, 2, 16), jnp.float32)
+    got = jax.vmap(cpu_kernel.conv3d_valid, in_axes=(0, None))(x, k)
+    want = jnp.stack([_valid_reference(xi, k) for xi in x])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+    assert not cpu_kernel.supports(x[0], k[..., :8])
+    with pytest.raises(ValueError, match="multiple of 16"):
+        cpu_kernel.conv3d_valid(x[0], k[..., :8])
+    assert not cpu_kernel.supports(x[0].astype(jnp.bfloat16), k.astype(jnp.bfloat16))
+    # conv3d's 'direct' computes depth_split where the kernel cannot run.
+    xb = x[0, :, :, :, :, :1]
+    kb = jax.random.normal(jax.random.PRNGKey(4), (3, 3, 3, 1, 8), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(conv.conv3d(xb, kb, "direct")),
+                                  np.asarray(conv.conv3d(xb, kb, "depth_split")))
+
+
+def _python(code: str, **env_extra) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != cpu_kernel.ENV}
+    env.update(JAX_PLATFORMS="cpu", **env_extra)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=str(ROOT), timeout=600)
+
+
+@needs_kernel
+def test_builds_from_source_into_an_empty_cache(tmp_path):
+    """A fresh $XDG_CACHE_HOME: the first use compiles the source into
+    kernels/<key>/ (nothing half-written left beside it) and runs it."""
+    r = _python("import jax, jax.numpy as jnp\n"
+                "from ffnjax import conv, cpu_kernel\n"
+                "x = jnp.ones((1, 3, 3, 3, 2)); k = jnp.ones((3, 3, 3, 2, 16))\n"
+                "print(conv.resolve_impl('auto', 'cpu'), float(cpu_kernel.conv3d_valid(x, k)[0, 0, 0, 0, 0]),"
+                " cpu_kernel.library_path())",
+                XDG_CACHE_HOME=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    impl, value, lib = r.stdout.split()
+    assert (impl, float(value)) == ("direct", 54.0)
+    lib = Path(lib)
+    assert lib.is_file() and lib.parent.parent == tmp_path / "ffnjax" / "kernels"
+    assert [p.name for p in lib.parent.iterdir()] == [lib.name]
+
+
+def test_turned_off_falls_back_to_depth_split(tmp_path):
+    r = _python("from ffnjax import conv, cpu_kernel\n"
+                "print(conv.resolve_impl('auto', 'cpu')); print(cpu_kernel.unavailable_reason())",
+                **{cpu_kernel.ENV: "0", "XDG_CACHE_HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    impl, reason = r.stdout.strip().splitlines()
+    assert impl == "depth_split" and cpu_kernel.ENV in reason
+    assert not (tmp_path / "ffnjax" / "kernels").exists()   # nothing compiled
+
+
+def test_a_broken_compiler_warns_once_and_falls_back(tmp_path):
+    fake = tmp_path / "fake-cxx"
+    fake.write_text("#!/bin/sh\necho 'fake-cxx 1.0'\n[ \"$1\" = --version ] && exit 0\n"
+                    "echo 'error: no such thing' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    r = _python("import warnings\nwarnings.simplefilter('always')\n"
+                "from ffnjax import conv, cpu_kernel\n"
+                "print(conv.resolve_impl('auto', 'cpu')); print(conv.resolve_impl('auto', 'cpu'))",
+                CXX=str(fake), XDG_CACHE_HOME=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    if not cpu_kernel.cpu_has_avx512():
+        pytest.skip("no AVX-512 here: the compiler is never tried")
+    assert r.stdout.split() == ["depth_split", "depth_split"]
+    assert r.stderr.count("not available") == 1 and "no such thing" in r.stderr
