@@ -100,6 +100,34 @@ def test_bfloat16_step_tracks_the_float32_step():
     np.testing.assert_allclose(float(m16["grad_norm"]), float(m32["grad_norm"]), rtol=0.1)
 
 
+def test_direct_kernel_step_tracks_the_depth_split_step():
+    """16 features, so every hidden convolution and its input gradient run on the
+    direct kernel, inside the step's FOV-move scan and conds: the loss and the
+    updated parameters equal those of depth_split's 2D convolutions."""
+    from ffnjax import cpu_kernel
+    if not cpu_kernel.available():
+        pytest.skip(f"direct kernel unavailable: {cpu_kernel.unavailable_reason()}")
+    model = ModelConfig(depth=2, features=16, fov_size=(5, 5, 5), deltas=(2, 2, 2))
+    states, metrics = [], []
+    for impl in ("depth_split", "direct"):
+        config = TrainConfig(model=dataclasses.replace(model, conv_impl=impl), fov_moves=1,
+                             move_threshold=0.5)
+        batch = _random_logit_batch(config, 2, seed=6, p_high=0.6)
+        optimizer = make_optimizer(config)
+        step = jax.jit(functools.partial(train_step, config=config, optimizer=optimizer))
+        if impl == "direct":
+            text = step.lower(init_state(config, optimizer[0]), batch).as_text()
+            assert cpu_kernel.TARGET in text
+        new, m = step(init_state(config, optimizer[0]), batch)
+        states.append(jax.device_get(new["params"]))
+        metrics.append({k: float(v) for k, v in m.items()})
+    assert metrics[0]["moves"] > 1
+    for k in metrics[0]:
+        np.testing.assert_allclose(metrics[1][k], metrics[0][k], rtol=1e-4, atol=1e-6, err_msg=k)
+    for a, b in zip(jax.tree_util.tree_leaves(states[0]), jax.tree_util.tree_leaves(states[1])):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+
+
 _DP_SCRIPT = textwrap.dedent("""
     import functools, json, os
     import jax, numpy as np
