@@ -32,6 +32,7 @@ from experiments import gffn_parity
 
 def run_once(split: str, data: Path, impl: str = "auto") -> dict:
     """One segmentation of the crop with `fov_split=split` and `conv_impl=impl`; its figures."""
+    from ffnjax import conv
     from ffnjax.config import InferenceOptions
     options = InferenceOptions.google_ffn(fov_split=split)
     t0 = time.perf_counter()
@@ -40,7 +41,6 @@ def run_once(split: str, data: Path, impl: str = "auto") -> dict:
     c, t = info.counters, info.timings
     steps = c["fov_steps"]
     net_s = t["first_fill"] + t["fill"]
-    from ffnjax import conv
     return {"split": split, "impl": conv.resolve_impl(impl), "evaluations": steps, "net_calls": c["net_calls"],
             "wall_s": wall - t["compile"], "compile_s": t["compile"], "fills_s": net_s,
             "commit_s": t["commit"], "s_per_eval": (wall - t["compile"]) / max(steps, 1),

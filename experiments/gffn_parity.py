@@ -15,7 +15,6 @@ flags give (`--compat`, then the option flags) and prints the agreement
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import time
 from pathlib import Path

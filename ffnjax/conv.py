@@ -5,7 +5,9 @@ for an N,z,y,x,C input and a z,y,x,in,out kernel with SAME padding and unit
 strides, only arranged differently so that XLA's CPU backend runs it faster.
 They are built from ordinary `lax` ops, so they jit, vmap, shard and
 differentiate like the native convolution (tests check values and gradients
-against `lax.conv` in float32 and bfloat16).
+against `lax.conv` in float32 and bfloat16); `direct` is an XLA FFI call
+whose derivative is defined here (through `depth_split`'s ops, so it can be
+differentiated again) and which runs once per element under `vmap`.
 
 Why: XLA:CPU lowers a 3D convolution to a generic, poorly blocked loop nest
 (about 36 GFLOP/s on google/ffn's depth-12 net here), while its 2D convolution
@@ -76,8 +78,11 @@ def resolve_impl(impl: str = "auto", backend: str | None = None) -> str:
       backend: 'cpu', 'gpu', 'tpu', ...; defaults to `jax.default_backend()`.
 
     Returns:
-      One of `IMPLS`: for 'auto', `AUTO_IMPL[backend]` (CPU; 'depth_split'
-      where the direct kernel is unavailable) or 'native'.
+      One of `IMPLS`: for 'auto', `AUTO_IMPL[backend]` (CPU) or 'native';
+      'direct' (asked for or chosen) becomes 'depth_split' where the kernel is
+      unavailable (`cpu_kernel.available()`). Layers the kernel cannot run
+      (bfloat16, other channel counts) still compute 'depth_split' inside
+      'direct'.
 
     Raises:
       ValueError: naming `impl` when it is unknown.
@@ -85,11 +90,10 @@ def resolve_impl(impl: str = "auto", backend: str | None = None) -> str:
     if impl == "auto":
         backend = backend or jax.default_backend()
         impl = AUTO_IMPL.get(backend, AUTO_IMPL_DEFAULT)
-        if impl == "direct" and not cpu_kernel.available():
-            return "depth_split"
-        return impl
-    if impl not in IMPLS:
+    elif impl not in IMPLS:
         raise ValueError(f"conv impl must be 'auto' or one of {IMPLS}, got {impl!r}")
+    if impl == "direct" and not cpu_kernel.available():
+        return "depth_split"
     return impl
 
 
@@ -179,13 +183,34 @@ def conv3d_depth_split(x: Array, kernel: Array) -> Array:
     return _depth_split_valid(xp, kernel, x.shape[1])
 
 
-def _direct_valid(xp: Array, kernel: Array, z: int) -> Array:
-    """`_depth_split_valid` computed by the direct kernel: xp already padded in z
-    (z + kz - 1 slices), padded here in y and x (SAME), VALID along z."""
-    if not cpu_kernel.supports(xp, kernel):
-        return _depth_split_valid(xp, kernel, z)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _kernel_valid(xp: Array, kernel: Array, z: int) -> Array:
+    """`_depth_split_valid(xp, kernel, z)` computed by `cpu_kernel` (y and x padded here)."""
     widths = ((0, 0), (0, 0), _pads(kernel.shape[1]), _pads(kernel.shape[2]), (0, 0))
     return cpu_kernel.conv3d_valid(jnp.pad(xp, widths), kernel)
+
+
+def _kernel_valid_fwd(xp, kernel, z):
+    return _kernel_valid(xp, kernel, z), (xp, kernel)
+
+
+def _kernel_valid_bwd(z, res, dy):
+    # The FFI call has no derivative: take depth_split's, which computes the same
+    # function from lax ops (and can be differentiated again). Training's usual
+    # path never comes here: `_conv_with_forward_form_vjp` gives its own gradients.
+    _, vjp = jax.vjp(lambda a, k: _depth_split_valid(a, k, z), *res)
+    return vjp(dy)
+
+
+_kernel_valid.defvjp(_kernel_valid_fwd, _kernel_valid_bwd)
+
+
+def _direct_valid(xp: Array, kernel: Array, z: int) -> Array:
+    """`_depth_split_valid` computed by the direct kernel where it runs: xp already
+    padded in z (z + kz - 1 slices), SAME in y and x, VALID along z."""
+    if not cpu_kernel.supports(xp, kernel):
+        return _depth_split_valid(xp, kernel, z)
+    return _kernel_valid(xp, kernel, z)
 
 
 def conv3d_direct(x: Array, kernel: Array) -> Array:

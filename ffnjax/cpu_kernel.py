@@ -8,26 +8,33 @@ that matches oneDNN there (`benchmarks/forward_bench.py`), so a batch-1 fill,
 which has no batch to spread, gets google/ffn's speed per core.
 
 The source ships with the package and is compiled on first use with the C++
-compiler on the PATH (`$CXX`, else `g++`, else `c++`; about 5 s), into
-`files.cache_home('kernels', KEY)` where KEY digests the source, the compiler,
-its flags and jaxlib's FFI headers, so a changed kernel or jaxlib compiles
-again and two processes never load each other's half-written library (the
-library is written beside its name and moved into place). The compiled
-handler is registered with XLA once per process (`load`).
+compiler on the PATH (`$CXX`, else `g++`, else `c++`; about 5 s) into
+`kernel_root()/KEY/` (`$FFNJAX_KERNEL_DIR`, else `files.cache_home('kernels')`),
+where KEY digests the source, the compiler, its flags, jaxlib's FFI headers
+and jaxlib's version, so a changed kernel or jaxlib compiles again. The
+library is written beside its name and moved into place, so two processes
+never load each other's half-written file. A compile that fails leaves
+`build-failed.txt` with the compiler's error in that folder, and later
+processes read it instead of compiling again (delete it to retry). The
+compiled handler is registered with XLA once per process.
 
 Nothing is required: on a CPU without AVX-512F, off Linux x86-64, without a
-compiler, when compiling fails (a warning says why, once), or with
-`FFNJAX_CPU_KERNEL=0`, `available()` is False and `conv.conv3d(impl='direct')`
-computes `depth_split` instead.
+compiler, when compiling fails (a warning says why, once per process), or with
+`FFNJAX_CPU_KERNEL=0` (read once, at the first convolution of a process),
+`available()` is False and `conv.conv3d(impl='direct')` computes
+`depth_split` instead.
 
 `conv3d_valid(x, kernel)`: VALID, unit strides, float32 N,z,y,x,C input and
-kz,ky,kx,C,F kernel with F a multiple of 16 (`supports`). Each output is summed
-in one fixed order whatever slab of the volume it is computed in, so a volume
-split over devices (`ffnjax.fovsplit`) gives the bits of the whole.
+kz,ky,kx,C,F kernel with F a multiple of 16 (`supports`). It has no
+derivative of its own (`ffnjax.conv` gives it one); under `vmap` it runs
+once per element. Each output is summed in one fixed order whatever slab of
+the volume it is computed in, so a volume split over devices
+(`ffnjax.fovsplit`) gives the bits of the whole.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import shutil
@@ -45,12 +52,18 @@ SOURCE = Path(__file__).with_name("csrc") / "conv3d_direct.cc"
 SYMBOL = "FfnjaxConv3dValid"
 TARGET = "ffnjax_conv3d_valid"
 ENV = "FFNJAX_CPU_KERNEL"
-FLAGS = ("-O3", "-mavx512f", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")
+DIR_ENV = "FFNJAX_KERNEL_DIR"
+LIBRARY = "libffnjax_conv3d.so"
+FAILED = "build-failed.txt"
+# -Wno-*: two warnings jaxlib's FFI headers raise under GCC 12.
+FLAGS = ("-O3", "-mavx512f", "-mfma", "-std=c++17", "-shared", "-fPIC",
+         "-Wno-attributes", "-Wno-return-type")
 # Output channels are handled in vectors of 16 float32.
 CHANNEL_MULTIPLE = 16
 
 _LOCK = threading.Lock()
-_STATE: dict[str, object] = {}
+_reason: list[str | None] = []     # [] until loaded; then [None] (ready) or [why not]
+_library: list[ctypes.CDLL] = []   # the loaded library, kept for the life of the process
 
 
 def cpu_has_avx512() -> bool:
@@ -63,54 +76,68 @@ def cpu_has_avx512() -> bool:
         return False
     for line in text.splitlines():
         if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return {"avx512f", "fma"} <= flags
+            return {"avx512f", "fma"} <= set(line.split(":", 1)[1].split())
     return False
 
 
 def compiler() -> str | None:
     """The C++ compiler to build with: $CXX, else g++, else c++ (None when none is found)."""
     for name in (os.environ.get("CXX"), "g++", "c++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+        found = shutil.which(name) if name else None
+        if found:
+            return found
     return None
 
 
+def kernel_root() -> Path:
+    """Where compiled kernels live: $FFNJAX_KERNEL_DIR, else ~/.cache/ffnjax/kernels."""
+    return Path(os.environ[DIR_ENV]) if os.environ.get(DIR_ENV) else files.cache_home("kernels")
+
+
 def _build_key(cxx: str) -> str:
+    import jaxlib
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    header = Path(jax.ffi.include_dir(), "xla", "ffi", "api", "ffi.h")
-    return files.digest([SOURCE.read_bytes(), version, " ".join(FLAGS), header.read_bytes(),
-                         jax.__version__])[:16]
+    headers = sorted(Path(jax.ffi.include_dir(), "xla", "ffi", "api").glob("*.h"))
+    return files.digest([SOURCE.read_bytes(), version, " ".join(FLAGS), jaxlib.__version__,
+                         *(h.read_bytes() for h in headers)])[:16]
 
 
-def library_path() -> Path | None:
-    """Where this machine's compiled kernel lives (None without a compiler)."""
-    cxx = compiler()
-    if cxx is None:
-        return None
-    return files.cache_home("kernels", _build_key(cxx)) / "libffnjax_conv3d.so"
+def build_dir(cxx: str | None = None) -> Path | None:
+    """This machine's folder for the kernel built by `cxx` (None without a compiler)."""
+    cxx = cxx or compiler()
+    return None if cxx is None else kernel_root() / _build_key(cxx)
 
 
 def build(force: bool = False) -> Path:
-    """Compile the kernel into `library_path()` unless it is there; returns the path.
+    """Compile the kernel unless it is built (or failed to build) already; returns the library.
 
     Raises:
-      RuntimeError: without a compiler, or naming the compiler's error.
+      RuntimeError: without a compiler, or naming the compiler's error (now or recorded by
+        an earlier process in `build-failed.txt`; `force` compiles again).
     """
-    path = library_path()
-    if path is None:
+    cxx = compiler()
+    if cxx is None:
         raise RuntimeError("no C++ compiler found ($CXX, g++, c++)")
-    if path.exists() and not force:
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = build_dir(cxx)
+    path, failed = folder / LIBRARY, folder / FAILED
+    if not force:
+        if path.exists():
+            return path
+        if failed.exists():
+            raise RuntimeError(f"{failed.read_text().strip()} (recorded in {failed}; delete it to "
+                               "compile again)")
+    folder.mkdir(parents=True, exist_ok=True)
     tmp = files.temp_path(path)
-    cmd = [compiler(), *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(tmp)]
+    cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(tmp)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-            raise RuntimeError(f"{' '.join(cmd[:1])} failed on {SOURCE.name}: " + " / ".join(tail))
+            error = f"{Path(cxx).name} failed on {SOURCE.name}: " + " / ".join(tail)
+            files.write_bytes(failed, error.encode())
+            raise RuntimeError(error)
         os.replace(tmp, path)
+        failed.unlink(missing_ok=True)
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -123,24 +150,26 @@ def _load() -> str | None:
     if not cpu_has_avx512():
         return "this CPU has no AVX-512F/FMA (or is not Linux x86-64)"
     try:
-        import ctypes
         lib = ctypes.CDLL(str(build()))
-        _STATE["library"] = lib  # keep the handle for the life of the process
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(lib, SYMBOL)),
                                     platform="cpu")
     except Exception as err:  # noqa: BLE001 - any failure means: use depth_split
-        warnings.warn(f"ffnjax: the AVX-512 convolution kernel is not available ({err}); "
-                      "3x3x3 convolutions use depth_split", RuntimeWarning, stacklevel=3)
-        return str(err)
+        return f"{type(err).__name__}: {err}"
+    _library.append(lib)
     return None
 
 
 def unavailable_reason() -> str | None:
     """None when the kernel is ready to call, else why not (built and registered on first call)."""
     with _LOCK:
-        if "reason" not in _STATE:
-            _STATE["reason"] = _load()
-        return _STATE["reason"]
+        first = not _reason
+        if first:
+            _reason.append(_load())
+        reason = _reason[0]
+    if first and reason is not None and not reason.startswith(("turned off", "this CPU")):
+        warnings.warn(f"ffnjax: the AVX-512 convolution kernel is not available ({reason}); "
+                      "3x3x3 convolutions use depth_split", RuntimeWarning, stacklevel=2)
+    return reason
 
 
 def available() -> bool:
@@ -161,12 +190,14 @@ def conv3d_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """VALID 3D convolution of x (N,z,y,x,C) with kernel (kz,ky,kx,C,F), float32.
 
     Raises:
-      ValueError: when `supports(x, kernel)` is False (naming why).
+      ValueError: when `supports(x, kernel)` is False or the shapes make no
+        VALID convolution (naming why).
     """
     if not supports(x, kernel):
         why = unavailable_reason() or (
-            f"needs float32 and output channels a multiple of {CHANNEL_MULTIPLE}, got "
-            f"{x.dtype}/{kernel.dtype} and kernel shape {tuple(kernel.shape)}")
+            f"needs float32 and output channels a multiple of {CHANNEL_MULTIPLE} on the CPU, got "
+            f"{x.dtype}/{kernel.dtype}, kernel shape {tuple(kernel.shape)}, backend "
+            f"{jax.default_backend()}")
         raise ValueError(f"conv3d_valid: {why}")
     n, z, y, w, c = x.shape
     kz, ky, kx, kc, f = kernel.shape

@@ -3,9 +3,17 @@ a private cache folder for the commands the tests run."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# The AVX-512 convolution kernel (ffnjax.cpu_kernel) is compiled once per machine
+# for the tests, outside the user's ~/.cache, and shared by every xdist worker and
+# subprocess. Set here, at import, because collection already asks for it.
+os.environ.setdefault("FFNJAX_KERNEL_DIR", str(Path(tempfile.gettempdir())
+                                              / f"ffnjax-test-kernels-{os.getuid()}"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -76,19 +76,56 @@ def test_gradients_match_native(impl):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4)
 
 
+needs_kernel = pytest.mark.skipif(not cpu_kernel.available(),
+                                  reason=f"direct kernel unavailable: {cpu_kernel.unavailable_reason()}")
+
+
+def _kernel_calls(fn, *args) -> int:
+    return jax.jit(fn).lower(*args).as_text().count(cpu_kernel.TARGET)
+
+
+@needs_kernel
+def test_direct_runs_the_kernel_where_it_can():
+    """Output channels in vectors of 16, float32: the kernel; 8 channels or
+    bfloat16: depth_split's ops, no kernel call."""
+    for kshape, dtype, calls in [((3, 3, 3, 2, 16), jnp.float32, 1), ((3, 3, 3, 2, 48), jnp.float32, 1),
+                                 ((3, 3, 3, 2, 8), jnp.float32, 0), ((3, 3, 3, 2, 16), jnp.bfloat16, 0)]:
+        x, k = _inputs((1, 4, 5, 6, 2), kshape)
+        got = _kernel_calls(lambda a, b: conv.conv3d(a, b, "direct"), x.astype(dtype), k.astype(dtype))
+        assert got == calls, (kshape, dtype, got)
+
+
+@needs_kernel
 def test_gradients_match_native_on_the_direct_kernel():
     """16 channels in and out, so the forward and the input gradient's
-    convolution (channels swapped) both run on the direct kernel."""
+    convolution (channels swapped) both run on the kernel; an even kernel (no
+    forward-form VJP) and a second derivative go through the kernel's own
+    derivative."""
     x, k = _inputs((1, 4, 5, 6, 16), (3, 3, 3, 16, 16), seed=3)
     w = jax.random.normal(jax.random.PRNGKey(8), (1, 4, 5, 6, 16))
 
     def loss(impl_, a, b):
         return jnp.sum(w * jnp.tanh(conv.conv3d(a, b, impl_)))
 
-    got = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)("direct", x, k)
-    want = jax.grad(loss, argnums=(1, 2))("native", x, k)
+    grad = jax.grad(loss, argnums=(1, 2))
+    assert _kernel_calls(lambda a, b: grad("direct", a, b), x, k) >= 2
+    got = jax.jit(grad, static_argnums=0)("direct", x, k)
+    want = grad("native", x, k)
     for g, r in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4)
+
+    xe, ke = _inputs((1, 4, 5, 6, 2), (2, 2, 2, 2, 16), seed=4)
+    got = jax.grad(loss, argnums=(1, 2))("direct", xe, ke)
+    want = jax.grad(loss, argnums=(1, 2))("native", xe, ke)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4)
+
+    def curvature(impl_, b):  # d/dk of |d loss / dx|^2
+        return jnp.sum(jax.grad(loss, argnums=1)(impl_, x, b) ** 2)
+
+    np.testing.assert_allclose(np.asarray(jax.grad(curvature, argnums=1)("direct", k)),
+                               np.asarray(jax.grad(curvature, argnums=1)("native", k)),
+                               rtol=1e-3, atol=1e-4)
 
 
 _NET = ModelConfig(depth=1, features=4, fov_size=(5, 7, 9), deltas=(1, 2, 2), conv_impl="native")
@@ -123,7 +160,8 @@ def test_resolve_impl():
     assert conv.resolve_impl("auto", "gpu") == "native"
     assert conv.resolve_impl("auto", "tpu") == "native"
     for impl in conv.IMPLS:
-        assert conv.resolve_impl(impl, "gpu") == impl
+        fallback = impl == "direct" and not cpu_kernel.available()
+        assert conv.resolve_impl(impl, "gpu") == ("depth_split" if fallback else impl)
     with pytest.raises(ValueError, match="winograd"):
         conv.resolve_impl("winograd")
 

@@ -33,6 +33,9 @@ def _valid_reference(x, k):
     ((2, 7, 9, 30, 3), (3, 3, 3, 3, 16)),       # batch 2, 16 channels, blocks of 14 + 14
     ((1, 4, 6, 9, 4), (1, 3, 5, 4, 80)),        # anisotropic kernel, 32 + 32 + 16 channels
     ((1, 3, 3, 3, 1), (3, 3, 3, 1, 16)),        # one output voxel
+    ((1, 3, 3, 26, 2), (3, 3, 3, 2, 32)),       # two full blocks of 12
+    ((1, 3, 3, 40, 3), (3, 3, 3, 3, 32)),       # a row of 38: blocks 10 + 10 + 9 + 9
+    ((1, 3, 3, 34, 2), (3, 3, 3, 2, 16)),       # 16 channels: two full blocks of 16
 ])
 def test_valid_convolution_matches_lax(shape, kshape):
     kx, kk = jax.random.split(jax.random.PRNGKey(sum(shape)))
@@ -83,43 +86,55 @@ def _python(code: str, **env_extra) -> subprocess.CompletedProcess:
 
 @needs_kernel
 def test_builds_from_source_into_an_empty_cache(tmp_path):
-    """A fresh $XDG_CACHE_HOME: the first use compiles the source into
-    kernels/<key>/ (nothing half-written left beside it) and runs it."""
-    r = _python("import jax, jax.numpy as jnp\n"
-                "from ffnjax import conv, cpu_kernel\n"
-                "x = jnp.ones((1, 3, 3, 3, 2)); k = jnp.ones((3, 3, 3, 2, 16))\n"
-                "print(conv.resolve_impl('auto', 'cpu'), float(cpu_kernel.conv3d_valid(x, k)[0, 0, 0, 0, 0]),"
-                " cpu_kernel.library_path())",
-                XDG_CACHE_HOME=str(tmp_path))
+    """An empty kernel folder: the first use compiles the source into
+    <folder>/<key>/ (nothing half-written left beside it) and runs it; without
+    $FFNJAX_KERNEL_DIR the folder is $XDG_CACHE_HOME/ffnjax/kernels."""
+    code = ("import jax, jax.numpy as jnp\n"
+            "from ffnjax import conv, cpu_kernel\n"
+            "x = jnp.ones((1, 3, 3, 3, 2)); k = jnp.ones((3, 3, 3, 2, 16))\n"
+            "print(conv.resolve_impl('auto', 'cpu'), float(cpu_kernel.conv3d_valid(x, k)[0, 0, 0, 0, 0]),"
+            " cpu_kernel.build_dir())")
+    r = _python(code, **{cpu_kernel.DIR_ENV: str(tmp_path / "kernels")})
     assert r.returncode == 0, r.stderr[-2000:]
-    impl, value, lib = r.stdout.split()
+    impl, value, folder = r.stdout.split()
     assert (impl, float(value)) == ("direct", 54.0)
-    lib = Path(lib)
-    assert lib.is_file() and lib.parent.parent == tmp_path / "ffnjax" / "kernels"
-    assert [p.name for p in lib.parent.iterdir()] == [lib.name]
+    folder = Path(folder)
+    assert folder.parent == tmp_path / "kernels"
+    assert [p.name for p in folder.iterdir()] == [cpu_kernel.LIBRARY]
+    r = _python(code.replace("print(", "print(cpu_kernel.kernel_root(), "),
+                **{cpu_kernel.DIR_ENV: "", "XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Path(r.stdout.split()[0]) == tmp_path / "xdg" / "ffnjax" / "kernels"
 
 
 def test_turned_off_falls_back_to_depth_split(tmp_path):
     r = _python("from ffnjax import conv, cpu_kernel\n"
                 "print(conv.resolve_impl('auto', 'cpu')); print(cpu_kernel.unavailable_reason())",
-                **{cpu_kernel.ENV: "0", "XDG_CACHE_HOME": str(tmp_path)})
+                **{cpu_kernel.ENV: "0", cpu_kernel.DIR_ENV: str(tmp_path / "kernels")})
     assert r.returncode == 0, r.stderr[-2000:]
     impl, reason = r.stdout.strip().splitlines()
     assert impl == "depth_split" and cpu_kernel.ENV in reason
-    assert not (tmp_path / "ffnjax" / "kernels").exists()   # nothing compiled
+    assert not (tmp_path / "kernels").exists()   # nothing compiled
 
 
-def test_a_broken_compiler_warns_once_and_falls_back(tmp_path):
+@pytest.mark.skipif(not cpu_kernel.cpu_has_avx512(), reason="no AVX-512 here: the compiler is never tried")
+def test_a_broken_compiler_warns_once_and_is_not_retried(tmp_path):
+    """A compiler that fails: one warning naming its error, depth_split, and a
+    record of the failure that the next process reads instead of compiling again."""
+    runs = tmp_path / "runs"
     fake = tmp_path / "fake-cxx"
     fake.write_text("#!/bin/sh\necho 'fake-cxx 1.0'\n[ \"$1\" = --version ] && exit 0\n"
-                    "echo 'error: no such thing' >&2\nexit 1\n")
+                    f"echo run >> {runs}\necho 'error: no such thing' >&2\nexit 1\n")
     fake.chmod(0o755)
-    r = _python("import warnings\nwarnings.simplefilter('always')\n"
-                "from ffnjax import conv, cpu_kernel\n"
-                "print(conv.resolve_impl('auto', 'cpu')); print(conv.resolve_impl('auto', 'cpu'))",
-                CXX=str(fake), XDG_CACHE_HOME=str(tmp_path))
-    assert r.returncode == 0, r.stderr[-2000:]
-    if not cpu_kernel.cpu_has_avx512():
-        pytest.skip("no AVX-512 here: the compiler is never tried")
-    assert r.stdout.split() == ["depth_split", "depth_split"]
-    assert r.stderr.count("not available") == 1 and "no such thing" in r.stderr
+    code = ("import warnings\nwarnings.simplefilter('always')\n"
+            "from ffnjax import conv, cpu_kernel\n"
+            "print(conv.resolve_impl('auto', 'cpu')); print(conv.resolve_impl('auto', 'cpu'))")
+    env = {"CXX": str(fake), cpu_kernel.DIR_ENV: str(tmp_path / "kernels")}
+    for _ in range(2):
+        r = _python(code, **env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.split() == ["depth_split", "depth_split"]
+        assert r.stderr.count("not available") == 1 and "no such thing" in r.stderr
+    assert runs.read_text().count("run") == 1          # compiled once, then read the record
+    assert "delete it to compile again" in r.stderr
+    assert not list((tmp_path / "kernels").glob("*/*.so"))

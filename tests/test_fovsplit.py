@@ -100,8 +100,8 @@ for depth, feats, fov, dtype in [(2, 4, (9, 9, 9), "float32"),    # z = 9: slabs
     split = jax.jit(fovsplit.split_apply(f, mesh))
     b = np.asarray(split(p, img, msk))
     out["forward"].append([dtype, float(np.abs(a - b).max() / np.abs(a).max())])
-# The 16-feature split net calls the direct kernel where it is available.
-out["direct"] = [cpu_kernel.available(), cpu_kernel.TARGET in split.lower(p, img, msk).as_text()]
+    if feats == 16:  # the split net calls the direct kernel where it is available
+        out["direct"] = [cpu_kernel.available(), cpu_kernel.TARGET in split.lower(p, img, msk).as_text()]
 
 # A fill with the split: a convstack whose output layer is pushed up so that it moves.
 cfg = ModelConfig(depth=2, features=4, fov_size=(9, 9, 9), deltas=(2, 2, 2))

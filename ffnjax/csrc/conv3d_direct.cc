@@ -4,10 +4,10 @@
 // Computes y[n, z, y, x, f] = sum_{a, b, e, c} x[n, z+a, y+b, x+e, c] * w[a, b, e, c, f]
 // (VALID, unit strides) for float32 N,Z,Y,X,C inputs and kz,ky,kx,C,F kernels
 // with F a multiple of 16; the caller pads for SAME. One output row is cut into
-// blocks of up to XB x-positions; a block keeps XB x 32 output channels in
-// vector registers while it runs over the kernel taps, so every weight vector
-// loaded serves XB positions and every input value broadcast serves 32
-// channels. For fixed (a, b) the taps along x and the input channels are one
+// blocks of up to XB x-positions; a block keeps XB x 32 output channels (XB x 16
+// for a last group of 16) in vector registers while it runs over the kernel
+// taps, so every weight vector loaded serves XB positions and every input value
+// broadcast serves 32 channels. For fixed (a, b) the taps along x and the input channels are one
 // contiguous run of kx*C values both in the input row and in the kernel, which
 // is the inner loop. Each output is a sum in a fixed order (a, b, then e and
 // c), whatever the block it falls in, so a volume split into slabs gives the
@@ -67,6 +67,7 @@ struct Dispatch {
     Dispatch<NV, N - 1>::Run(n, in, w, out, g, f0);
   }
 };
+// Never reached: Row's block sizes lie in 1..N.
 template <int NV>
 struct Dispatch<NV, 0> {
   static void Run(int, const float*, const float*, float*, const Geometry&, int64_t) {}
@@ -80,6 +81,7 @@ constexpr int kBlock2 = 12;  // 32 channels
 // One output row (all x, all channels). Blocks are as even as possible
 // (33 positions: 11 + 11 + 11, not 12 + 12 + 9).
 void Row(const float* in, const float* w, float* out, int64_t width, const Geometry& g) {
+  if (width <= 0) return;
   for (int64_t f0 = 0; f0 < g.f; f0 += 32) {
     const bool pair = g.f - f0 >= 32;
     const int64_t most = pair ? kBlock2 : kBlock1;
@@ -110,10 +112,11 @@ ffi::Error Conv3dValidImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   }
   Geometry g{xd[2], xd[3], xd[4], wd[0], wd[1], wd[2], wd[4]};
   const int64_t n = xd[0], zo = yd[1], yo = yd[2], xo = yd[3];
-  if (wd[3] != g.c || g.f % 16 != 0 || yd[0] != n || yd[4] != g.f ||
-      zo != xd[1] - g.kz + 1 || yo != g.yp - g.ky + 1 || xo != g.xp - g.kx + 1) {
+  if (wd[3] != g.c || g.f % 16 != 0 || g.f == 0 || yd[0] != n || yd[4] != g.f ||
+      zo != xd[1] - g.kz + 1 || yo != g.yp - g.ky + 1 || xo != g.xp - g.kx + 1 ||
+      zo < 1 || yo < 1 || xo < 1) {
     return ffi::Error::InvalidArgument("conv3d_direct: shapes do not make a VALID convolution "
-                                       "with a multiple of 16 output channels");
+                                       "with a multiple of 16 output channels and a non-empty output");
   }
   const float* xs = x.typed_data();
   const float* ws = w.typed_data();
