@@ -269,8 +269,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.request is not None and args.compat is None:
         args.compat = "google_ffn"  # a request's option flags are proto floats too
     job = job_from_args(args)
-    from ffnjax import seed_policies
-    seed_policies.options_args(options_from_args(args, job.base))  # bad values fail now
+    options_from_args(args, job.base)  # bad values (seed policy arguments too) fail now
     _cli.use_compile_cache(args)
     # Outputs before anything is read or computed: never an input, never an existing
     # output unless --overwrite or resuming, and writable (found now, not after the fill).

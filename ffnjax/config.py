@@ -309,6 +309,13 @@ class InferenceOptions(_JsonMixin):
         object.__setattr__(self, "seed_policy", seed_policy_name(self.seed_policy))
         object.__setattr__(self, "seed_policy_args",
                            json_object_text("seed_policy_args", self.seed_policy_args))
+        # The arguments must fit the policy (unknown or missing ones fail here, not at
+        # the first seed). Imported here, as seed_policies imports this module; the
+        # default options its imports build while it is half-loaded are not checked.
+        from ffnjax import seed_policies
+        check = getattr(seed_policies, "check_args", None)
+        if check is not None:
+            check(self.seed_policy, json.loads(self.seed_policy_args or "{}"))
         if self.seed_order not in SEED_ORDERS:
             raise ValueError(f"seed_order must be one of {SEED_ORDERS}, got {self.seed_order!r}")
         if self.consensus_mode not in CONSENSUS_MODES:

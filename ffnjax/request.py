@@ -227,7 +227,6 @@ def request_options(r: Any, where: str = "request") -> InferenceOptions:
     if not r.seed_policy:
         raise ValueError(f"{where}: seed_policy is unset (e.g. seed_policy: \"PolicyPeaks\")")
     disco = io.disco_seed_threshold
-    from ffnjax.seed_policies import options_args
     try:
         options = InferenceOptions.google_ffn(
             image_mean=r.image_mean, image_stddev=r.image_stddev,
@@ -236,7 +235,6 @@ def request_options(r: Any, where: str = "request") -> InferenceOptions:
             min_segment_size=io.min_segment_size, min_boundary_dist=_zyx(io.min_boundary_dist),
             disconnected_seeds=disco >= 0, disco_active_fraction=max(disco, 0.0),
             seed_policy=r.seed_policy, seed_policy_args=r.seed_policy_args)
-        options_args(options)  # the policy takes these arguments
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     return options

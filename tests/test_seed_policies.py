@@ -43,9 +43,16 @@ def jittered_peaks(values, **kw):
 
 
 def test_google_names_are_accepted_and_stored_as_ffnjaxs():
+    # Policies with required arguments refuse options without them at once.
+    required = {"invert_origins": "segmentation_dir", "sequence": "policies",
+                "reverse": "policy_to_reverse"}
     for google, ours in GOOGLE_SEED_POLICIES.items():
-        assert InferenceOptions(seed_policy=google).seed_policy == ours
         assert set(sp.POLICIES) >= {ours}
+        if ours in required:
+            with pytest.raises(ValueError, match=rf"'{ours}' needs argument\(s\) \['{required[ours]}'\]"):
+                InferenceOptions(seed_policy=google)
+            continue
+        assert InferenceOptions(seed_policy=google).seed_policy == ours
     with pytest.raises(ValueError, match="PolicyPeaks2d"):
         InferenceOptions(seed_policy="PolicyTipTracer")
     o = InferenceOptions(seed_policy="PolicyGrid2d", seed_policy_args='{"step": 4}')
@@ -54,6 +61,8 @@ def test_google_names_are_accepted_and_stored_as_ffnjaxs():
         InferenceOptions(seed_policy_args="[1]")
     with pytest.raises(ValueError, match=r"takes no argument\(s\) \['stride'\]"):
         run("grid2d", {"stride": 4})
+    with pytest.raises(ValueError, match=r"takes no argument\(s\) \['stride'\]"):
+        InferenceOptions(seed_policy="PolicyGrid2d", seed_policy_args='{"stride": 4}')
     with pytest.raises(ValueError, match="needs argument"):
         run("invert_origins")
 
