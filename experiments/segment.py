@@ -224,11 +224,25 @@ def output_paths(args: argparse.Namespace, job: Job) -> tuple[dict[str, Any], Pa
             "--state": str(state), "--info-json": args.info_json}, state
 
 
-def read_box(spec: str, start: Sequence[int], size: Sequence[int], flag: str) -> np.ndarray:
-    """The box of volume `spec` as z,y,x (a single channel axis dropped)."""
+def read_box(spec: str, start: Sequence[int], size: Sequence[int], flag: str,
+             frame: Sequence[int] = (0, 0, 0)) -> np.ndarray:
+    """The box of volume `spec` as z,y,x (a single channel axis dropped).
+
+    `start` counts from the voxel at `frame` (the image's stored offset), and
+    `spec`'s own stored offset places it in that frame: a segmentation that
+    `segment --box` wrote (its offset: the box's) is read at the right place.
+    """
     from ffnjax.volumes import open_volume
     with open_volume(spec) as vol:
-        data = np.asarray(vol.read(start, size))
+        local = tuple(int(f) + int(s) - int(o) for f, s, o in zip(frame, start, vol.offset))
+        if any(v < 0 for v in local) or any(v + n > m for v, n, m in zip(local, size, vol.shape)):
+            end = tuple(int(f) + int(s) + int(n) for f, s, n in zip(frame, start, size))
+            raise ValueError(
+                f"{flag} {spec}: the image box {tuple(int(f) + int(s) for f, s in zip(frame, start))}"
+                f"..{end} (z,y,x, with the image's offset) is not inside it: it holds "
+                f"{vol.offset}..{tuple(o + m for o, m in zip(vol.offset, vol.shape))} "
+                "(its stored offset and shape)")
+        data = np.asarray(vol.read(local, size))
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -301,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     flood.check_image_shape(scale.coarse_shape(raw.shape, options.downsample), model_config.fov_size)
     restriction = restriction_for(job, start, size, raw, model_config.fov_size)
     init = (None if job.init_segmentation is None
-            else read_box(job.init_segmentation, start, size, "--init-segmentation"))
+            else read_box(job.init_segmentation, start, size, "--init-segmentation", image.offset))
 
     state = segmentation.load_state(state_path) if resuming else None
     keep_prob = bool(args.prob_output) or job.request is not None

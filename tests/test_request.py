@@ -220,3 +220,21 @@ def test_mask_and_init_segmentation_flags(setup, tmp_path):
                                       restriction=Restriction(mask=mask > 0, seed_mask=seed_mask))
     np.testing.assert_array_equal(seg, want)
     assert info.counters["skipped_masked"] > 0 and np.all(seg[labels > 0] == 42)
+
+    # A box's segmentation (stored with the box's offset) continues in a second
+    # run on the same box: it is read where it lies, not from its corner.
+    box, first, second = (slice(4, 20), slice(2, 30), slice(3, 29)), tmp_path / "a.zarr", tmp_path / "b.zarr"
+    base = ["--checkpoint", str(tmp_path / "small"), "--image", f"{root}/img.h5:raw", "--box",
+            "4:20,2:30,3:29", "--seed-policy", "grid", "--min-segment-size", "20", "--quiet"]
+    cli.main(base + ["--output", str(first), "--seed-grid-step", "4,6,6"])
+    part = open_volume(str(first))
+    assert part.offset == (4, 2, 3)
+    cli.main(base + ["--output", str(second), "--init-segmentation", str(first),
+                     "--seed-grid-step", "3,4,4"])
+    want, _ = segmentation.segment(img[box], params, small, opts, progress=False,
+                                   init_segmentation=part.read())
+    np.testing.assert_array_equal(open_volume(str(second)).read(), want)
+    with pytest.raises(SystemExit) as e:   # a box the init segmentation does not cover
+        _cli.run(cli.main, base[:4] + ["--box", "0:20,2:30,3:29", "--output", str(tmp_path / "c.zarr"),
+                                       "--init-segmentation", str(first), "--quiet"])
+    assert e.value.code == 2
