@@ -108,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     add_model_flags(g)
     g.add_argument("--image", required=True, metavar="SPEC",
-                   help="image volume; the segmentation's region in it is found by the "
-                        "volumes' stored offsets")
+                   help="image volume (SPEC@z0:z1,y0:y1,x0:x1 and A+B stacks are read into "
+                        "memory); the segmentation's region in it is found by the volumes' "
+                        "stored offsets")
     g.add_argument("--image-offset", type=_cli.zyx_arg(), default=None, metavar="Z,Y,X",
                    help="where the image's first voxel lies, in voxels (default: its stored "
                         "offset); e.g. 100,0,0 for a slab file of z 100-149 whose segmentation "
@@ -198,10 +199,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Here, not at the top: JAX and TensorStore take seconds to load.
     from ffnjax import agglomeration, decision_points
     from ffnjax.checkpoints import inference_defaults, load_checkpoint
-    from ffnjax.volumes import create_volume, open_volume
+    from ffnjax.volumes import create_volume, open_input, open_volume
 
     seg_vol = open_volume(args.segmentation)
-    image_vol = open_volume(args.image)
+    image_vol = open_input(args.image)
     shape = tuple(int(n) for n in seg_vol.shape[:3])
     if not np.issubdtype(seg_vol.dtype, np.integer) or (seg_vol.num_channels or 1) != 1:
         raise ValueError(f"--segmentation {args.segmentation} must be a 3D integer volume, got "

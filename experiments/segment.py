@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint step to use (default: the latest)")
     g.add_argument("--image", metavar="SPEC", default=None,
                    help="image volume: x.zarr, x.n5, precomputed://x, file.h5:ds, file.npz:key, "
-                        "file.npy; required without --request")
+                        "file.npy, or SPEC@z0:z1,y0:y1,x0:x1 / A+B (stacked along z; both read "
+                        "into memory); required without --request")
     g.add_argument("--output", metavar="SPEC", default=None,
                    help="segmentation to create (uint64): x.zarr, x.n5, precomputed://x or a JSON "
                         "spec; required without --request (which writes to its "
@@ -232,8 +233,8 @@ def read_box(spec: str, start: Sequence[int], size: Sequence[int], flag: str,
     `spec`'s own stored offset places it in that frame: a segmentation that
     `segment --box` wrote (its offset: the box's) is read at the right place.
     """
-    from ffnjax.volumes import open_volume
-    with open_volume(spec) as vol:
+    from ffnjax.volumes import open_input
+    with open_input(spec) as vol:
         local = tuple(int(f) + int(s) - int(o) for f, s, o in zip(frame, start, vol.offset))
         if any(v < 0 for v in local) or any(v + n > m for v, n, m in zip(local, size, vol.shape)):
             end = tuple(int(f) + int(s) + int(n) for f, s, n in zip(frame, start, size))
@@ -298,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Here, not at the top: JAX and TensorStore take seconds to load; --help and bad flags don't wait.
     from ffnjax import flood, scale, segmentation
     from ffnjax.request import load_model
-    from ffnjax.volumes import create_volume, open_volume, require_finite
+    from ffnjax.volumes import create_volume, open_input, open_volume, require_finite
 
     model_config, params, facts = load_model(job.checkpoint, job.model_config, args.step)
     options = options_from_args(args, {**facts, **job.base})
@@ -306,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"checkpoint {job.checkpoint} has FOV {model_config.fov_size} (z,y,x) "
                          f"but --fov-size asks for {tuple(args.fov_size)}")
 
-    image = open_volume(job.image)
+    image = open_input(job.image)
     start, size = _cli.region(args, image.shape, "image")
     raw = np.asarray(image.read(start, size))
     if raw.ndim == 4 and raw.shape[-1] == 1:

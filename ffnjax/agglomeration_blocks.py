@@ -50,7 +50,7 @@ class Region:
     shape: tuple[int, int, int]
 
 
-Source = Any   # a z,y,x NumPy array, a volume spec `ffnjax.volumes.open_volume` opens, or a Region
+Source = Any   # a z,y,x NumPy array, a volume spec `ffnjax.volumes.open_input` opens, or a Region
 
 
 def reader(source: Source) -> tuple[tuple[int, int, int], Callable[[Sequence[int], Sequence[int]], np.ndarray]]:
@@ -58,10 +58,10 @@ def reader(source: Source) -> tuple[tuple[int, int, int], Callable[[Sequence[int
     if isinstance(source, np.ndarray):
         return tuple(source.shape[:3]), lambda start, size: source[  # type: ignore[return-value]
             tuple(slice(a, a + n) for a, n in zip(start, size))]
-    from ffnjax.volumes import open_volume
+    from ffnjax.volumes import open_input
 
     region = source if isinstance(source, Region) else None
-    vol = open_volume(region.spec if region else source)
+    vol = open_input(region.spec if region else source)
     origin = region.start if region else (0, 0, 0)
 
     def read(start, size):

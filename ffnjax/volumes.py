@@ -68,7 +68,7 @@ from ffnjax.volume_store import (DEFAULT_CHUNK, PRECOMPUTED_DTYPES, SUPPORTED_DT
 
 __all__ = ["DEFAULT_CHUNK", "PRECOMPUTED_DTYPES", "SUPPORTED_DTYPES", "Volume", "VolumeSpec",
            "copy_volume", "create_volume", "default_chunks", "iter_blocks", "nonfinite_box",
-           "open_volume", "parse_spec", "read_all", "read_spec", "require_finite", "save_volume"]
+           "open_input", "open_volume", "parse_spec", "read_all", "read_spec", "require_finite", "save_volume"]
 
 
 # ----------------------------------------------------------------------------
@@ -250,6 +250,31 @@ def _read_box(spec: str | dict | VolumeSpec, box: str | None) -> np.ndarray:
 
 # ----------------------------------------------------------------------------
 # Conveniences
+
+
+def open_input(spec: str | os.PathLike | dict | VolumeSpec) -> Volume:
+    """A volume to read from, as the commands' input flags take it: `open_volume`,
+    or for a string spec in `read_spec`'s grammar (``SPEC@box``, ``A+B``) that
+    data read into memory as a read-only Volume. Its offset is the first part's
+    stored offset plus that part's box start, its voxel size the first part's,
+    so ``raw.npz:raw@100:150,:,:`` lines up with a volume of the whole stack.
+
+    Raises:
+      FileNotFoundError / ValueError: as `open_volume` and `read_spec`, naming
+        the spec.
+    """
+    if not uses_grammar(spec):
+        return open_volume(spec)
+    text = os.fspath(spec)
+    data = read_spec(text)
+    first, box = split_box(text.split("+")[0])
+    with open_volume(first) as vol:
+        start = (0, 0, 0) if box is None else clipped_box(box, vol.shape)[0]
+        offset = tuple(int(o) + int(a) for o, a in zip(vol.offset, start))
+        voxel_size, stored = vol.voxel_size, vol.voxel_size_stored
+    return Volume(VolumeSpec(kind="memory", text=text), data, voxel_size=voxel_size,
+                  offset=offset, channels=data.ndim == 4, chunks=data.shape[:3], writable=False,
+                  voxel_size_stored=stored)
 
 
 def read_all(spec: str | os.PathLike | dict | VolumeSpec) -> np.ndarray:

@@ -59,6 +59,23 @@ def test_cli_matches_the_python_api_and_writes_volumes(setup, tmp_path):
     assert not (tmp_path / "seg.zarr.segment-state.npz").exists()
 
 
+def test_image_may_be_a_stack_or_a_box_of_files(setup, tmp_path):
+    """--image in the read grammar (slabs stacked with '+', a box with '@'): the
+    same segmentation as the array itself, placed by the box's offset."""
+    root, params, img = setup
+    np.savez(tmp_path / "top.npz", raw=img[:10])
+    np.savez(tmp_path / "bottom.npz", raw=img[10:])
+    out = tmp_path / "seg.zarr"
+    cli.main(["--checkpoint", str(root / "ckpt"), "--image",
+              f"{tmp_path}/top.npz:raw@2:,:,:+{tmp_path}/bottom.npz:raw", *OPTS,
+              "--output", str(out), "--quiet"])
+    opts = InferenceOptions(min_segment_size=20, seed_policy="grid", seed_grid_step=(4, 5, 5))
+    want, _ = segmentation.segment(img[2:], params, CFG, opts, progress=False)
+    got = open_volume(str(out))
+    np.testing.assert_array_equal(got.read(), want)
+    assert got.offset == (2, 0, 0)
+
+
 class Killed(Exception):
     pass
 

@@ -140,6 +140,24 @@ def test_read_all_takes_boxes_and_stacking_in_any_format(tmp_path):
     np.testing.assert_array_equal(volumes.read_spec(spec), IMAGE)
     np.testing.assert_array_equal(read_all(json.dumps(spec)), IMAGE)
 
+def test_open_input_places_boxes_and_stacks_by_offset(tmp_path):
+    """`open_input`: a plain spec opens as `open_volume` does; the grammar reads
+    into a read-only Volume whose offset is the first part's stored offset plus
+    its box start, and whose voxel size is that part's."""
+    save_volume(tmp_path / "a.zarr", IMAGE, voxel_size=(8, 4, 4), offset=(10, 20, 30))
+    np.savez(tmp_path / "b.npz", raw=IMAGE[:2])
+    plain = volumes.open_input(str(tmp_path / "a.zarr"))
+    assert plain.offset == (10, 20, 30) and plain.store is not None
+    vol = volumes.open_input(f"{tmp_path}/a.zarr@1:4,6:,:5")
+    assert (vol.offset, vol.voxel_size, vol.shape) == ((11, 26, 30), (8.0, 4.0, 4.0), (3, IMAGE.shape[1] - 6, 5))
+    np.testing.assert_array_equal(vol.read((1, 0, 0), (2, 2, 2)), IMAGE[2:4, 6:8, :2])
+    stack = volumes.open_input(f"{tmp_path}/b.npz:raw+{tmp_path}/a.zarr")
+    assert stack.offset == (0, 0, 0) and not stack.writable
+    np.testing.assert_array_equal(stack.read(), np.concatenate([IMAGE[:2], IMAGE]))
+    with pytest.raises(ValueError, match="read-only"):
+        stack.write((0, 0, 0), IMAGE[:1])
+
+
 def test_parse_spec_kinds():
     assert parse_spec("out/seg.zarr").kind == "zarr"
     assert parse_spec("out/seg.zarr/").path == "out/seg.zarr"
