@@ -97,6 +97,14 @@ class SeedContext:
         """The image as google/ffn's policies see it (float32, normalised)."""
         return seeds_lib.google_ffn_normalised(self.image, self.options)
 
+    @functools.cached_property
+    def edge_distance(self) -> np.ndarray:
+        """The unmasked edge-distance map of `options.peaks_method`: what the
+        unrestricted peaks and `seed_order='distance'` both read (computed once)."""
+        if self.options.peaks_method == "google_ffn":
+            return seeds_lib.google_ffn_edge_distance(self.image, self.options)
+        return seeds_lib.edge_distance(self.image)
+
     def excluded(self) -> np.ndarray | None:
         """Voxels no seed may start at: objects, the move mask and the seed
         mask (google/ffn's `get_exclusion_mask`); None when nothing is."""
@@ -117,10 +125,10 @@ def peaks(ctx: SeedContext) -> np.ndarray:
     google/ffn's PolicyPeaks of today: masked voxels count as edges, and no
     peak lies in an excluded voxel (distance -1 there)."""
     excluded = ctx.excluded()
-    if excluded is None:
-        return seeds_lib.make_seeds(ctx.image, dataclasses.replace(
-            ctx.options, seed_policy="peaks", seed_policy_args="", seed_order="zyx"), ctx.margin)
     google = ctx.options.peaks_method == "google_ffn"
+    if excluded is None:  # `seeds.make_seeds`' peaks, on the context's shared map
+        find = seeds_lib._google_ffn_peaks if google else seeds_lib._distance_peaks
+        return seeds_lib.order_seeds(find(ctx.edge_distance, ctx.margin), "zyx")
     edges = seeds_lib.edge_mask(ctx.normalised if google else ctx.image)
     for m in (ctx.mask, ctx.seed_mask):
         if m is not None:
@@ -301,7 +309,5 @@ def make_seeds(ctx: SeedContext) -> np.ndarray:
     found = policy_seeds(opts.seed_policy, options_args(opts), ctx)
     if opts.seed_order == "zyx":
         return found
-    google = opts.peaks_method == "google_ffn"
-    dist = (seeds_lib.google_ffn_edge_distance(image, opts) if google
-            else seeds_lib.edge_distance(image))
-    return found[np.argsort(-dist[tuple(found.T)], kind="stable")]
+    # The policy's own order breaks ties (a reversed policy stays reversed among equals).
+    return found[np.argsort(-ctx.edge_distance[tuple(found.T)], kind="stable")]
