@@ -284,7 +284,26 @@ _FORMULATIONS = {
 _VALID_Z = {"direct": _direct_valid}
 
 
-_CHANNEL_PARALLEL = threading.local()
+# The two trace-time split contexts below, per thread (`_split_context`):
+# attribute 'channels' = (axis_name, size), 'depth' = (axis_name, size, depth),
+# each absent or None outside its context.
+_SPLIT = threading.local()
+
+
+@contextlib.contextmanager
+def _split_context(kind: str, *value) -> Iterator[None]:
+    """This thread's `kind` split is `value` inside; the outer one is restored after."""
+    prev = getattr(_SPLIT, kind, None)
+    setattr(_SPLIT, kind, value)
+    try:
+        yield
+    finally:
+        setattr(_SPLIT, kind, prev)
+
+
+def _split(kind: str):
+    """This thread's active split of `kind` ('channels' or 'depth'), or None."""
+    return getattr(_SPLIT, kind, None)
 
 
 @contextlib.contextmanager
@@ -302,17 +321,13 @@ def channel_parallel(axis_name: str, size: int) -> Iterator[None]:
     """
     if size < 1:
         raise ValueError(f"channel_parallel: size must be >= 1, got {size}")
-    prev = getattr(_CHANNEL_PARALLEL, "value", None)
-    _CHANNEL_PARALLEL.value = (axis_name, int(size))
-    try:
+    with _split_context("channels", axis_name, int(size)):
         yield
-    finally:
-        _CHANNEL_PARALLEL.value = prev
 
 
 def _channel_split(fn, x: Array, kernel: Array) -> Array:
     """fn(x, kernel) computed on this device's share of output channels, then all-gathered."""
-    ctx = getattr(_CHANNEL_PARALLEL, "value", None)
+    ctx = _split("channels")
     cout = kernel.shape[-1]
     if ctx is None or ctx[1] == 1 or cout % ctx[1] != 0:
         return fn(x, kernel)
@@ -320,9 +335,6 @@ def _channel_split(fn, x: Array, kernel: Array) -> Array:
     f = cout // size
     local = lax.dynamic_slice_in_dim(kernel, lax.axis_index(axis_name) * f, f, axis=4)
     return lax.all_gather(fn(x, local), axis_name, axis=4, tiled=True)
-
-
-_DEPTH_PARALLEL = threading.local()
 
 
 @contextlib.contextmanager
@@ -343,12 +355,8 @@ def depth_parallel(axis_name: str, size: int, depth: int) -> Iterator[None]:
     """
     if size < 1 or depth < 1:
         raise ValueError(f"depth_parallel: size and depth must be >= 1, got {size}, {depth}")
-    prev = getattr(_DEPTH_PARALLEL, "value", None)
-    _DEPTH_PARALLEL.value = (axis_name, int(size), int(depth))
-    try:
+    with _split_context("depth", axis_name, int(size), int(depth)):
         yield
-    finally:
-        _DEPTH_PARALLEL.value = prev
 
 
 def _halo_conv(x: Array, kernel: Array, axis_name: str, size: int, depth: int,
@@ -454,7 +462,7 @@ def conv3d(x: Array, kernel: Array, impl: str = "auto") -> Array:
     """
     _check(x, kernel)
     impl = resolve_impl(impl)
-    split = getattr(_DEPTH_PARALLEL, "value", None)
+    split = _split("depth")
     if split is not None and kernel.shape[0] > 1:
         return _halo_conv(x, kernel, *split, impl=impl)
     if impl != "native" and kernel.shape[:3] == (1, 1, 1):

@@ -13,6 +13,9 @@ of FOV steps (`ffnjax.segmentation`), and compiling (seconds to a minute, once
 per shape) is the one wait left. A second signal of the same kind while the
 first waits acts at once.
 
+A loop that must stop at a safe point of its own, and on several hosts at the
+same step (training), runs under `flagging()` instead and polls `flagged()`.
+
 Whoever saves state on the way out (segment's state file, train's checkpoint)
 attaches the one line that says how to resume (`with_resume`);
 `experiments._cli.run` prints "interrupted by SIGINT: <that line>" and exits
@@ -114,6 +117,39 @@ def handling(signals=SIGNALS) -> Iterator[None]:
             signal.signal(s, h)
         _pending.clear()
         _local.raised.clear()
+
+
+_flagged: list[int] = []   # signals received under flagging()
+
+
+def _flag_handler(signum, frame):  # noqa: ARG001  (signal handler signature)
+    if signum in _flagged:  # a second signal of a kind acts at once
+        raise Interrupted(signum)
+    _flagged.append(signum)
+
+
+def flagged() -> int | None:
+    """The first signal received under `flagging()`, or None."""
+    return _flagged[0] if _flagged else None
+
+
+@contextlib.contextmanager
+def flagging(signals=SIGNALS) -> Iterator[None]:
+    """SIGINT / SIGTERM only mark `flagged()` while the block runs, for a loop that
+    must reach a safe point (and, on several hosts, agree) before it stops; a
+    second signal of the same kind raises `Interrupted` at once. Main thread
+    only (elsewhere a no-op); the previous handlers come back afterwards, and
+    the flags are cleared. Worker threads' `check()` does not see these signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, _flag_handler) for s in signals}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        _flagged.clear()
 
 
 def with_resume(e: KeyboardInterrupt, resume: str) -> Interrupted:

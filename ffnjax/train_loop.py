@@ -32,7 +32,6 @@ import math
 import shutil
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -355,19 +354,6 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_at_step: int | None 
         print(f"training {config.model} on {mesh.size} device(s), global batch {config.batch_size}\n"
               f"  checkpoints: {checkpoints.checkpoint_dir(workdir)}\n"
               f"  tensorboard: {workdir / 'tensorboard'}")
-    terminated = threading.Event()        # SIGTERM / SIGINT: checkpoint, then stop
-    received: list[int] = []
-
-    def on_signal(signum, frame):  # a second signal of a kind acts at once
-        if signum in received:
-            raise interrupt.Interrupted(signum)
-        received.append(signum)
-        terminated.set()
-
-    old_handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        old_handlers = {s: signal.signal(s, on_signal) for s in interrupt.SIGNALS}
-
     def validate(at_step: int, write) -> dict[str, float]:
         val = evaluate(jax.device_get(inference_params(state)), val_batch, config)
         _write_scalars(writer, "val", val, at_step)
@@ -375,71 +361,74 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_at_step: int | None 
             write(f"step {at_step} validation: " + " ".join(f"{k}={v:.4g}" for k, v in val.items()))
         return {f"val_{k}": v for k, v in val.items()}
 
-    # A run that starts from another model's weights (fine-tuning) is first
-    # validated as it starts, so its curve shows what training changed.
-    initial_val = (validate(step, print) if val_batch is not None and kind == "init_from"
-                   else {})
+    # SIGTERM / SIGINT: checkpoint at the end of the step, then stop (a second
+    # signal of a kind acts at once); `interrupt.flagged()` says which came.
+    with interrupt.flagging():
+        # A run that starts from another model's weights (fine-tuning) is first
+        # validated as it starts, so its curve shows what training changed.
+        initial_val = (validate(step, print) if val_batch is not None and kind == "init_from"
+                       else {})
 
-    # --- Loop -------------------------------------------------------------------------
-    sampler_state = sampler.get_state()
-    prefetcher = Prefetcher(sampler, local_batch, config.prefetch)
-    final: dict[str, float] = {}
-    stopped = False
-    last_val: dict[str, float] = {}
-    interval: list[dict] = []
-    t_interval, waited, last_logged = time.perf_counter(), 0.0, step
-    bar = tqdm(total=end, initial=step, disable=not (primary and progress), unit="step",
-               dynamic_ncols=True)
-    try:
-        while step < end:
-            batch_np, sampler_state, wait = prefetcher.get()
-            waited += wait
-            state, metrics = step_fn(state, to_global(batch_np))
-            step += 1
-            # Keep at most one step in flight: wait for the previous step so the
-            # bar's rate and ETA are true and the host never runs far ahead.
-            if interval:
-                jax.block_until_ready(interval[-1])
-            interval.append(metrics)
-            bar.update(1)
-            if due(step, config.log_every, end):
-                host = _interval_means(interval, last_logged + 1, step)
-                elapsed = time.perf_counter() - t_interval
-                host["examples_per_s"] = len(interval) * config.batch_size / elapsed
-                host["input_wait_fraction"] = waited / elapsed
-                if writer is not None:
-                    _write_scalars(writer, "train", host, step)
-                if primary and progress:
-                    bar.write(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in host.items()))
-                final = dict(host, step=step)
-                interval, t_interval, waited, last_logged = [], time.perf_counter(), 0.0, step
-            if val_batch is not None and due(step, config.val_every, end):
-                last_val = validate(step, bar.write)
-            if primary and due(step, config.image_every, end):
-                _example_png(workdir / "images" / f"step_{step:06d}.png",
-                             jax.device_get(inference_params(state)), batch_np, config, seed=step)
-            stop = multihost.any_process(terminated.is_set())   # SIGTERM on any host
-            if due(step, config.checkpoint_every, end) or stop:
-                save(step, sampler_state)
-            if stop:
-                name = signal.Signals(received[0]).name if received else "SIGTERM on another process"
-                if primary and progress:
-                    bar.write(f"{name}: saved checkpoint at step {step}, stopping")
-                stopped = True
-                break
-        save(step, sampler_state)
-    finally:
-        bar.close()
-        prefetcher.close()
-        mngr.close()
-        if writer is not None:
-            writer.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
+        # --- Loop -------------------------------------------------------------------------
+        sampler_state = sampler.get_state()
+        prefetcher = Prefetcher(sampler, local_batch, config.prefetch)
+        final: dict[str, float] = {}
+        stopped = False
+        last_val: dict[str, float] = {}
+        interval: list[dict] = []
+        t_interval, waited, last_logged = time.perf_counter(), 0.0, step
+        bar = tqdm(total=end, initial=step, disable=not (primary and progress), unit="step",
+                   dynamic_ncols=True)
+        try:
+            while step < end:
+                batch_np, sampler_state, wait = prefetcher.get()
+                waited += wait
+                state, metrics = step_fn(state, to_global(batch_np))
+                step += 1
+                # Keep at most one step in flight: wait for the previous step so the
+                # bar's rate and ETA are true and the host never runs far ahead.
+                if interval:
+                    jax.block_until_ready(interval[-1])
+                interval.append(metrics)
+                bar.update(1)
+                if due(step, config.log_every, end):
+                    host = _interval_means(interval, last_logged + 1, step)
+                    elapsed = time.perf_counter() - t_interval
+                    host["examples_per_s"] = len(interval) * config.batch_size / elapsed
+                    host["input_wait_fraction"] = waited / elapsed
+                    if writer is not None:
+                        _write_scalars(writer, "train", host, step)
+                    if primary and progress:
+                        bar.write(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in host.items()))
+                    final = dict(host, step=step)
+                    interval, t_interval, waited, last_logged = [], time.perf_counter(), 0.0, step
+                if val_batch is not None and due(step, config.val_every, end):
+                    last_val = validate(step, bar.write)
+                if primary and due(step, config.image_every, end):
+                    _example_png(workdir / "images" / f"step_{step:06d}.png",
+                                 jax.device_get(inference_params(state)), batch_np, config, seed=step)
+                received = interrupt.flagged()
+                stop = multihost.any_process(received is not None)   # SIGTERM on any host
+                if due(step, config.checkpoint_every, end) or stop:
+                    save(step, sampler_state)
+                if stop:
+                    name = signal.Signals(received).name if received else "SIGTERM on another process"
+                    if primary and progress:
+                        bar.write(f"{name}: saved checkpoint at step {step}, stopping")
+                    stopped = True
+                    break
+            save(step, sampler_state)
+        finally:
+            bar.close()
+            prefetcher.close()
+            mngr.close()
+            if writer is not None:
+                writer.close()
+            received = interrupt.flagged()
     metrics = dict(final, **last_val, **{f"initial_{k}": v for k, v in initial_val.items()},
                    step=step, wall_s=time.perf_counter() - t_start)
     if stopped:
         raise interrupt.Interrupted(
-            received[0] if received else signal.SIGTERM, result=metrics,
+            received or signal.SIGTERM, result=metrics,
             resume=f"checkpoint saved at step {step} in {workdir}; rerun the same command to resume")
     return metrics

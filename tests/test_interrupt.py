@@ -93,6 +93,24 @@ def test_a_signal_waits_for_the_end_of_a_deferred_block_and_a_second_one_does_no
     assert interrupt.pending() is None
 
 
+def test_flagging_marks_a_signal_without_raising_and_a_second_one_raises():
+    """Inside `handling()` (as every command runs), `flagging()` turns the first
+    SIGTERM into a flag the loop polls, not an exception; the second acts at
+    once; worker threads' check() never sees it; the outer handler comes back."""
+    with interrupt.handling():
+        outer = signal.getsignal(signal.SIGTERM)
+        with interrupt.flagging():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert interrupt.flagged() == signal.SIGTERM and interrupt.pending() is None
+            interrupt.check()                       # nothing raised
+            with pytest.raises(interrupt.Interrupted) as e:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+            assert e.value.name == "SIGTERM"
+        assert interrupt.flagged() is None and signal.getsignal(signal.SIGTERM) is outer
+
+
 def test_training_stops_on_sigint_after_saving_a_checkpoint_and_resumes(tmp_path):
     """Ctrl-C used to kill training with a KeyboardInterrupt and no checkpoint of
     the steps since the last periodic one; now it stops at the end of a step
