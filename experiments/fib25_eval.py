@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -167,9 +169,17 @@ def evaluate(args: argparse.Namespace) -> dict:
             seg, info = segmentation.segment(raw, params, config, options, progress=not args.quiet)
             print(f"{name}: {info.summary()}", flush=True)
         seconds = time.perf_counter() - t0
-        if not reused:
-            with interrupt.deferred():  # a signal never leaves half a volume to be reused
-                save_volume(str(path), seg, voxel_size=VOXEL_SIZE, offset=start, overwrite=True)
+        if not reused:  # written beside, then moved into place: a rerun reuses whole volumes only
+            tmp = path.with_name(files.temp_path(path).name + ".zarr")  # .zarr: a volume spec
+            try:
+                save_volume(str(tmp), seg, voxel_size=VOXEL_SIZE, offset=start)
+                with interrupt.deferred():
+                    if path.exists():
+                        shutil.rmtree(path)
+                    os.replace(tmp, path)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
         scores = score_region(seg, gt, inner, skeletons)
         view.save_slices_png(out / f"{name}_overlay.png", raw[inner], gt[inner], seg[inner])
         rows[name] = {"scores": scores, "seconds": seconds, "reused": reused,

@@ -56,5 +56,8 @@ def test_fib25_scratch_model_restores_and_beats_the_watershed_on_nerl_and_arand(
         "--move-threshold", "0.8", "--segment-threshold", "0.5", "--seed-policy", "sequence",
         "--seed-policy-args", '{"policies": [["peaks", {}], ["grid3d", {"step": 6}]]}'])
     ours, ws = report["rows"]["scratch"]["scores"], report["rows"]["baseline"]["scores"]
+    # Each segmentation is written beside and moved into place: no half-written leftovers.
+    assert {p.name for p in tmp_path.glob("*.zarr")} == {"scratch.zarr", "baseline.zarr"}
+    assert not list(tmp_path.glob(".*"))
     assert ours["erl"]["50"]["nerl"] >= 0.25 > ws["erl"]["50"]["nerl"], (ours["erl"]["50"], ws["erl"]["50"])
     assert ours["adapted_rand"] <= 0.33 < ws["adapted_rand"], (ours["adapted_rand"], ws["adapted_rand"])
