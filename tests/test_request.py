@@ -163,7 +163,16 @@ def test_a_request_runs_end_to_end(setup, model):
                    .replace('\\"step\\": 4, \\"offsets\\": [4]', f'\\"segmentation_dir\\": \\"{out}\\"')
                    .replace(f'"{root}/out"', f'"{root}/out_inv"'))
     _run_request(inv, "--overwrite")
-    assert gffn_output.load_origins(root / "out_inv", (0, 0, 0))
+    # = the forward run's seeds, highest id first, through the Python API.
+    fwd = gffn_output.load_origins(out, (0, 0, 0))
+    inv_seeds = np.asarray([fwd[k].start_zyx for k in sorted(fwd, reverse=True)], np.int64)
+    with np.load(root / "out_inv" / "0" / "0" / "seg-0_0_0.npz") as z:
+        seg_inv, inv_zyx = z["segmentation"], z["origin_zyx"]
+    want_inv, info_inv = _expected(root, params, img, opts, init_segmentation=labels,
+                                   restriction=Restriction(mask=mask > 0), seeds=inv_seeds)
+    np.testing.assert_array_equal(seg_inv, want_inv)
+    np.testing.assert_array_equal(inv_zyx, [o.seed for o in info_inv.objects])
+    assert tuple(inv_zyx[0]) == tuple(inv_seeds[0]) and len(inv_seeds) >= 2
 
 
 def test_a_box_names_the_subvolume_and_flags_win(setup):
@@ -174,8 +183,10 @@ def test_a_box_names_the_subvolume_and_flags_win(setup):
     with np.load(root / "out" / "2" / "2" / "seg-2_2_2.npz") as z:
         seg = z["segmentation"]
     opts = dataclasses.replace(request.read_request(path).options, min_segment_size=40)
-    assert cli.options_from_args(_args(path, "--move-threshold", "0.8"), opts.to_dict()) == \
-        InferenceOptions.google_ffn(**{**opts.to_dict(), "move_threshold": 0.8})
+    # The command's own path: the request's options as the base, a flag over them.
+    args = _args(path, "--move-threshold", "0.8", "--min-segment-size", "40")
+    assert cli.options_from_args(args, cli.job_from_args(args).base) == \
+        InferenceOptions.google_ffn(**{**opts.to_dict(), "move_threshold": 0.8})   # proto floats
     want, _ = _expected(root, params, img[2:22, 2:30, 2:30], opts)
     np.testing.assert_array_equal(seg, want)
     # A request sets no downsample: a model trained at a coarser scale keeps its own.
