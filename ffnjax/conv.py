@@ -416,6 +416,26 @@ def _kernel_grad(x: Array, dy: Array, ksize: tuple[int, int, int]) -> Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _direct_kernel_grad(x: Array, dy: Array, ksize: tuple[int, int, int]) -> Array:
+    """`_kernel_grad` computed by `cpu_kernel.conv3d_kernel_grad` (x padded here)."""
+    xp = jnp.pad(x, [(0, 0)] + [_pads(k) for k in ksize] + [(0, 0)])
+    return cpu_kernel.conv3d_kernel_grad(xp, dy, ksize)
+
+
+def _direct_kernel_grad_fwd(x, dy, ksize):
+    return _direct_kernel_grad(x, dy, ksize), (x, dy)
+
+
+def _direct_kernel_grad_bwd(ksize, res, ddk):
+    # The FFI call has no derivative: take `_kernel_grad`'s (lax ops), as for the forward.
+    _, vjp = jax.vjp(lambda a, d: _kernel_grad(a, d, ksize), *res)
+    return vjp(ddk)
+
+
+_direct_kernel_grad.defvjp(_direct_kernel_grad_fwd, _direct_kernel_grad_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv_with_forward_form_vjp(x: Array, kernel: Array, impl: str) -> Array:
     return _FORMULATIONS[impl](x, kernel)
 
@@ -430,11 +450,14 @@ def _cvjp_bwd(impl, res, dy):
     # lax.cond over FOV moves) than at the top level. Both gradients are
     # written here in forward form instead:
     #   dx = conv(dy, kernel flipped in space, in/out swapped)   (SAME, odd kernel)
-    #   dk = a VALID convolution of x with dy (`_kernel_grad`).
+    #   dk = a VALID convolution of x with dy (`_kernel_grad`; with 'direct',
+    #        the kernel's own gradient handler, `_direct_kernel_grad`).
     x, kernel = res
     dx = _FORMULATIONS[impl](dy.astype(x.dtype),
                              jnp.flip(kernel, (0, 1, 2)).swapaxes(3, 4).astype(x.dtype))
-    dk = _kernel_grad(x, dy.astype(x.dtype), kernel.shape[:3])
+    grad_k = _direct_kernel_grad if impl == "direct" and cpu_kernel.supports(dy, kernel) \
+        else _kernel_grad
+    dk = grad_k(x, dy.astype(x.dtype), kernel.shape[:3])
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 

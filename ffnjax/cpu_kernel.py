@@ -24,6 +24,10 @@ compiler, when compiling fails (a warning says why, once per process), or with
 `available()` is False and `conv.conv3d(impl='direct')` computes
 `depth_split` instead.
 
+`conv3d_kernel_grad(x, dy, ksize)`: the kernel's gradient of that convolution
+(training's third convolution-sized sum), from a second handler of the same
+source.
+
 `conv3d_valid(x, kernel)`: VALID, unit strides, float32 N,z,y,x,C input and
 kz,ky,kx,C,F kernel with F a multiple of 16 (`supports`). It has no
 derivative of its own (`ffnjax.conv` gives it one); under `vmap` it runs
@@ -51,6 +55,8 @@ from ffnjax import files
 SOURCE = Path(__file__).with_name("csrc") / "conv3d_direct.cc"
 SYMBOL = "FfnjaxConv3dValid"
 TARGET = "ffnjax_conv3d_valid"
+GRAD_SYMBOL = "FfnjaxConv3dKernelGrad"
+GRAD_TARGET = "ffnjax_conv3d_kernel_grad"
 ENV = "FFNJAX_CPU_KERNEL"
 DIR_ENV = "FFNJAX_KERNEL_DIR"
 LIBRARY = "libffnjax_conv3d.so"
@@ -151,8 +157,9 @@ def _load() -> str | None:
         return "this CPU has no AVX-512F/FMA (or is not Linux x86-64)"
     try:
         lib = ctypes.CDLL(str(build()))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(lib, SYMBOL)),
-                                    platform="cpu")
+        for target, symbol in ((TARGET, SYMBOL), (GRAD_TARGET, GRAD_SYMBOL)):
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                        platform="cpu")
     except Exception as err:  # noqa: BLE001 - any failure means: use depth_split
         return f"{type(err).__name__}: {err}"
     _library.append(lib)
@@ -177,13 +184,17 @@ def available() -> bool:
     return unavailable_reason() is None
 
 
+def _runs(dtypes, channels: int) -> bool:
+    return (all(d == jnp.float32 for d in dtypes) and channels % CHANNEL_MULTIPLE == 0
+            and jax.default_backend() == "cpu" and available())
+
+
 def supports(x: jax.Array, kernel: jax.Array) -> bool:
     """Whether `conv3d_valid(x, kernel)` runs here: the kernel is available, the
     default backend is the CPU, both arrays are float32 and the output
-    channels are a multiple of 16."""
-    return (x.dtype == jnp.float32 and kernel.dtype == jnp.float32
-            and kernel.shape[-1] % CHANNEL_MULTIPLE == 0
-            and jax.default_backend() == "cpu" and available())
+    channels are a multiple of 16 (the same for `conv3d_kernel_grad(x, dy)`,
+    dy having those output channels)."""
+    return _runs((x.dtype, kernel.dtype), kernel.shape[-1])
 
 
 def conv3d_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -206,3 +217,25 @@ def conv3d_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
                          "VALID convolution")
     out = jax.ShapeDtypeStruct((n, z - kz + 1, y - ky + 1, w - kx + 1, f), jnp.float32)
     return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, kernel)
+
+
+def conv3d_kernel_grad(x: jax.Array, dy: jax.Array, ksize) -> jax.Array:
+    """The kernel's gradient of `conv3d_valid(x, kernel)` for the cotangent `dy`:
+    dk[a,b,e,c,f] = sum over n,z,y,x of x[n,z+a,y+b,x+e,c] * dy[n,z,y,x,f]
+    (kz,ky,kx,C,F, float32; F a multiple of 16).
+
+    Raises:
+      ValueError: when the kernel cannot run here or the shapes do not fit.
+    """
+    kz, ky, kx = (int(k) for k in ksize)
+    if not _runs((x.dtype, dy.dtype), dy.shape[-1]):
+        why = unavailable_reason() or (
+            f"needs float32 and output channels a multiple of {CHANNEL_MULTIPLE} on the CPU, got "
+            f"{x.dtype}/{dy.dtype} and dy shape {tuple(dy.shape)}")
+        raise ValueError(f"conv3d_kernel_grad: {why}")
+    n, z, y, w, c = x.shape
+    if dy.shape[:4] != (n, z - kz + 1, y - ky + 1, w - kx + 1):
+        raise ValueError(f"conv3d_kernel_grad: x {x.shape}, dy {dy.shape} and kernel size "
+                         f"{(kz, ky, kx)} do not fit a VALID convolution")
+    out = jax.ShapeDtypeStruct((kz, ky, kx, c, dy.shape[-1]), jnp.float32)
+    return jax.ffi.ffi_call(GRAD_TARGET, out, vmap_method="sequential")(x, dy)

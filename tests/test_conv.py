@@ -97,8 +97,8 @@ def test_direct_runs_the_kernel_where_it_can():
 
 @needs_kernel
 def test_gradients_match_native_on_the_direct_kernel():
-    """16 channels in and out, so the forward and the input gradient's
-    convolution (channels swapped) both run on the kernel; an even kernel (no
+    """16 channels in and out, so the forward, the input gradient's convolution
+    (channels swapped) and the kernel's gradient all run on the kernel; an even kernel (no
     forward-form VJP) and a second derivative go through the kernel's own
     derivative."""
     x, k = _inputs((1, 4, 5, 6, 16), (3, 3, 3, 16, 16), seed=3)
@@ -109,6 +109,8 @@ def test_gradients_match_native_on_the_direct_kernel():
 
     grad = jax.grad(loss, argnums=(1, 2))
     assert _kernel_calls(lambda a, b: grad("direct", a, b), x, k) >= 2
+    hlo = jax.jit(lambda a, b: grad("direct", a, b)).lower(x, k).as_text()
+    assert cpu_kernel.GRAD_TARGET in hlo          # and the kernel's gradient
     got = jax.jit(grad, static_argnums=0)("direct", x, k)
     want = grad("native", x, k)
     for g, r in zip(got, want):

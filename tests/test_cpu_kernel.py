@@ -48,6 +48,29 @@ def test_valid_convolution_matches_lax(shape, kshape):
 
 
 @needs_kernel
+@pytest.mark.parametrize("shape,ksize,f", [
+    ((2, 9, 10, 11, 16), (3, 3, 3), 16),        # the demo net's layer, batch 2
+    ((1, 7, 9, 30, 2), (3, 3, 3), 32),          # the first layer (2 channels in)
+    ((1, 4, 6, 9, 3), (1, 3, 5), 48),           # anisotropic kernel, 32 + 16 channels
+    ((1, 35, 35, 35, 32), (3, 3, 3), 32),       # google/ffn's hidden layer (many rows per chunk)
+])
+def test_kernel_gradient_matches_autodiff(shape, ksize, f):
+    """`conv3d_kernel_grad(x, dy)` is d/dk of sum(conv3d_valid(x, k) * dy), the
+    same as JAX's autodiff of lax's VALID convolution, and the same bits twice."""
+    kx_, kd = jax.random.split(jax.random.PRNGKey(sum(shape) + f))
+    x = jax.random.normal(kx_, shape, jnp.float32)
+    out = tuple(s - k + 1 for s, k in zip(shape[1:4], ksize))
+    dy = jax.random.normal(kd, (shape[0], *out, f), jnp.float32)
+    k0 = jnp.zeros((*ksize, shape[-1], f), jnp.float32)
+    want = jax.grad(lambda k: jnp.sum(_valid_reference(x, k) * dy))(k0)
+    grad = jax.jit(lambda a, d: cpu_kernel.conv3d_kernel_grad(a, d, ksize))
+    got = np.asarray(grad(x, dy))
+    scale = float(np.abs(np.asarray(want)).max())
+    np.testing.assert_allclose(got, np.asarray(want), rtol=0, atol=2e-5 * scale)
+    assert np.array_equal(got, np.asarray(grad(x, dy)))
+
+
+@needs_kernel
 def test_slabs_give_the_bits_of_the_whole():
     """Each output is summed in one order wherever it is computed: the slabs a
     z split gives (with their halos) reproduce the whole volume exactly, which

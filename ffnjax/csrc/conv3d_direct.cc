@@ -13,12 +13,17 @@
 // c), whatever the block it falls in, so a volume split into slabs gives the
 // same bits as the whole.
 //
+// A second handler computes the kernel's gradient of the same convolution
+// (what training needs besides two forward convolutions), blocked the same way.
+//
 // Runs on the calling thread: XLA:CPU gives each host device its own thread,
 // and ffnjax.fovsplit spreads one FOV over the devices.
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -133,7 +138,120 @@ ffi::Error Conv3dValidImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------
+// The kernel's gradient: dk[a, b, e, c, f] = sum_{n, z, y, x} x[n, z+a, y+b, x+e, c]
+// * dy[n, z, y, x, f], for the same VALID convolution. For fixed (a, b) the
+// taps along x and the input channels are again one contiguous run t = e*C + c,
+// so a block of TB runs x 16*NV output channels is kept in registers while it
+// sums over the positions of a chunk of rows (rows stay in cache across the
+// blocks); each block is loaded from and stored to dk once per chunk. The sum
+// runs in one fixed order (chunks, rows, x), so the result is deterministic.
+
+template <int TB, int NV>
+inline void GradBlock(const float* const* xrows, const float* const* drows, int64_t nrows,
+                      int64_t width, int64_t c, int64_t f, float* dk) {
+  __m512 acc[TB][NV];
+  for (int i = 0; i < TB; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_loadu_ps(dk + i * f + 16 * v);
+  for (int64_t r = 0; r < nrows; ++r) {
+    const float* xr = xrows[r];
+    const float* dr = drows[r];
+    for (int64_t x = 0; x < width; ++x) {
+      __m512 dv[NV];
+      for (int v = 0; v < NV; ++v) dv[v] = _mm512_loadu_ps(dr + x * f + 16 * v);
+      for (int i = 0; i < TB; ++i) {
+        const __m512 s = _mm512_set1_ps(xr[x * c + i]);
+        for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(s, dv[v], acc[i][v]);
+      }
+    }
+  }
+  for (int i = 0; i < TB; ++i)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(dk + i * f + 16 * v, acc[i][v]);
+}
+
+template <int NV, int N>
+struct GradDispatch {
+  // GradBlock<n, NV> for a block of n runs, n in 1..N known only at run time.
+  static void Run(int n, const float* const* xrows, const float* const* drows, int64_t nrows,
+                  int64_t width, int64_t c, int64_t f, float* dk) {
+    if (n == N) return GradBlock<N, NV>(xrows, drows, nrows, width, c, f, dk);
+    GradDispatch<NV, N - 1>::Run(n, xrows, drows, nrows, width, c, f, dk);
+  }
+};
+// Never reached: block sizes lie in 1..N.
+template <int NV>
+struct GradDispatch<NV, 0> {
+  static void Run(int, const float* const*, const float* const*, int64_t, int64_t, int64_t,
+                  int64_t, float*) {}
+};
+
+constexpr int kGradRuns = 12;
+// Rows of dy summed per pass over the blocks (about 64 KiB of dy: L2-resident).
+constexpr int64_t kGradChunkBytes = 64 * 1024;
+
+ffi::Error Conv3dKernelGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                                ffi::ResultBuffer<ffi::F32> dk) {
+  const auto xd = x.dimensions();
+  const auto dd = dy.dimensions();
+  const auto kd = dk->dimensions();
+  if (xd.size() != 5 || dd.size() != 5 || kd.size() != 5) {
+    return ffi::Error::InvalidArgument("conv3d_kernel_grad: x, dy and dk must be 5-D");
+  }
+  const int64_t n = xd[0], zp = xd[1], yp = xd[2], xp = xd[3], c = xd[4];
+  const int64_t zo = dd[1], yo = dd[2], xo = dd[3], f = dd[4];
+  const int64_t kz = kd[0], ky = kd[1], kx = kd[2];
+  if (dd[0] != n || kd[3] != c || kd[4] != f || f % 16 != 0 || f == 0 || zo < 1 || yo < 1 ||
+      xo < 1 || kz != zp - zo + 1 || ky != yp - yo + 1 || kx != xp - xo + 1) {
+    return ffi::Error::InvalidArgument("conv3d_kernel_grad: shapes do not make the kernel "
+                                       "gradient of a VALID convolution with a multiple of 16 "
+                                       "output channels");
+  }
+  const float* xs = x.typed_data();
+  const float* ds = dy.typed_data();
+  float* ks = dk->typed_data();
+  const int64_t run = kx * c;
+  for (int64_t i = 0; i < kz * ky * run * f; ++i) ks[i] = 0.0f;
+  const int64_t rows = n * zo * yo;
+  const int64_t chunk = std::max<int64_t>(1, kGradChunkBytes / (xo * f * 4));
+  std::vector<const float*> xrows(chunk), drows(chunk), xblock(chunk), dblock(chunk);
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    const int64_t nr = std::min(chunk, rows - r0);
+    for (int64_t a = 0; a < kz; ++a) {
+      for (int64_t b = 0; b < ky; ++b) {
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t row = r0 + r, bn = row / (zo * yo), z = (row / yo) % zo, y = row % yo;
+          xrows[r] = xs + (((bn * zp + z + a) * yp + y + b) * xp) * c;
+          drows[r] = ds + row * xo * f;
+        }
+        float* kab = ks + (a * ky + b) * run * f;
+        for (int64_t t0 = 0; t0 < run; t0 += kGradRuns) {
+          const int tb = static_cast<int>(std::min<int64_t>(kGradRuns, run - t0));
+          for (int64_t f0 = 0; f0 < f; f0 += 32) {
+            for (int64_t r = 0; r < nr; ++r) {  // each row at this block's first run / channel
+              xblock[r] = xrows[r] + t0;
+              dblock[r] = drows[r] + f0;
+            }
+            float* out = kab + t0 * f + f0;
+            if (f - f0 >= 32) {
+              GradDispatch<2, kGradRuns>::Run(tb, xblock.data(), dblock.data(), nr, xo, c, f, out);
+            } else {
+              GradDispatch<1, kGradRuns>::Run(tb, xblock.data(), dblock.data(), nr, xo, c, f, out);
+            }
+          }
+        }
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FfnjaxConv3dKernelGrad, Conv3dKernelGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FfnjaxConv3dValid, Conv3dValidImpl,
                               ffi::Ffi::Bind()
