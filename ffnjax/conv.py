@@ -183,26 +183,32 @@ def conv3d_depth_split(x: Array, kernel: Array) -> Array:
     return _depth_split_valid(xp, kernel, x.shape[1])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _differentiable_as(reference):
+    """Gives a function f(a, b, static) built on an FFI call (which has no
+    derivative) the derivative of `reference`, which computes the same
+    function from lax ops (and so can be differentiated again). Training's
+    usual path does not need it: `_conv_with_forward_form_vjp` gives its own
+    gradients; even kernels, the z split and second derivatives do."""
+    def wrap(fast):
+        f = jax.custom_vjp(fast, nondiff_argnums=(2,))
+
+        def fwd(a, b, static):
+            return f(a, b, static), (a, b)
+
+        def bwd(static, res, cotangent):
+            _, vjp = jax.vjp(lambda a, b: reference(a, b, static), *res)
+            return vjp(cotangent)
+
+        f.defvjp(fwd, bwd)
+        return functools.wraps(fast)(f)
+    return wrap
+
+
+@_differentiable_as(_depth_split_valid)
 def _kernel_valid(xp: Array, kernel: Array, z: int) -> Array:
     """`_depth_split_valid(xp, kernel, z)` computed by `cpu_kernel` (y and x padded here)."""
     widths = ((0, 0), (0, 0), _pads(kernel.shape[1]), _pads(kernel.shape[2]), (0, 0))
     return cpu_kernel.conv3d_valid(jnp.pad(xp, widths), kernel)
-
-
-def _kernel_valid_fwd(xp, kernel, z):
-    return _kernel_valid(xp, kernel, z), (xp, kernel)
-
-
-def _kernel_valid_bwd(z, res, dy):
-    # The FFI call has no derivative: take depth_split's, which computes the same
-    # function from lax ops (and can be differentiated again). Training's usual
-    # path never comes here: `_conv_with_forward_form_vjp` gives its own gradients.
-    _, vjp = jax.vjp(lambda a, k: _depth_split_valid(a, k, z), *res)
-    return vjp(dy)
-
-
-_kernel_valid.defvjp(_kernel_valid_fwd, _kernel_valid_bwd)
 
 
 def _direct_valid(xp: Array, kernel: Array, z: int) -> Array:
@@ -415,24 +421,11 @@ def _kernel_grad(x: Array, dy: Array, ksize: tuple[int, int, int]) -> Array:
     return jnp.stack(taps)                                             # kz, ky, kx, Cin, Cout
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+@_differentiable_as(_kernel_grad)
 def _direct_kernel_grad(x: Array, dy: Array, ksize: tuple[int, int, int]) -> Array:
     """`_kernel_grad` computed by `cpu_kernel.conv3d_kernel_grad` (x padded here)."""
     xp = jnp.pad(x, [(0, 0)] + [_pads(k) for k in ksize] + [(0, 0)])
     return cpu_kernel.conv3d_kernel_grad(xp, dy, ksize)
-
-
-def _direct_kernel_grad_fwd(x, dy, ksize):
-    return _direct_kernel_grad(x, dy, ksize), (x, dy)
-
-
-def _direct_kernel_grad_bwd(ksize, res, ddk):
-    # The FFI call has no derivative: take `_kernel_grad`'s (lax ops), as for the forward.
-    _, vjp = jax.vjp(lambda a, d: _kernel_grad(a, d, ksize), *res)
-    return vjp(ddk)
-
-
-_direct_kernel_grad.defvjp(_direct_kernel_grad_fwd, _direct_kernel_grad_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

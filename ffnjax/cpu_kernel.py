@@ -189,6 +189,16 @@ def _runs(dtypes, channels: int) -> bool:
             and jax.default_backend() == "cpu" and available())
 
 
+def _require(what: str, a: jax.Array, b: jax.Array, channels: int) -> None:
+    """ValueError naming `what` and why, unless the kernel runs on float32 `a`, `b`
+    with `channels` output channels here."""
+    if not _runs((a.dtype, b.dtype), channels):
+        why = unavailable_reason() or (
+            f"needs float32 and output channels a multiple of {CHANNEL_MULTIPLE} on the CPU, got "
+            f"{a.dtype}/{b.dtype}, {channels} output channels, backend {jax.default_backend()}")
+        raise ValueError(f"{what}: {why}")
+
+
 def supports(x: jax.Array, kernel: jax.Array) -> bool:
     """Whether `conv3d_valid(x, kernel)` runs here: the kernel is available, the
     default backend is the CPU, both arrays are float32 and the output
@@ -204,12 +214,7 @@ def conv3d_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
       ValueError: when `supports(x, kernel)` is False or the shapes make no
         VALID convolution (naming why).
     """
-    if not supports(x, kernel):
-        why = unavailable_reason() or (
-            f"needs float32 and output channels a multiple of {CHANNEL_MULTIPLE} on the CPU, got "
-            f"{x.dtype}/{kernel.dtype}, kernel shape {tuple(kernel.shape)}, backend "
-            f"{jax.default_backend()}")
-        raise ValueError(f"conv3d_valid: {why}")
+    _require("conv3d_valid", x, kernel, kernel.shape[-1])
     n, z, y, w, c = x.shape
     kz, ky, kx, kc, f = kernel.shape
     if kc != c or min(z - kz, y - ky, w - kx) < 0:
@@ -228,11 +233,7 @@ def conv3d_kernel_grad(x: jax.Array, dy: jax.Array, ksize) -> jax.Array:
       ValueError: when the kernel cannot run here or the shapes do not fit.
     """
     kz, ky, kx = (int(k) for k in ksize)
-    if not _runs((x.dtype, dy.dtype), dy.shape[-1]):
-        why = unavailable_reason() or (
-            f"needs float32 and output channels a multiple of {CHANNEL_MULTIPLE} on the CPU, got "
-            f"{x.dtype}/{dy.dtype} and dy shape {tuple(dy.shape)}")
-        raise ValueError(f"conv3d_kernel_grad: {why}")
+    _require("conv3d_kernel_grad", x, dy, dy.shape[-1])
     n, z, y, w, c = x.shape
     if dy.shape[:4] != (n, z - kz + 1, y - ky + 1, w - kx + 1):
         raise ValueError(f"conv3d_kernel_grad: x {x.shape}, dy {dy.shape} and kernel size "

@@ -103,20 +103,30 @@ def deferred() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def handling(signals=SIGNALS) -> Iterator[None]:
-    """SIGINT / SIGTERM raise `Interrupted` while the block runs (main thread
-    only; elsewhere a no-op). The previous handlers come back afterwards."""
+def _installed(handler, signals, forget) -> Iterator[None]:
+    """`handler` for `signals` while the block runs (main thread only; elsewhere a
+    no-op); afterwards the previous handlers come back and `forget()` runs."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = {s: signal.signal(s, _handler) for s in signals}
+    old = {s: signal.signal(s, handler) for s in signals}
     try:
         yield
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        _pending.clear()
-        _local.raised.clear()
+        forget()
+
+
+def _forget_pending() -> None:
+    _pending.clear()
+    _local.raised.clear()
+
+
+def handling(signals=SIGNALS) -> contextlib.AbstractContextManager[None]:
+    """SIGINT / SIGTERM raise `Interrupted` while the block runs (main thread
+    only; elsewhere a no-op). The previous handlers come back afterwards."""
+    return _installed(_handler, signals, _forget_pending)
 
 
 _flagged: list[int] = []   # signals received under flagging()
@@ -133,23 +143,13 @@ def flagged() -> int | None:
     return _flagged[0] if _flagged else None
 
 
-@contextlib.contextmanager
-def flagging(signals=SIGNALS) -> Iterator[None]:
+def flagging(signals=SIGNALS) -> contextlib.AbstractContextManager[None]:
     """SIGINT / SIGTERM only mark `flagged()` while the block runs, for a loop that
     must reach a safe point (and, on several hosts, agree) before it stops; a
     second signal of the same kind raises `Interrupted` at once. Main thread
     only (elsewhere a no-op); the previous handlers come back afterwards, and
     the flags are cleared. Worker threads' `check()` does not see these signals."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = {s: signal.signal(s, _flag_handler) for s in signals}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        _flagged.clear()
+    return _installed(_flag_handler, signals, _flagged.clear)
 
 
 def with_resume(e: KeyboardInterrupt, resume: str) -> Interrupted:

@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -63,20 +64,15 @@ inline void Block(const float* in, const float* w, float* out, const Geometry& g
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(out + i * g.f + f0 + 16 * v, acc[i][v]);
 }
 
-template <int NV, int N>
-struct Dispatch {
-  // Block<n, NV> for a block size n in 1..N known only at run time.
-  static void Run(int n, const float* in, const float* w, float* out, const Geometry& g,
-                  int64_t f0) {
-    if (n == N) return Block<N, NV>(in, w, out, g, f0);
-    Dispatch<NV, N - 1>::Run(n, in, w, out, g, f0);
+// Calls body(std::integral_constant<int, n>{}) for a size n in 1..N known only at
+// run time, so each block size gets its own fully unrolled instance.
+template <int N, class Body>
+inline void WithSize(int n, Body&& body) {
+  if constexpr (N > 0) {
+    if (n == N) return body(std::integral_constant<int, N>{});
+    WithSize<N - 1>(n, body);
   }
-};
-// Never reached: Row's block sizes lie in 1..N.
-template <int NV>
-struct Dispatch<NV, 0> {
-  static void Run(int, const float*, const float*, float*, const Geometry&, int64_t) {}
-};
+}
 
 // Largest block per channel group: accumulators + weights + one broadcast
 // must fit the 32 vector registers.
@@ -98,9 +94,9 @@ void Row(const float* in, const float* w, float* out, int64_t width, const Geome
       const float* src = in + x0 * g.c;
       float* dst = out + x0 * g.f;
       if (pair) {
-        Dispatch<2, kBlock2>::Run(n, src, w, dst, g, f0);
+        WithSize<kBlock2>(n, [&](auto xb) { Block<decltype(xb)::value, 2>(src, w, dst, g, f0); });
       } else {
-        Dispatch<1, kBlock1>::Run(n, src, w, dst, g, f0);
+        WithSize<kBlock1>(n, [&](auto xb) { Block<decltype(xb)::value, 1>(src, w, dst, g, f0); });
       }
       x0 += n;
     }
@@ -169,22 +165,6 @@ inline void GradBlock(const float* const* xrows, const float* const* drows, int6
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(dk + i * f + 16 * v, acc[i][v]);
 }
 
-template <int NV, int N>
-struct GradDispatch {
-  // GradBlock<n, NV> for a block of n runs, n in 1..N known only at run time.
-  static void Run(int n, const float* const* xrows, const float* const* drows, int64_t nrows,
-                  int64_t width, int64_t c, int64_t f, float* dk) {
-    if (n == N) return GradBlock<N, NV>(xrows, drows, nrows, width, c, f, dk);
-    GradDispatch<NV, N - 1>::Run(n, xrows, drows, nrows, width, c, f, dk);
-  }
-};
-// Never reached: block sizes lie in 1..N.
-template <int NV>
-struct GradDispatch<NV, 0> {
-  static void Run(int, const float* const*, const float* const*, int64_t, int64_t, int64_t,
-                  int64_t, float*) {}
-};
-
 constexpr int kGradRuns = 12;
 // Rows of dy summed per pass over the blocks (about 64 KiB of dy: L2-resident).
 constexpr int64_t kGradChunkBytes = 64 * 1024;
@@ -232,10 +212,16 @@ ffi::Error Conv3dKernelGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> d
               dblock[r] = drows[r] + f0;
             }
             float* out = kab + t0 * f + f0;
+            const float* const* xb = xblock.data();
+            const float* const* db = dblock.data();
             if (f - f0 >= 32) {
-              GradDispatch<2, kGradRuns>::Run(tb, xblock.data(), dblock.data(), nr, xo, c, f, out);
+              WithSize<kGradRuns>(tb, [&](auto n) {
+                GradBlock<decltype(n)::value, 2>(xb, db, nr, xo, c, f, out);
+              });
             } else {
-              GradDispatch<1, kGradRuns>::Run(tb, xblock.data(), dblock.data(), nr, xo, c, f, out);
+              WithSize<kGradRuns>(tb, [&](auto n) {
+                GradBlock<decltype(n)::value, 1>(xb, db, nr, xo, c, f, out);
+              });
             }
           }
         }
